@@ -1,0 +1,38 @@
+"""A classifier that takes images in [0, 1] and normalises them the way its network was trained."""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from refine_pl.errors import ConfigError
+
+
+class NormalizedClassifier(nn.Module):
+    """``net((images - mean) / std)``: image-space input, normalised-space network.
+
+    REFINE's transform works in image space [0, 1] while the victim expects the normalisation it was
+    trained with; keeping the normalisation inside the classifier makes that one place. ``mean`` and
+    ``std`` are non-persistent buffers, so the ``state_dict`` is exactly the network's (prefixed ``net.``)
+    and third-party weights load without extra keys.
+
+    Args:
+        net: Network on normalised images, returning ``[B, num_classes]`` logits.
+        mean: Per-channel mean of the training images.
+        std: Per-channel standard deviation of the training images.
+    """
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if len(mean) != len(std) or any(s <= 0 for s in std):
+            raise ConfigError(f"mean and std need one value per channel and std > 0, got mean={mean}, std={std}.")
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits ``[B, num_classes]`` for images ``[B, C, H, W]`` in [0, 1]."""
+        return self.net((images - self.mean) / self.std)

@@ -1,0 +1,158 @@
+"""Loading a suspect model's weights without ever executing code from the file.
+
+Weights come from a third party, so a file is read either with safetensors or with
+``torch.load(weights_only=True)``, whose unpickler only rebuilds tensors and plain containers and refuses
+anything else (a class, a function, a ``__reduce__`` payload).
+"""
+
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file as load_safetensors
+from torch import Tensor
+
+from refine_pl.architectures import build_architecture
+from refine_pl.classifier import NormalizedClassifier
+from refine_pl.errors import ConfigError
+
+ATTACK_KEY = "backdoor_attack"
+"""Key under which a victim checkpoint stores the spec of the attack it was trained with."""
+
+_KEY_PREFIXES = ("net.", "module.", "model.")
+
+
+@dataclass
+class WeightsFile:
+    """What a weights file holds.
+
+    Attributes:
+        state_dict: The network's weights, key prefixes (``net.``, ``module.``, ``model.``) removed.
+        hparams: Hyper-parameters recorded by a refine-pl victim checkpoint (architecture, classes,
+            channels, image size, normalisation); empty for a plain ``state_dict`` or safetensors file.
+        attack_spec: The attack a refine-pl victim was trained with, if any.
+    """
+
+    state_dict: dict[str, Tensor]
+    hparams: dict[str, Any] = field(default_factory=dict)
+    attack_spec: dict[str, Any] | None = None
+
+
+def _strip_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Removes wrapper prefixes shared by every key (``net.`` of refine-pl, ``module.`` of DDP, ...)."""
+    stripped = True
+    while stripped and state_dict:
+        stripped = False
+        for prefix in _KEY_PREFIXES:
+            if all(key.startswith(prefix) for key in state_dict):
+                state_dict = {key[len(prefix) :]: value for key, value in state_dict.items()}
+                stripped = True
+    return state_dict
+
+
+def read_weights_file(path: str | Path) -> WeightsFile:
+    """Reads a refine-pl victim checkpoint, a plain ``state_dict`` file or a safetensors file, safely.
+
+    Raises:
+        ConfigError: The file is missing, unreadable, or holds Python objects that would need unpickling.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"Victim weights not found at {path}: pass --model.victim_checkpoint with the path of the suspect "
+            "model (a refine-pl victim .ckpt, a state_dict saved with torch.save, or a .safetensors file)."
+        )
+    if path.suffix == ".safetensors":
+        return WeightsFile(state_dict=_strip_prefixes(load_safetensors(str(path))))
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ConfigError(
+            f"Refusing to load {path}: it holds Python objects beyond tensors and plain containers, and "
+            "unpickling them could run code from the file. Ask for the weights as a state_dict "
+            "(torch.save(model.state_dict(), path)) or as safetensors."
+        ) from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ConfigError(f"Cannot read victim weights from {path}: {error}") from error
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path} holds a {type(content).__name__}, not a state_dict or a checkpoint.")
+    if isinstance(content.get("state_dict"), dict):  # a Lightning checkpoint
+        return WeightsFile(
+            state_dict=_strip_prefixes(content["state_dict"]),
+            hparams=dict(content.get("hyper_parameters") or {}),
+            attack_spec=content.get(ATTACK_KEY),
+        )
+    return WeightsFile(state_dict=_strip_prefixes(content))
+
+
+def read_attack_spec(path: str | Path) -> dict[str, Any] | None:
+    """The attack spec recorded in a victim checkpoint, or None when it records none."""
+    return read_weights_file(path).attack_spec
+
+
+def _check_agrees(path: Path, hparams: dict[str, Any], key: str, data_value: int) -> None:
+    recorded = hparams.get(key)
+    if recorded is not None and recorded != data_value:
+        raise ConfigError(
+            f"Victim checkpoint {path} was trained with {key}={recorded} but the data has {key}={data_value}: "
+            "use the dataset the victim was trained on, or a victim trained on this dataset."
+        )
+
+
+def load_victim(
+    path: str | Path,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    arch: str | None = None,
+) -> NormalizedClassifier:
+    """Builds the victim classifier and loads its weights safely, checking that it fits the data.
+
+    Architecture and normalisation come from the checkpoint when it records them (a refine-pl victim),
+    otherwise from ``arch`` and the data's ``mean`` / ``std``.
+
+    Args:
+        path: Weights file (see :func:`read_weights_file`).
+        num_classes: Classes of the data.
+        in_channels: Channels of the data.
+        image_size: Image side of the data.
+        mean: Normalisation mean of the data, used when the checkpoint records none.
+        std: Normalisation std of the data, used when the checkpoint records none.
+        arch: Registered architecture name; required for plain state_dict and safetensors files.
+
+    Raises:
+        ConfigError: Missing or unsafe file, unknown or missing architecture, or weights that do not fit
+            the data's classes, channels or image size.
+    """
+    path = Path(path)
+    weights = read_weights_file(path)
+    hparams = weights.hparams
+    recorded_arch = hparams.get("arch")
+    if arch is not None and recorded_arch is not None and arch != recorded_arch:
+        raise ConfigError(
+            f"--model.victim_arch is {arch!r} but {path} records architecture {recorded_arch!r}; drop the flag."
+        )
+    arch = arch or recorded_arch
+    if arch is None:
+        raise ConfigError(
+            f"{path} holds bare weights without an architecture name: pass --model.victim_arch "
+            "(see refine_pl.architectures.ARCHITECTURES for the names)."
+        )
+    _check_agrees(path, hparams, "num_classes", num_classes)
+    _check_agrees(path, hparams, "in_channels", in_channels)
+    _check_agrees(path, hparams, "image_size", image_size)
+    net = build_architecture(arch, num_classes, in_channels, image_size)
+    try:
+        net.load_state_dict(weights.state_dict, strict=True)
+    except RuntimeError as error:
+        raise ConfigError(
+            f"The weights in {path} do not fit architecture {arch!r} built for {num_classes} classes and "
+            f"{in_channels} input channels (the data's): {' '.join(str(error).split())}"
+        ) from error
+    classifier = NormalizedClassifier(net, hparams.get("mean", mean), hparams.get("std", std))
+    classifier.requires_grad_(False)
+    return classifier.eval()
