@@ -1,0 +1,128 @@
+"""Map-style datasets: labeled images in memory, and the views the datamodules build on top of them."""
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from refine_pl.attacks import Attack
+
+ImageAugmentation = Callable[[Tensor], Tensor]
+
+
+class ImageTensorDataset(Dataset):
+    """Images held as one uint8 tensor; items are ``(float image [C, H, W] in [0, 1], int label)``.
+
+    Args:
+        images: ``[N, C, H, W]`` uint8.
+        labels: ``[N]`` long.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        if images.ndim != 4 or images.dtype != torch.uint8 or len(images) != len(labels):
+            raise ValueError(
+                f"expected uint8 images [N, C, H, W] and N labels, got {images.dtype} {tuple(images.shape)} "
+                f"and {tuple(labels.shape)}"
+            )
+        self.images = images
+        self.labels = labels.long()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.images[index].float().div_(255.0), int(self.labels[index])
+
+    def subset(self, indices: Tensor) -> "ImageTensorDataset":
+        """The samples at ``indices``, as a new dataset sharing nothing mutable with this one."""
+        return ImageTensorDataset(self.images[indices], self.labels[indices])
+
+
+def stratified_split(labels: Tensor, second_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Splits indices so that each class puts ``round(second_fraction * n_class)`` samples in the second part.
+
+    Args:
+        labels: ``[N]`` class labels.
+        second_fraction: Share of every class that goes to the second part.
+        seed: Seed of the shuffle inside each class.
+
+    Returns:
+        ``(first, second)`` sorted long index tensors that partition ``range(N)``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    first, second = [], []
+    for label in labels.unique(sorted=True):
+        members = torch.nonzero(labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        cut = round(second_fraction * len(members))
+        second.append(members[:cut])
+        first.append(members[cut:])
+    return torch.cat(first).sort().values, torch.cat(second).sort().values
+
+
+class PoisonedTrainingSet(Dataset):
+    """A training set in which the samples at ``poison_indices`` carry the trigger and the attack's label.
+
+    Items are ``(image, label)``; the optional augmentation runs after poisoning, as a data pipeline would.
+    """
+
+    def __init__(
+        self,
+        base: ImageTensorDataset,
+        attack: Attack,
+        poison_indices: Tensor,
+        augmentation: ImageAugmentation | None = None,
+    ) -> None:
+        self.base = base
+        self.attack = attack
+        self.poisoned = set(poison_indices.tolist())
+        self.augmentation = augmentation
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image, label = self.base[index]
+        if index in self.poisoned:
+            image = self.attack.apply(image[None], torch.tensor([index]))[0]
+            label = self.attack.poisoned_label(label)
+        if self.augmentation is not None:
+            image = self.augmentation(image)
+        return image, label
+
+
+class PoisonedTestSet(Dataset):
+    """Every test image whose true label is not the target, with the trigger applied.
+
+    Items are ``(poisoned image, true label, target label)``; ASR counts how often the target comes out.
+    """
+
+    def __init__(self, base: ImageTensorDataset, attack: Attack) -> None:
+        self.base = base
+        self.attack = attack
+        self.indices = torch.nonzero(base.labels != attack.target_label).flatten()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[Tensor, int, int]:
+        index = int(self.indices[position])
+        image, label = self.base[index]
+        poisoned = self.attack.apply(image[None], torch.tensor([index]))[0]
+        return poisoned, label, self.attack.target_label
+
+
+class UnlabeledImages(Dataset):
+    """Images of a labeled dataset with the labels dropped: items are image tensors only."""
+
+    def __init__(self, base: ImageTensorDataset, augmentation: ImageAugmentation | None = None) -> None:
+        self.base = base
+        self.augmentation = augmentation
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> Tensor:
+        image, _ = self.base[index]
+        return self.augmentation(image) if self.augmentation is not None else image
