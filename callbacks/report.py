@@ -1,0 +1,77 @@
+"""Callback that turns a REFINE test run into the before/after BA / ASR report."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning.utilities import rank_zero_only
+
+from refine_pl.errors import ConfigError
+
+
+def _measured(metrics: dict[str, Any], key: str) -> float | None:
+    value = metrics.get(key)
+    return None if value is None else round(float(value), 6)
+
+
+def format_report_table(report: dict[str, Any]) -> str:
+    """The before/after table of a report as markdown; ASR is ``n/a`` when no attack was evaluated."""
+
+    def cell(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    lines = ["| | BA | ASR |", "|---|---|---|"]
+    for label, key in (("no defense", "no_defense"), ("REFINE", "refine")):
+        lines.append(f"| {label} | {cell(report[key]['ba'])} | {cell(report[key]['asr'])} |")
+    return "\n".join(lines)
+
+
+class DefenseReport(Callback):
+    """After testing a :class:`~refine_pl.RefineLitModule`, prints and saves BA / ASR before and after REFINE.
+
+    Both rows are measured in the same test pass on the same held-out images: "no defense" is the victim
+    alone, "REFINE" the defended classifier. The figures go to ``report.json`` (fractions in [0, 1])
+    and ``report.md`` in the trainer's ``default_root_dir``, and are printed.
+
+    Args:
+        filename: Name of the JSON file; the markdown file takes the same stem.
+    """
+
+    def __init__(self, filename: str = "report.json") -> None:
+        self.filename = filename
+        self.report: dict[str, Any] | None = None
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        if "test/victim_ba" not in metrics:
+            raise ConfigError(
+                "DefenseReport needs the test metrics of RefineLitModule (test/ba, test/victim_ba); remove the "
+                "callback from configs that test another model."
+            )
+        datamodule = trainer.datamodule
+        attack = getattr(datamodule, "attack", None)
+        self.report = {
+            "dataset": datamodule.source.name,
+            "attack": None if attack is None else attack.name,
+            "target_label": None if attack is None else attack.target_label,
+            "attack_spec": None if attack is None else attack.spec(),
+            "no_defense": {
+                "ba": _measured(metrics, "test/victim_ba"),
+                "asr": _measured(metrics, "test/victim_asr"),
+            },
+            "refine": {"ba": _measured(metrics, "test/ba"), "asr": _measured(metrics, "test/asr")},
+            "victim_checkpoint": pl_module.hparams.get("victim_checkpoint"),
+            "refine_checkpoint": trainer.ckpt_path,
+        }
+        self._write(Path(trainer.default_root_dir))
+
+    @rank_zero_only
+    def _write(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        table = format_report_table(self.report)
+        json_path = directory / self.filename
+        json_path.write_text(json.dumps(self.report, indent=2) + "\n")
+        json_path.with_suffix(".md").write_text(table + "\n")
+        print(f"\nDefense report ({self.report['dataset']}, attack: {self.report['attack']}):\n{table}\n")
+        print(f"Saved to {json_path}")

@@ -1,0 +1,93 @@
+"""The main job: train a backdoored victim, defend it with REFINE, test both, report BA / ASR.
+
+Each stage is an ordinary ``train.py`` call (see :func:`run_pipeline`), so everything the pipeline does
+can also be done by hand, and every stage resumes from its last checkpoint when run again.
+"""
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from refine_pl.cli import cli_main
+
+DEFAULT_VICTIM_CONFIG = "configs/victim/mnist_badnets.yaml"
+DEFAULT_REFINE_CONFIG = "configs/refine/mnist.yaml"
+
+
+def _resume_flag(checkpoint: Path) -> list[str]:
+    return ["--ckpt_path", str(checkpoint)] if checkpoint.is_file() else []
+
+
+def run_pipeline(
+    victim_config: str,
+    refine_config: str,
+    run_dir: str | Path,
+    victim_args: list[str] | None = None,
+    refine_args: list[str] | None = None,
+) -> dict[str, Any]:
+    """Runs victim training, REFINE training and the REFINE test; returns the report.
+
+    Outputs: the victim job in ``run_dir/victim``, the REFINE job in ``run_dir`` (``checkpoints/``,
+    ``images/``, TensorBoard logs, ``config.yaml``) and the report in ``run_dir/report.json`` and
+    ``run_dir/report.md``. A stage whose ``checkpoints/last.ckpt`` exists continues from it (a finished
+    stage returns at once), so an interrupted job is resumed by running it again.
+
+    Args:
+        victim_config: Config of the victim job (``train.py fit --config``).
+        refine_config: Config of the REFINE job.
+        run_dir: Output folder of the whole job.
+        victim_args: Extra CLI arguments of the victim job (e.g. ``["--trainer.max_epochs", "3"]``).
+        refine_args: Extra CLI arguments of both REFINE stages (fit and test).
+    """
+    run_dir = Path(run_dir)
+    victim_dir = run_dir / "victim"
+    victim_checkpoint = victim_dir / "checkpoints" / "last.ckpt"
+    refine_checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    cli_main(
+        [
+            "fit",
+            "--config",
+            victim_config,
+            "--trainer.default_root_dir",
+            str(victim_dir),
+            *(victim_args or []),
+            *_resume_flag(victim_checkpoint),
+        ]
+    )
+    refine_common = [
+        "--config",
+        refine_config,
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--model.init_args.victim_checkpoint",
+        str(victim_checkpoint),
+        *(refine_args or []),
+    ]
+    cli_main(["fit", *refine_common, *_resume_flag(refine_checkpoint)])
+    cli_main(["test", *refine_common, "--ckpt_path", str(refine_checkpoint)])
+    return json.loads((run_dir / "report.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line of the main job; see ``python pipeline.py --help``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--victim-config", default=DEFAULT_VICTIM_CONFIG, help="config of the victim job")
+    parser.add_argument("--refine-config", default=DEFAULT_REFINE_CONFIG, help="config of the REFINE job")
+    parser.add_argument("--run-dir", default="runs/mnist_badnets", help="output folder of the whole job")
+    parser.add_argument(
+        "--victim-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra train.py argument for the victim job (repeat; use --victim-arg=--flag)",
+    )
+    parser.add_argument(
+        "--refine-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra train.py argument for the REFINE job (repeat; use --refine-arg=--flag)",
+    )
+    args = parser.parse_args(argv)
+    run_pipeline(args.victim_config, args.refine_config, args.run_dir, args.victim_arg, args.refine_arg)

@@ -1,0 +1,33 @@
+"""One short, seeded run of the whole main job on real MNIST: a real backdoor, really cut."""
+
+import json
+from pathlib import Path
+
+from refine_pl.pipeline import run_pipeline
+from tests.conftest import QUIET, REFINE_CONFIG, VICTIM_CONFIG
+
+SHORT_VICTIM = ["--trainer.max_epochs", "3", *QUIET]
+SHORT_REFINE = [
+    "--trainer.max_epochs", "3",
+    "--trainer.check_val_every_n_epoch", "3",
+    "--model.init_args.transform.init_args.base_width", "8",
+    "--data.init_args.batch_size", "64",
+    *QUIET,
+]  # fmt: skip
+
+
+def test_refine_cuts_the_asr_of_a_real_backdoor(tmp_path: Path) -> None:
+    report = run_pipeline(VICTIM_CONFIG, REFINE_CONFIG, tmp_path, SHORT_VICTIM, SHORT_REFINE)
+
+    # The victim really is backdoored, and 3 short REFINE epochs remove nearly all of it while keeping
+    # most of the accuracy. Measured with these settings for seeds 0-4: victim BA 0.938-0.957, ASR
+    # >= 0.9989; REFINE BA 0.800-0.909, ASR 0.0022-0.0411. The thresholds hold for all five with margin.
+    assert report["no_defense"]["ba"] >= 0.90 and report["no_defense"]["asr"] >= 0.95
+    assert report["refine"]["asr"] <= 0.10
+    assert report["refine"]["ba"] >= 0.70
+
+    assert report["dataset"] == "mnist5k" and report["attack"] == "badnets" and report["target_label"] == 0
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    assert "| REFINE |" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "images" / "transform_grid_test.png").stat().st_size > 0
+    assert (tmp_path / "victim" / "checkpoints" / "last.ckpt").is_file()

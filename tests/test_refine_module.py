@@ -1,0 +1,108 @@
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from pytorch_lightning import Trainer, seed_everything
+
+from datamodules import EmbeddedMNIST, RefineDataModule
+from refine_pl import RefineLitModule, VictimLitModule
+from refine_pl.transform import UNet
+
+MNIST = {"num_classes": 10, "in_channels": 1, "image_size": 28, "mean": (0.1307,), "std": (0.3081,)}
+
+
+@pytest.fixture
+def untrained_victim(tmp_path: Path) -> Path:
+    """A victim checkpoint with random weights: enough to check what REFINE changes and what it reads."""
+    module = VictimLitModule(**MNIST)
+    path = tmp_path / "victim.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return path
+
+
+def _module(victim: Path, remap_seed: int = 0) -> RefineLitModule:
+    return RefineLitModule(str(victim), **MNIST, transform=partial(UNet, base_width=4), remap_seed=remap_seed)
+
+
+def _fit(module: RefineLitModule, datamodule: RefineDataModule, steps: int, root: Path) -> Trainer:
+    trainer = Trainer(
+        max_steps=steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return trainer
+
+
+def _refine_data() -> RefineDataModule:
+    return RefineDataModule(EmbeddedMNIST(), batch_size=32, horizontal_flip=False)
+
+
+def test_training_changes_only_the_transform(untrained_victim: Path, tmp_path: Path) -> None:
+    module = _module(untrained_victim)
+    victim_before = {k: v.clone() for k, v in module.victim.state_dict().items()}
+    bn_before = module.victim.net[0][1].running_mean.clone()
+    transform_before = {k: v.clone() for k, v in module.transform.state_dict().items()}
+    permutation_before = module.remap.permutation.clone()
+
+    trainer = _fit(module, _refine_data(), steps=3, root=tmp_path)
+
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in module.transform.parameters()}
+    for key, value in module.victim.state_dict().items():
+        assert torch.equal(value, victim_before[key]), f"victim tensor {key} changed"
+    assert torch.equal(module.victim.net[0][1].running_mean, bn_before)
+    assert not module.victim.training
+    assert any(not torch.equal(v, transform_before[k]) for k, v in module.transform.state_dict().items())
+    assert torch.equal(module.remap.permutation, permutation_before)
+
+
+def test_benign_labels_never_influence_training(untrained_victim: Path, tmp_path: Path) -> None:
+    """Two runs whose benign sets differ only in their labels end with bit-identical transforms."""
+    weights = []
+    for shuffle_labels in (False, True):
+        seed_everything(0)
+        datamodule = _refine_data()
+        datamodule.setup("fit")
+        if shuffle_labels:
+            labels = datamodule.train_set.labels
+            datamodule.train_set.labels = labels[
+                torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))
+            ]
+            assert not torch.equal(datamodule.train_set.labels, labels)
+        module = _module(untrained_victim)
+        _fit(module, datamodule, steps=2, root=tmp_path)
+        weights.append(module.transform.state_dict())
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
+
+
+def test_remap_survives_a_checkpoint_round_trip(untrained_victim: Path, tmp_path: Path) -> None:
+    module = _module(untrained_victim, remap_seed=0)
+    trainer = _fit(module, _refine_data(), steps=1, root=tmp_path)
+    path = tmp_path / "refine.ckpt"
+    trainer.save_checkpoint(path)
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["remap.permutation"], module.remap.permutation)
+
+    restored = _module(untrained_victim, remap_seed=123)  # would draw a different derangement
+    assert not torch.equal(restored.remap.permutation, module.remap.permutation)
+    restored.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
+    assert torch.equal(restored.remap.permutation, module.remap.permutation)
+    images = torch.rand(4, 1, 28, 28)
+    module.eval(), restored.eval()
+    torch.testing.assert_close(restored(images), module(images))
+
+
+def test_defended_prediction_is_the_remapped_victim_prediction_on_transformed_images(
+    untrained_victim: Path,
+) -> None:
+    module = _module(untrained_victim).eval()
+    images = torch.rand(6, 1, 28, 28)
+    with torch.no_grad():
+        victim_on_transformed = module.victim(module.transform(images)).argmax(1)
+        assert torch.equal(module(images).argmax(1), module.remap.permutation[victim_on_transformed])
