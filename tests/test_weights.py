@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -13,13 +14,13 @@ MNIST = {"num_classes": 10, "in_channels": 1, "image_size": 28, "mean": (0.5,), 
 
 
 class _CodeOnUnpickle:
-    """Pickles to a call of ``open(marker, "w")``: unpickling it unsafely creates the marker file."""
+    """Pickles to a call of ``os.mkdir(marker)``: unpickling it unsafely creates the marker directory."""
 
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
     def __reduce__(self):
-        return (open, (str(self.marker), "w"))
+        return (os.mkdir, (str(self.marker),))
 
 
 def test_loading_never_runs_code_from_the_file(tmp_path: Path) -> None:
@@ -30,7 +31,7 @@ def test_loading_never_runs_code_from_the_file(tmp_path: Path) -> None:
 
     torch.load(path, weights_only=False)  # the unsafe way: proves the file really runs code
     assert marker.exists()
-    marker.unlink()
+    marker.rmdir()
 
     with pytest.raises(ConfigError, match="Refusing to load .*could run code"):
         load_victim(path, arch="small_cnn", **MNIST)
