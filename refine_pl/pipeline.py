@@ -11,8 +11,12 @@ from typing import Any
 
 from refine_pl.cli import cli_main
 
-DEFAULT_VICTIM_CONFIG = "configs/victim/mnist_badnets.yaml"
-DEFAULT_REFINE_CONFIG = "configs/refine/mnist.yaml"
+DEFAULT_VICTIM_CONFIGS = ["configs/victim/mnist.yaml", "configs/attacks/badnets.yaml"]
+DEFAULT_REFINE_CONFIGS = ["configs/refine/mnist.yaml"]
+
+
+def _config_flags(configs: list[str]) -> list[str]:
+    return [flag for config in configs for flag in ("--config", config)]
 
 
 def _resume_flag(checkpoint: Path) -> list[str]:
@@ -20,8 +24,8 @@ def _resume_flag(checkpoint: Path) -> list[str]:
 
 
 def run_pipeline(
-    victim_config: str,
-    refine_config: str,
+    victim_configs: list[str],
+    refine_configs: list[str],
     run_dir: str | Path,
     victim_args: list[str] | None = None,
     refine_args: list[str] | None = None,
@@ -34,8 +38,8 @@ def run_pipeline(
     stage returns at once), so an interrupted job is resumed by running it again.
 
     Args:
-        victim_config: Config of the victim job (``train.py fit --config``).
-        refine_config: Config of the REFINE job.
+        victim_configs: Configs of the victim job, merged in order (dataset config, then attack config).
+        refine_configs: Configs of the REFINE job, merged in order.
         run_dir: Output folder of the whole job.
         victim_args: Extra CLI arguments of the victim job (e.g. ``["--trainer.max_epochs", "3"]``).
         refine_args: Extra CLI arguments of both REFINE stages (fit and test).
@@ -47,23 +51,18 @@ def run_pipeline(
     cli_main(
         [
             "fit",
-            "--config",
-            victim_config,
-            "--trainer.default_root_dir",
-            str(victim_dir),
+            *_config_flags(victim_configs),
+            "--trainer.default_root_dir", str(victim_dir),
             *(victim_args or []),
             *_resume_flag(victim_checkpoint),
         ]
-    )
+    )  # fmt: skip
     refine_common = [
-        "--config",
-        refine_config,
-        "--trainer.default_root_dir",
-        str(run_dir),
-        "--model.init_args.victim_checkpoint",
-        str(victim_checkpoint),
+        *_config_flags(refine_configs),
+        "--trainer.default_root_dir", str(run_dir),
+        "--model.init_args.victim_checkpoint", str(victim_checkpoint),
         *(refine_args or []),
-    ]
+    ]  # fmt: skip
     cli_main(["fit", *refine_common, *_resume_flag(refine_checkpoint)])
     cli_main(["test", *refine_common, "--ckpt_path", str(refine_checkpoint)])
     return json.loads((run_dir / "report.json").read_text())
@@ -72,22 +71,22 @@ def run_pipeline(
 def main(argv: list[str] | None = None) -> None:
     """Command line of the main job; see ``python pipeline.py --help``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--victim-config", default=DEFAULT_VICTIM_CONFIG, help="config of the victim job")
-    parser.add_argument("--refine-config", default=DEFAULT_REFINE_CONFIG, help="config of the REFINE job")
+    parser.add_argument(
+        "--victim-config", nargs="+", default=DEFAULT_VICTIM_CONFIGS, metavar="YAML",
+        help="configs of the victim job, merged in order (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--refine-config", nargs="+", default=DEFAULT_REFINE_CONFIGS, metavar="YAML",
+        help="configs of the REFINE job, merged in order (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--run-dir", default="runs/mnist_badnets", help="output folder of the whole job")
     parser.add_argument(
-        "--victim-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra train.py argument for the victim job (repeat; use --victim-arg=--flag)",
-    )
+        "--victim-arg", action="append", default=[], metavar="ARG",
+        help="extra train.py argument of the victim job (repeat; write --victim-arg=--flag)",
+    )  # fmt: skip
     parser.add_argument(
-        "--refine-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra train.py argument for the REFINE job (repeat; use --refine-arg=--flag)",
-    )
+        "--refine-arg", action="append", default=[], metavar="ARG",
+        help="extra train.py argument of the REFINE job (repeat; write --refine-arg=--flag)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     run_pipeline(args.victim_config, args.refine_config, args.run_dir, args.victim_arg, args.refine_arg)

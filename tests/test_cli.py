@@ -8,62 +8,39 @@ import torch
 from refine_pl import VictimLitModule
 from refine_pl.cli import cli_main
 from refine_pl.errors import ConfigError
-from tests.conftest import QUIET, REFINE_CONFIG, REPO, VICTIM_CONFIG
+from tests.conftest import BACKDOORED_VICTIM, QUIET, REFINE_CONFIG, REPO, VICTIM_CONFIG
 
 
-def test_victim_config_runs_fit_with_fast_dev_run(tmp_path: Path) -> None:
-    cli = cli_main(
-        [
-            "fit",
-            "--config",
-            VICTIM_CONFIG,
-            "--trainer.fast_dev_run",
-            "true",
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            *QUIET,
-        ]
-    )
+def _root(path: Path) -> list[str]:
+    return ["--trainer.default_root_dir", str(path), *QUIET]
+
+
+def test_victim_configs_run_fit_with_fast_dev_run(tmp_path: Path) -> None:
+    cli = cli_main(["fit", *BACKDOORED_VICTIM, "--trainer.fast_dev_run", "true", *_root(tmp_path)])
     assert cli.trainer.global_step == 1
     assert cli.model.hparams.num_classes == 10 and cli.model.hparams.in_channels == 1  # linked from the data
+    assert cli.datamodule.attack.name == "badnets"
+    clean = cli_main(["fit", "--config", VICTIM_CONFIG, "--trainer.fast_dev_run", "true", *_root(tmp_path)])
+    assert clean.datamodule.attack is None
 
 
 def test_refine_config_runs_fit_with_fast_dev_run(victim_checkpoint: Path, tmp_path: Path) -> None:
-    cli = cli_main(
-        [
-            "fit",
-            "--config",
-            REFINE_CONFIG,
-            "--trainer.fast_dev_run",
-            "true",
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--model.init_args.victim_checkpoint",
-            str(victim_checkpoint),
-            *QUIET,
-        ]
-    )
+    args = ["--config", REFINE_CONFIG, "--model.init_args.victim_checkpoint", str(victim_checkpoint)]
+    cli = cli_main(["fit", *args, "--trainer.fast_dev_run", "true", *_root(tmp_path)])
     assert cli.trainer.global_step == 1
-    assert cli.datamodule.attack is not None and cli.datamodule.attack.spec()["name"] == "badnets"  # from the ckpt
+    assert cli.datamodule.attack.spec()["name"] == "badnets"  # rebuilt from the victim checkpoint
 
 
-@pytest.mark.parametrize("config", [VICTIM_CONFIG, REFINE_CONFIG])
-def test_print_config(config: str, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("configs", [BACKDOORED_VICTIM, ["--config", REFINE_CONFIG]])
+def test_print_config(configs: list[str], capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as stop:
-        cli_main(["fit", "--config", config, "--print_config"])
+        cli_main(["fit", *configs, "--print_config"])
     assert stop.value.code == 0
     assert "class_path" in capsys.readouterr().out
 
 
 def _fake_victim(tmp_path: Path, **overrides) -> Path:
-    facts = {
-        "num_classes": 10,
-        "in_channels": 1,
-        "image_size": 28,
-        "mean": (0.1307,),
-        "std": (0.3081,),
-        **overrides,
-    }
+    facts = {"num_classes": 10, "in_channels": 1, "image_size": 28, "mean": (0.1307,), "std": (0.3081,), **overrides}
     module = VictimLitModule(**facts)
     path = tmp_path / "victim.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
@@ -71,33 +48,21 @@ def _fake_victim(tmp_path: Path, **overrides) -> Path:
 
 
 def _refine_fit(victim: Path, root: Path) -> list[str]:
-    return [
-        "fit",
-        "--config",
-        REFINE_CONFIG,
-        "--model.init_args.victim_checkpoint",
-        str(victim),
-        "--trainer.default_root_dir",
-        str(root),
-        *QUIET,
-    ]
+    return ["fit", "--config", REFINE_CONFIG, "--model.init_args.victim_checkpoint", str(victim), *_root(root)]
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         ({"num_classes": 43}, "num_classes=43 but the data has num_classes=10"),
-        (
-            {"in_channels": 3, "mean": (0.5,) * 3, "std": (0.25,) * 3},
-            "in_channels=3 but the data has in_channels=1",
-        ),
+        ({"in_channels": 3, "mean": (0.5,) * 3, "std": (0.25,) * 3}, "in_channels=3 but the data has in_channels=1"),
     ],
 )
 def test_victim_that_disagrees_with_the_data_stops_before_training(tmp_path: Path, overrides, message) -> None:
     victim = _fake_victim(tmp_path, **overrides)
     with pytest.raises(ConfigError, match=message):
         cli_main(_refine_fit(victim, tmp_path / "run"))
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_victim_checkpoint_stops_before_training(tmp_path: Path) -> None:
@@ -108,35 +73,16 @@ def test_missing_victim_checkpoint_stops_before_training(tmp_path: Path) -> None
 
 def test_unknown_architecture_stops_before_training(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="Unknown architecture 'resnet9000'; known architectures: .*small_cnn"):
-        cli_main(
-            [
-                "fit",
-                "--config",
-                VICTIM_CONFIG,
-                "--model.init_args.arch",
-                "resnet9000",
-                "--trainer.default_root_dir",
-                str(tmp_path / "run"),
-                *QUIET,
-            ]
-        )
+        cli_main(["fit", *BACKDOORED_VICTIM, "--model.init_args.arch", "resnet9000", *_root(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
 
 
 def test_unknown_attack_class_stops_before_training(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as stop:
         cli_main(
-            [
-                "fit",
-                "--config",
-                VICTIM_CONFIG,
-                "--data.init_args.attack",
-                "refine_pl.attacks.NoSuchAttack",
-                "--trainer.default_root_dir",
-                str(tmp_path / "run"),
-                *QUIET,
-            ]
-        )
+            ["fit", *BACKDOORED_VICTIM, "--data.init_args.attack", "refine_pl.attacks.NoSuchAttack",
+             *_root(tmp_path / "run")]
+        )  # fmt: skip
     assert stop.value.code != 0
     assert "NoSuchAttack" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
@@ -155,11 +101,8 @@ def test_unknown_attack_recorded_in_a_checkpoint_stops_before_training(tmp_path:
 def test_train_py_reports_bad_input_in_one_line(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "train.py", *_refine_fit(tmp_path / "nope.ckpt", tmp_path / "run")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
