@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from datamodules import CIFAR10, GTSRB, ImageFolder, RefineDataModule, VictimDataModule
+from datamodules.backdoor import victim_augmentation
 from datamodules.datasets import ImageFileDataset, LabeledImageDataset, PoisonedTestSet
 from refine_pl.attacks import BadNets
 from refine_pl.errors import ConfigError
@@ -166,3 +167,19 @@ def test_datamodules_split_lazy_folders_and_give_images_only_to_refine(tmp_path:
     victim_data.setup("fit")
     images, labels = next(iter(victim_data.train_dataloader()))
     assert images.shape == (4, 3, 32, 32) and labels.shape == (4,)
+
+
+def test_victim_augmentation_is_off_by_default_and_crops_the_padded_image_when_asked() -> None:
+    assert victim_augmentation(32, 0, False) is None
+    image = torch.rand(3, 32, 32)
+    padded = torch.nn.functional.pad(image, (4, 4, 4, 4))
+    crop = victim_augmentation(32, 4, False)
+    offsets = set()
+    for _ in range(20):
+        out = crop(image)
+        matches = [(i, j) for i in range(9) for j in range(9) if torch.equal(out, padded[:, i : i + 32, j : j + 32])]
+        assert len(matches) == 1
+        offsets.add(matches[0])
+    assert len(offsets) > 1  # the crop moves
+    flipped = {torch.equal(victim_augmentation(32, 0, True)(image), image.flip(-1)) for _ in range(20)}
+    assert flipped == {True, False}
