@@ -19,6 +19,8 @@ from torchvision.datasets.utils import download_and_extract_archive
 from datamodules.datasets import ImageFileDataset, ImageTensorDataset, LabeledImageDataset, stratified_split
 from refine_pl.errors import ConfigError
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 SOURCE_FLAG = "--data.init_args.source.init_args"
 """Prefix of the command-line flags that set a dataset source's arguments."""
 
@@ -335,8 +337,8 @@ class ImageFolder(DatasetSource):
         root: str,
         num_classes: int,
         image_size: int = 224,
-        mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
-        std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
         train_dir: str = "train",
         test_dir: str = "val",
         name: str = "image_folder",
