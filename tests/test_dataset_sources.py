@@ -21,6 +21,7 @@ from tests.dataset_files import (
     write_gtsrb,
     write_image_folder,
 )
+from tests.test_weights import _CodeOnUnpickle
 
 
 def test_cifar10_reads_the_python_batches_exactly(tmp_path: Path) -> None:
@@ -57,14 +58,6 @@ def test_missing_cifar10_names_the_flag_and_the_path(tmp_path: Path) -> None:
     assert message.startswith(f"CIFAR-10 not found under {tmp_path / 'cifar10'}")
     assert "download is off: pass --data.init_args.source.init_args.download true" in message
     assert "--data.init_args.source.init_args.root at an extracted copy" in message
-
-
-class _CodeOnUnpickle:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (str(self.marker),))
 
 
 def test_a_cifar_batch_that_would_run_code_is_refused(tmp_path: Path) -> None:
