@@ -1,6 +1,15 @@
 """LightningDataModules and dataset sources of refine-pl."""
 
 from datamodules.backdoor import BackdoorDataModule, RefineDataModule, VictimDataModule
-from datamodules.sources import DatasetSource, EmbeddedMNIST
+from datamodules.sources import CIFAR10, GTSRB, DatasetSource, EmbeddedMNIST, ImageFolder
 
-__all__ = ["BackdoorDataModule", "DatasetSource", "EmbeddedMNIST", "RefineDataModule", "VictimDataModule"]
+__all__ = [
+    "CIFAR10",
+    "GTSRB",
+    "BackdoorDataModule",
+    "DatasetSource",
+    "EmbeddedMNIST",
+    "ImageFolder",
+    "RefineDataModule",
+    "VictimDataModule",
+]

@@ -11,8 +11,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from datamodules.datasets import (
+    AugmentedImages,
     ImageAugmentation,
-    ImageTensorDataset,
+    LabeledImageDataset,
     PoisonedTestSet,
     PoisonedTrainingSet,
     UnlabeledImages,
@@ -51,9 +52,9 @@ class BackdoorDataModule(LightningDataModule):
         self.val_fraction = val_fraction
         self.split_seed = split_seed
         self.num_workers = num_workers
-        self.train_set: ImageTensorDataset | None = None
-        self.val_set: ImageTensorDataset | None = None
-        self.test_set: ImageTensorDataset | None = None
+        self.train_set: LabeledImageDataset | None = None
+        self.val_set: LabeledImageDataset | None = None
+        self.test_set: LabeledImageDataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -100,7 +101,7 @@ class BackdoorDataModule(LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def _evaluation_loaders(self, clean: ImageTensorDataset) -> list[DataLoader]:
+    def _evaluation_loaders(self, clean: LabeledImageDataset) -> list[DataLoader]:
         loaders = [self._loader(clean)]
         if self.attack is not None:
             loaders.append(self._loader(PoisonedTestSet(clean, self.attack)))
@@ -113,6 +114,17 @@ class BackdoorDataModule(LightningDataModule):
         return self._evaluation_loaders(self.test_set)
 
 
+def victim_augmentation(image_size: int, crop_padding: int, horizontal_flip: bool) -> ImageAugmentation | None:
+    """The usual augmentation for training a classifier: a random ``image_size`` crop of the image padded
+    by ``crop_padding`` pixels (0: no crop) and a horizontal flip; None when both are off."""
+    steps: list[v2.Transform] = []
+    if crop_padding > 0:
+        steps.append(v2.RandomCrop(image_size, padding=crop_padding))
+    if horizontal_flip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps) if steps else None
+
+
 class VictimDataModule(BackdoorDataModule):
     """Data for training a victim: the training split with ``attack`` applied to its poisoned share.
 
@@ -123,13 +135,38 @@ class VictimDataModule(BackdoorDataModule):
         val_fraction: Share of each class of the training set held out for validation.
         split_seed: Seed of the train / validation split.
         num_workers: DataLoader worker processes.
+        crop_padding: Train on random crops of the images padded by this many pixels (0: off; 4 is usual
+            at 32 px). Applied after poisoning, as a data pipeline would.
+        horizontal_flip: Flip training images horizontally at random (off for digits and signs).
     """
 
+    def __init__(
+        self,
+        source: DatasetSource,
+        attack: Attack | None = None,
+        batch_size: int = 128,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        num_workers: int = 0,
+        crop_padding: int = 0,
+        horizontal_flip: bool = False,
+    ) -> None:
+        super().__init__(source, attack, batch_size, val_fraction, split_seed, num_workers)
+        if crop_padding < 0:
+            raise ConfigError(f"crop_padding must be >= 0 pixels, got {crop_padding}.")
+        self.crop_padding = crop_padding
+        self.horizontal_flip = horizontal_flip
+
     def train_dataloader(self) -> DataLoader:
-        if self.attack is None:
-            return self._loader(self.train_set, shuffle=True)
-        poison_indices = self.attack.select_poison_indices(self.train_set.labels)
-        return self._loader(PoisonedTrainingSet(self.train_set, self.attack, poison_indices), shuffle=True)
+        augmentation = victim_augmentation(self.image_size, self.crop_padding, self.horizontal_flip)
+        if self.attack is not None:
+            poison_indices = self.attack.select_poison_indices(self.train_set.labels)
+            dataset = PoisonedTrainingSet(self.train_set, self.attack, poison_indices, augmentation)
+        elif augmentation is not None:
+            dataset = AugmentedImages(self.train_set, augmentation)
+        else:
+            dataset = self.train_set
+        return self._loader(dataset, shuffle=True)
 
 
 def refine_augmentation(image_size: int, in_channels: int, horizontal_flip: bool) -> ImageAugmentation:

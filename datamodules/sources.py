@@ -1,13 +1,28 @@
 """Dataset sources: where images come from, their shape, classes and normalisation, in one place each."""
 
+import codecs
+import csv
 import gzip
 import importlib.resources
+import pickle
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torchvision
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.utils import download_and_extract_archive
 
-from datamodules.datasets import ImageTensorDataset, stratified_split
+from datamodules.datasets import ImageFileDataset, ImageTensorDataset, LabeledImageDataset, stratified_split
+from refine_pl.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SOURCE_FLAG = "--data.init_args.source.init_args"
+"""Prefix of the command-line flags that set a dataset source's arguments."""
 
 
 class DatasetSource(ABC):
@@ -30,8 +45,20 @@ class DatasetSource(ABC):
         """Downloads the data when the source can and is asked to."""
 
     @abstractmethod
-    def load(self) -> tuple[ImageTensorDataset, ImageTensorDataset]:
+    def load(self) -> tuple[LabeledImageDataset, LabeledImageDataset]:
         """The ``(train, test)`` datasets."""
+
+    def _set_normalisation(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+        """Replaces the dataset's usual normalisation, e.g. with the one a third-party model was trained with."""
+        if mean is not None:
+            self.mean = tuple(mean)
+        if std is not None:
+            self.std = tuple(std)
+        if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
+            raise ConfigError(
+                f"{self.name} has {self.in_channels} channels but got mean={self.mean} and std={self.std}: "
+                f"give one value per channel in {SOURCE_FLAG}.mean and {SOURCE_FLAG}.std."
+            )
 
 
 class EmbeddedMNIST(DatasetSource):
@@ -66,3 +93,298 @@ class EmbeddedMNIST(DatasetSource):
         full = ImageTensorDataset(images, labels)
         train_idx, test_idx = stratified_split(labels, self.test_fraction, self.split_seed)
         return full.subset(train_idx), full.subset(test_idx)
+
+
+def _missing_dataset(what: str, root: Path, expected: Path, can_download: bool) -> ConfigError:
+    fix = f"pass {SOURCE_FLAG}.download true or point" if can_download else "point"
+    return ConfigError(
+        f"{what} not found under {root} (no {expected})"
+        + (" and download is off" if can_download else "")
+        + f": {fix} {SOURCE_FLAG}.root at an extracted copy."
+    )
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and plain containers, and refuses everything else.
+
+    CIFAR-10's python batches are pickles; a pickle can name any importable callable and run it. These
+    files only need numpy's array reconstruction (``numpy.core`` in the files written by Python 2,
+    ``numpy._core`` under numpy 2) and, for pickles written by Python 3 with protocol 2, ``_codecs.encode``.
+    """
+
+    _ALLOWED: dict[tuple[str, str], Any] = {
+        ("numpy.core.multiarray", "_reconstruct"): np.array(0).__reduce__()[0],
+        ("numpy._core.multiarray", "_reconstruct"): np.array(0).__reduce__()[0],
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return self._ALLOWED[(module, name)]
+
+
+def read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reads one batch file of CIFAR's python version (``data_batch_1``, ..., ``test_batch``).
+
+    Each file is a pickled dict whose ``data`` is a uint8 array ``[N, 3072]`` (each row the 1024 red, then
+    green, then blue values of a 32x32 image, row-major) and whose ``labels`` is a list of N ints.
+
+    Returns:
+        ``(images [N, 3, 32, 32] uint8, labels [N] long)``.
+
+    Raises:
+        ConfigError: The file holds anything but numpy arrays and plain containers, or not that layout.
+    """
+    try:
+        with path.open("rb") as handle:
+            batch = _NumpyOnlyUnpickler(handle, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
+        raise ConfigError(
+            f"{path} is not a CIFAR python batch ({error}); files there are only read as numpy arrays and "
+            "plain containers. Replace the folder with a fresh copy (or delete it and download again)."
+        ) from error
+    data = batch.get("data") if isinstance(batch, dict) else None
+    labels = batch.get("labels") if isinstance(batch, dict) else None
+    if (
+        not isinstance(data, np.ndarray)
+        or data.dtype != np.uint8
+        or data.ndim != 2
+        or data.shape[1] != 3 * 32 * 32
+        or not isinstance(labels, list)
+        or len(labels) != len(data)
+    ):
+        raise ConfigError(
+            f"{path} does not hold a CIFAR batch (a dict with uint8 'data' [N, 3072] and N 'labels'): "
+            "replace the folder with a fresh copy."
+        )
+    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    return images, torch.tensor(labels, dtype=torch.long)
+
+
+class CIFAR10(DatasetSource):
+    """CIFAR-10: 50,000 training and 10,000 test images, 32x32 RGB, 10 classes.
+
+    Reads the python version as torchvision downloads it, ``<root>/cifar-10-batches-py/data_batch_1..5``
+    and ``test_batch``, into memory (150 MB). The downloaded archive is checked against its md5 by
+    torchvision; the extracted batches are read with an unpickler that only rebuilds numpy arrays and
+    plain containers, so even a tampered file cannot run code, and their layout is checked.
+
+    The normalisation is the one of the REFINE reference and of most CIFAR code bases
+    (mean 0.4914, 0.4822, 0.4465; std 0.2023, 0.1994, 0.2010); ``mean`` / ``std`` replace it for a
+    third-party model trained with other statistics.
+
+    Args:
+        root: Folder holding ``cifar-10-batches-py`` (or where to download it).
+        download: Download and extract the archive into ``root`` when it is not there yet.
+        mean: Per-channel mean replacing the default.
+        std: Per-channel standard deviation replacing the default.
+    """
+
+    name = "cifar10"
+    num_classes = 10
+    in_channels = 3
+    image_size = 32
+    mean = (0.4914, 0.4822, 0.4465)
+    std = (0.2023, 0.1994, 0.2010)
+    _BATCHES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
+
+    def __init__(
+        self,
+        root: str = "data/cifar10",
+        download: bool = False,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.download = download
+        self._set_normalisation(mean, std)
+
+    @property
+    def _folder(self) -> Path:
+        return self.root / torchvision.datasets.CIFAR10.base_folder
+
+    def _missing(self) -> Path | None:
+        return next((self._folder / b for b in self._BATCHES if not (self._folder / b).is_file()), None)
+
+    def prepare_data(self) -> None:
+        if self.download and self._missing() is not None:
+            spec = torchvision.datasets.CIFAR10
+            download_and_extract_archive(spec.url, str(self.root), filename=spec.filename, md5=spec.tgz_md5)
+
+    def load(self) -> tuple[ImageTensorDataset, ImageTensorDataset]:
+        missing = self._missing()
+        if missing is not None:
+            raise _missing_dataset("CIFAR-10", self.root, missing, can_download=True)
+        train = [read_cifar_batch(self._folder / name) for name in self._BATCHES[:-1]]
+        test_images, test_labels = read_cifar_batch(self._folder / self._BATCHES[-1])
+        train_images, train_labels = (torch.cat(parts) for parts in zip(*train, strict=True))
+        for labels, name in ((train_labels, "data_batch_*"), (test_labels, "test_batch")):
+            if labels.min() < 0 or labels.max() >= self.num_classes:
+                raise ConfigError(f"{self._folder / name} has labels outside 0..9: replace it with a fresh copy.")
+        return ImageTensorDataset(train_images, train_labels), ImageTensorDataset(test_images, test_labels)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files anywhere below ``folder``, sorted (extensions as torchvision's, any case)."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+
+
+class GTSRB(DatasetSource):
+    """The German Traffic Sign Recognition Benchmark: 39,209 training and 12,630 test images, 43 classes.
+
+    Uses torchvision's layout under ``root``: ``gtsrb/GTSRB/Training/<class id, 5 digits>/*.ppm`` for
+    training, ``gtsrb/GTSRB/Final_Test/Images/*.ppm`` with labels in ``gtsrb/GT-final_test.csv``
+    (``;``-separated, columns ``Filename`` and ``ClassId``) for testing. The sign crops (15-250 px) are
+    stretched to 32x32, as usual for GTSRB, and read lazily from disk. Images are not normalised by
+    default (mean 0, std 1); ``mean`` / ``std`` set the statistics a third-party model expects.
+
+    Args:
+        root: Folder holding ``gtsrb`` (or where to download it).
+        download: Download and extract both splits into ``root`` with torchvision when they are missing.
+        mean: Per-channel mean replacing the default.
+        std: Per-channel standard deviation replacing the default.
+    """
+
+    name = "gtsrb"
+    num_classes = 43
+    in_channels = 3
+    image_size = 32
+    mean = (0.0, 0.0, 0.0)
+    std = (1.0, 1.0, 1.0)
+
+    def __init__(
+        self,
+        root: str = "data/gtsrb",
+        download: bool = False,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.download = download
+        self._set_normalisation(mean, std)
+
+    @property
+    def _training_folder(self) -> Path:
+        return self.root / "gtsrb" / "GTSRB" / "Training"
+
+    @property
+    def _test_folder(self) -> Path:
+        return self.root / "gtsrb" / "GTSRB" / "Final_Test" / "Images"
+
+    @property
+    def _test_labels(self) -> Path:
+        return self.root / "gtsrb" / "GT-final_test.csv"
+
+    def prepare_data(self) -> None:
+        if self.download:
+            for split in ("train", "test"):
+                torchvision.datasets.GTSRB(str(self.root), split=split, download=True)
+
+    def load(self) -> tuple[ImageFileDataset, ImageFileDataset]:
+        for expected in (self._training_folder, self._test_folder, self._test_labels):
+            if not expected.exists():
+                raise _missing_dataset("GTSRB", self.root, expected, can_download=True)
+        paths, labels = [], []
+        for folder in sorted(p for p in self._training_folder.iterdir() if p.is_dir()):
+            if not folder.name.isdigit() or int(folder.name) >= self.num_classes:
+                raise ConfigError(f"{folder} is not a GTSRB class folder (00000 to 00042): remove it.")
+            files = _image_files(folder)
+            paths += [str(p) for p in files]
+            labels += [int(folder.name)] * len(files)
+        train = ImageFileDataset(paths, torch.tensor(labels, dtype=torch.long), self.image_size, crop=False)
+        with self._test_labels.open(newline="") as handle:
+            rows = list(csv.DictReader(handle, delimiter=";", skipinitialspace=True))
+        try:
+            test_paths = [str(self._test_folder / row["Filename"]) for row in rows]
+            test_labels = torch.tensor([int(row["ClassId"]) for row in rows], dtype=torch.long)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ConfigError(
+                f"{self._test_labels} is not GTSRB's test label file (';'-separated with columns Filename "
+                f"and ClassId): {error!r}. Replace it with a fresh copy."
+            ) from error
+        if not len(train) or not len(test_paths):
+            raise ConfigError(f"GTSRB under {self.root} has no training or no test images: check the copy.")
+        return train, ImageFileDataset(test_paths, test_labels, self.image_size, crop=False)
+
+
+class ImageFolder(DatasetSource):
+    """Any labeled image tree: ``<root>/<train_dir>/<class>/*`` and ``<root>/<test_dir>/<class>/*``.
+
+    Class folders are sorted by name and numbered from 0 (torchvision's ``ImageFolder`` convention); the
+    test split's folders must be classes of the training split. Images (jpg, png, ppm, bmp, pgm, tif,
+    webp) are read lazily, as RGB, their shorter side resized to ``image_size`` and centre-cropped to a
+    square. The number of classes is given, not counted, because the model is built before any file is
+    read; loading checks it against the folders.
+
+    Args:
+        root: Folder holding the two splits.
+        num_classes: Number of class folders in the training split.
+        image_size: Side of the square images.
+        mean: Per-channel normalisation mean (default: ImageNet's).
+        std: Per-channel normalisation standard deviation (default: ImageNet's).
+        train_dir: Subfolder of the training split.
+        test_dir: Subfolder of the test split.
+        name: Name of the dataset in reports.
+    """
+
+    in_channels = 3
+
+    def __init__(
+        self,
+        root: str,
+        num_classes: int,
+        image_size: int = 224,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        train_dir: str = "train",
+        test_dir: str = "val",
+        name: str = "image_folder",
+    ) -> None:
+        if num_classes < 2 or image_size < 1:
+            raise ConfigError(
+                f"ImageFolder needs num_classes >= 2 and image_size >= 1, got {num_classes}, {image_size}."
+            )
+        self.root = Path(root)
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.name = name
+        self.train_dir = train_dir
+        self.test_dir = test_dir
+        self._set_normalisation(mean, std)
+
+    def _class_folders(self, split: str) -> dict[str, Path]:
+        folder = self.root / split
+        if not folder.is_dir():
+            raise _missing_dataset(f"Image folder split {split!r}", self.root, folder, can_download=False)
+        return {p.name: p for p in sorted(folder.iterdir()) if p.is_dir()}
+
+    def _split(self, folders: dict[str, Path], class_index: dict[str, int]) -> ImageFileDataset:
+        paths, labels = [], []
+        for class_name, folder in folders.items():
+            files = _image_files(folder)
+            paths += [str(p) for p in files]
+            labels += [class_index[class_name]] * len(files)
+        if not paths:
+            raise ConfigError(f"No images under {next(iter(folders.values())).parent}: check {SOURCE_FLAG}.root.")
+        return ImageFileDataset(paths, torch.tensor(labels, dtype=torch.long), self.image_size, crop=True)
+
+    def load(self) -> tuple[ImageFileDataset, ImageFileDataset]:
+        train_folders = self._class_folders(self.train_dir)
+        if len(train_folders) != self.num_classes:
+            raise ConfigError(
+                f"{self.root / self.train_dir} has {len(train_folders)} class folders but num_classes is "
+                f"{self.num_classes}: set {SOURCE_FLAG}.num_classes {len(train_folders)} (and use a victim "
+                "with that many classes)."
+            )
+        class_index = {name: index for index, name in enumerate(train_folders)}
+        test_folders = self._class_folders(self.test_dir)
+        unknown = sorted(set(test_folders) - set(class_index))
+        if unknown:
+            raise ConfigError(
+                f"{self.root / self.test_dir} has class folders that are not in {self.root / self.train_dir}: "
+                f"{', '.join(unknown[:5])}. Both splits must use the same class folder names."
+            )
+        return self._split(train_folders, class_index), self._split(test_folders, class_index)

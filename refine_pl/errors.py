@@ -17,4 +17,10 @@ def exit_on_config_error(main: Callable[[], object]) -> None:
     try:
         main()
     except ConfigError as error:
-        sys.exit(f"refine-pl: error: {error}")
+        message = str(error)
+        # A DataLoader worker re-raises the error with the worker's traceback in its text; the user needs
+        # only the message at its end.
+        marker = f"{ConfigError.__module__}.{ConfigError.__qualname__}: "
+        if "Original Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        sys.exit(f"refine-pl: error: {message}")

@@ -52,6 +52,39 @@ def _strip_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return state_dict
 
 
+def _some(keys: list[str], limit: int = 3) -> str:
+    return ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "")
+
+
+def describe_key_mismatch(expected: dict[str, Tensor], found: dict[str, Tensor]) -> str | None:
+    """Says how the keys and shapes of a state_dict differ from a network's, or None when they agree.
+
+    Names a few of the missing and unexpected keys with their counts, the first shape differences, and,
+    when every key of the file carries one extra leading component (``backbone.``, ``1.``, ...), that prefix.
+    """
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    resized = [
+        f"size mismatch for {key}: file {list(found[key].shape)}, model {list(expected[key].shape)}"
+        for key in expected
+        if key in found and found[key].shape != expected[key].shape
+    ]
+    if not (missing or unexpected or resized):
+        return None
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} keys missing from the file ({_some(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys in the file ({_some(unexpected)})")
+    parts += resized[:3]
+    prefixes = {key.split(".", 1)[0] for key in found}
+    if len(prefixes) == 1 and all("." in key for key in found):
+        prefix = f"{prefixes.pop()}."
+        if {key[len(prefix) :] for key in found} == set(expected):
+            parts.append(f"every key in the file starts with {prefix!r}: save the inner network's state_dict")
+    return "; ".join(parts)
+
+
 def read_weights_file(path: str | Path) -> WeightsFile:
     """Reads a refine-pl victim checkpoint, a plain ``state_dict`` file or a safetensors file, safely.
 
@@ -146,13 +179,18 @@ def load_victim(
     _check_agrees(path, hparams, "in_channels", in_channels)
     _check_agrees(path, hparams, "image_size", image_size)
     net = build_architecture(arch, num_classes, in_channels, image_size)
-    try:
-        net.load_state_dict(weights.state_dict, strict=True)
-    except RuntimeError as error:
+    problem = describe_key_mismatch(net.state_dict(), weights.state_dict)
+    if problem is None:
+        try:
+            net.load_state_dict(weights.state_dict, strict=True)
+        except RuntimeError as error:
+            problem = " ".join(str(error).split())
+    if problem is not None:
         raise ConfigError(
             f"The weights in {path} do not fit architecture {arch!r} built for {num_classes} classes and "
-            f"{in_channels} input channels (the data's): {' '.join(str(error).split())}"
-        ) from error
+            f"{in_channels} input channels (the data's): {problem}. Check --model.init_args.victim_arch "
+            "and the dataset."
+        )
     classifier = NormalizedClassifier(net, hparams.get("mean", mean), hparams.get("std", std))
     classifier.requires_grad_(False)
     return classifier.eval()
