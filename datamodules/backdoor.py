@@ -116,6 +116,10 @@ class BackdoorDataModule(LightningDataModule):
 class VictimDataModule(BackdoorDataModule):
     """Data for training a victim: the training split with ``attack`` applied to its poisoned share.
 
+    On ``setup("fit")`` the attack is prepared once from the clean training split (:meth:`Attack.prepare`).
+    A training-controlled attack gets clean training batches and poisons them in the victim's training
+    step.
+
     Args:
         source: Where the images come from.
         attack: The backdoor attack (None trains a clean model).
@@ -125,11 +129,22 @@ class VictimDataModule(BackdoorDataModule):
         num_workers: DataLoader worker processes.
     """
 
+    _prepared_attack: Attack | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if stage in ("fit", None) and self.attack is not None and self._prepared_attack is not self.attack:
+            self.attack.prepare(self.train_set, self.train_set.labels, self.num_classes)
+            self._prepared_attack = self.attack
+
     def train_dataloader(self) -> DataLoader:
-        if self.attack is None:
+        if self.attack is None or self.attack.training_controlled:
             return self._loader(self.train_set, shuffle=True)
-        poison_indices = self.attack.select_poison_indices(self.train_set.labels)
-        return self._loader(PoisonedTrainingSet(self.train_set, self.attack, poison_indices), shuffle=True)
+        labels = self.train_set.labels
+        poison_indices = self.attack.select_poison_indices(labels)
+        cover_indices = self.attack.select_cover_indices(labels, poison_indices)
+        poisoned = PoisonedTrainingSet(self.train_set, self.attack, poison_indices, cover_indices=cover_indices)
+        return self._loader(poisoned, shuffle=True)
 
 
 def refine_augmentation(image_size: int, in_channels: int, horizontal_flip: bool) -> ImageAugmentation:
