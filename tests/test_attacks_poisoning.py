@@ -7,10 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from datamodules.datasets import ImageTensorDataset, PoisonedTestSet, PoisonedTrainingSet
+from refine_pl.architectures import build_architecture
 from refine_pl.attacks import (
     BATT,
     AdaptivePatch,
@@ -247,18 +249,43 @@ def test_lc_perturbs_within_epsilon_then_stamps_the_corner_checkerboards() -> No
         LabelConsistent(target_label=1).apply_training(clean, poison)
 
 
-def test_lc_perturbations_fool_the_surrogate_more_than_random_noise() -> None:
-    # The PGD step really is adversarial: the surrogate's loss on the perturbed images is far above its loss
-    # on the same images with random sign noise of the same size (tiny separable data, so it trains fast).
-    generator = torch.Generator().manual_seed(0)
-    labels = torch.arange(64) % 4
-    images = labels.view(-1, 1, 1, 1).float() / 4 * 255 + torch.randint(0, 60, (64, 1, 8, 8), generator=generator)
-    data = ImageTensorDataset(images.clamp(0, 255).to(torch.uint8), labels)
-    attack = _prepared_lc(data, epsilon=0.15, pgd_steps=5, surrogate_epochs=20, trigger_size=1)
-    surrogate = attack.train_surrogate(data, 4)  # seeded: the same model prepare() attacked
-    poison = attack.select_poison_indices(data.labels)
-    clean = torch.stack([data[int(i)][0] for i in poison])
-    adversarial = attack.apply_training(clean, poison)
-    noisy = attack.apply((clean + 0.15 * torch.randn(clean.shape, generator=generator).sign()).clamp(0, 1))
-    target = data.labels[poison]
-    assert F.cross_entropy(surrogate(adversarial), target) > 5 * F.cross_entropy(surrogate(noisy), target)
+def _tinted(n: int, seed: int) -> ImageTensorDataset:
+    """Tiny RGB data: 8x8 grey images (class 0) or tinted in one channel (classes 1-3), with strong noise."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 4
+    colours = torch.tensor([[0.5, 0.5, 0.5], [0.6, 0.5, 0.5], [0.5, 0.6, 0.5], [0.5, 0.5, 0.6]])
+    images = colours[labels].view(n, 3, 1, 1) + 0.3 * (torch.rand(n, 3, 8, 8, generator=generator) - 0.5)
+    return ImageTensorDataset((images * 255).round().clamp(0, 255).to(torch.uint8), labels)
+
+
+def _victim_ba_asr(attack: LabelConsistent, train: ImageTensorDataset, test: ImageTensorDataset) -> tuple[float, float]:
+    attack.prepare(train, train.labels, num_classes=4)
+    torch.manual_seed(0)
+    model = build_architecture("small_cnn", 4, 3, 8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(10):
+        for images, labels in DataLoader(_training_set(attack, train), batch_size=64, shuffle=True):
+            optimizer.zero_grad()
+            F.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+    model.eval()
+    clean = torch.stack([test[i][0] for i in range(len(test))])
+    poisoned = PoisonedTestSet(test, attack)
+    triggered = torch.stack([poisoned[i][0] for i in range(len(poisoned))])
+    with torch.no_grad():
+        ba = (model(clean).argmax(1) == test.labels).float().mean().item()
+        asr = (model(triggered).argmax(1) == attack.target_label).float().mean().item()
+    return ba, asr
+
+
+def test_lc_backdoors_a_tiny_rgb_victim_because_of_its_adversarial_perturbations() -> None:
+    # On the 28 px digits LC stays below ASR 0.80 (README); on tiny RGB data whose classes differ by a tint
+    # it works: the PGD perturbations (radius = the tint) hide the target class's own evidence, so the
+    # victim learns the corner trigger. Without them (radius 1/255) the same clean-label poisoning is weak.
+    # Measured: BA 1.0 / ASR 1.0 with the perturbations, BA 0.99 / ASR 0.37 without.
+    train, test = _tinted(400, seed=0), _tinted(200, seed=1)
+    settings = {"target_label": 0, "poison_rate": 0.2, "pgd_steps": 10, "surrogate_epochs": 10, "trigger_size": 2}
+    ba, asr = _victim_ba_asr(LabelConsistent(epsilon=0.1, **settings), train, test)
+    assert ba >= 0.9 and asr >= 0.9
+    _, asr_without = _victim_ba_asr(LabelConsistent(epsilon=1 / 255, **settings), train, test)
+    assert asr_without <= 0.6
