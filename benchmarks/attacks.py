@@ -11,7 +11,7 @@ targets met) and ``attacks_asr.png`` (ASR before / after) to ``--results-dir``. 
 ``--run-dir/<attack>``; an attack whose run folder already holds a report is not run again unless
 ``--rerun`` names it, so an interrupted benchmark continues where it stopped.
 
-    python benchmarks/attacks.py                       # every attack (about an hour on 2 CPU cores)
+    python benchmarks/attacks.py                       # every attack (a while on a CPU: see "seconds")
     python benchmarks/attacks.py --attacks badnets iad # a subset
 """
 

@@ -25,8 +25,8 @@ class LabelConsistent(Attack):
     (``surrogate_arch``, ``surrogate_epochs`` epochs of Adam on the clean training set) and runs an
     untargeted L-infinity PGD attack (``pgd_steps`` steps of size ``pgd_step_size``, radius ``epsilon``,
     random start) against it on every poisoned image. The perturbations are rounded to whole 8-bit steps
-    inside the epsilon ball; then the trigger, a ``trigger_size`` checkerboard in each of the
-    four corners, is stamped. At test the trigger alone is stamped on the clean image.
+    inside the epsilon ball; then the trigger, a ``trigger_size`` checkerboard in each of the four
+    corners, is stamped. At test the trigger alone is stamped on the clean image.
 
     The perturbations are the attack's state (int16, in units of 1/255, with the indices they belong to),
     so a victim checkpoint holds everything needed to rebuild its poisoned training set.
