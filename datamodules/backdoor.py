@@ -128,6 +128,10 @@ def victim_augmentation(image_size: int, crop_padding: int, horizontal_flip: boo
 class VictimDataModule(BackdoorDataModule):
     """Data for training a victim: the training split with ``attack`` applied to its poisoned share.
 
+    On ``setup("fit")`` the attack is prepared once from the clean training split (:meth:`Attack.prepare`).
+    A training-controlled attack gets clean training batches and poisons them in the victim's training
+    step.
+
     Args:
         source: Where the images come from.
         attack: The backdoor attack (None trains a clean model).
@@ -156,12 +160,21 @@ class VictimDataModule(BackdoorDataModule):
             raise ConfigError(f"crop_padding must be >= 0 pixels, got {crop_padding}.")
         self.crop_padding = crop_padding
         self.horizontal_flip = horizontal_flip
+        self._prepared_attack: Attack | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if stage in ("fit", None) and self.attack is not None and self._prepared_attack is not self.attack:
+            self.attack.prepare(self.train_set, self.train_set.labels, self.num_classes)
+            self._prepared_attack = self.attack
 
     def train_dataloader(self) -> DataLoader:
         augmentation = victim_augmentation(self.image_size, self.crop_padding, self.horizontal_flip)
-        if self.attack is not None:
-            poison_indices = self.attack.select_poison_indices(self.train_set.labels)
-            dataset = PoisonedTrainingSet(self.train_set, self.attack, poison_indices, augmentation)
+        if self.attack is not None and not self.attack.training_controlled:
+            labels = self.train_set.labels
+            poison_indices = self.attack.select_poison_indices(labels)
+            cover_indices = self.attack.select_cover_indices(labels, poison_indices)
+            dataset = PoisonedTrainingSet(self.train_set, self.attack, poison_indices, augmentation, cover_indices)
         elif augmentation is not None:
             dataset = AugmentedImages(self.train_set, augmentation)
         else:

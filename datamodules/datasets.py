@@ -131,7 +131,9 @@ def stratified_split(labels: Tensor, second_fraction: float, seed: int) -> tuple
 class PoisonedTrainingSet(Dataset):
     """A training set in which the samples at ``poison_indices`` carry the trigger and the attack's label.
 
-    Items are ``(image, label)``; the optional augmentation runs after poisoning, as a data pipeline would.
+    Samples at ``cover_indices`` (disjoint from the poisoned ones) get the attack's cover modification and
+    keep their true label. Items are ``(image, label)``; the optional augmentation runs after poisoning,
+    as a data pipeline would.
     """
 
     def __init__(
@@ -140,10 +142,14 @@ class PoisonedTrainingSet(Dataset):
         attack: Attack,
         poison_indices: Tensor,
         augmentation: ImageAugmentation | None = None,
+        cover_indices: Tensor | None = None,
     ) -> None:
         self.base = base
         self.attack = attack
         self.poisoned = set(poison_indices.tolist())
+        self.covered = set() if cover_indices is None else set(cover_indices.tolist())
+        if self.poisoned & self.covered:
+            raise ValueError(f"{attack.name}: poisoned and cover samples must be disjoint")
         self.augmentation = augmentation
 
     def __len__(self) -> int:
@@ -152,8 +158,10 @@ class PoisonedTrainingSet(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         image, label = self.base[index]
         if index in self.poisoned:
-            image = self.attack.apply(image[None], torch.tensor([index]))[0]
+            image = self.attack.apply_training(image[None], torch.tensor([index]))[0]
             label = self.attack.poisoned_label(label)
+        elif index in self.covered:
+            image = self.attack.apply_cover(image[None], torch.tensor([index]))[0]
         if self.augmentation is not None:
             image = self.augmentation(image)
         return image, label

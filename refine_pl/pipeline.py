@@ -15,12 +15,34 @@ DEFAULT_VICTIM_CONFIGS = ["configs/victim/mnist.yaml", "configs/attacks/badnets.
 DEFAULT_REFINE_CONFIGS = ["configs/refine/mnist.yaml"]
 
 
-def _config_flags(configs: list[str]) -> list[str]:
+def config_flags(configs: list[str]) -> list[str]:
+    """``--config`` arguments that merge ``configs`` in order."""
     return [flag for config in configs for flag in ("--config", config)]
 
 
 def _resume_flag(checkpoint: Path) -> list[str]:
     return ["--ckpt_path", str(checkpoint)] if checkpoint.is_file() else []
+
+
+def train_victim(victim_configs: list[str], victim_dir: str | Path, victim_args: list[str] | None = None) -> Path:
+    """Trains (or resumes, or finds finished) the victim job in ``victim_dir``; returns its last checkpoint.
+
+    Args:
+        victim_configs: Configs of the victim job, merged in order (dataset config, then attack config).
+        victim_dir: Output folder of the victim job.
+        victim_args: Extra CLI arguments of the victim job (e.g. ``["--trainer.max_epochs", "3"]``).
+    """
+    checkpoint = Path(victim_dir) / "checkpoints" / "last.ckpt"
+    cli_main(
+        [
+            "fit",
+            *config_flags(victim_configs),
+            "--trainer.default_root_dir", str(victim_dir),
+            *(victim_args or []),
+            *_resume_flag(checkpoint),
+        ]
+    )  # fmt: skip
+    return checkpoint
 
 
 def run_pipeline(
@@ -45,20 +67,10 @@ def run_pipeline(
         refine_args: Extra CLI arguments of both REFINE stages (fit and test).
     """
     run_dir = Path(run_dir)
-    victim_dir = run_dir / "victim"
-    victim_checkpoint = victim_dir / "checkpoints" / "last.ckpt"
+    victim_checkpoint = train_victim(victim_configs, run_dir / "victim", victim_args)
     refine_checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    cli_main(
-        [
-            "fit",
-            *_config_flags(victim_configs),
-            "--trainer.default_root_dir", str(victim_dir),
-            *(victim_args or []),
-            *_resume_flag(victim_checkpoint),
-        ]
-    )  # fmt: skip
     refine_common = [
-        *_config_flags(refine_configs),
+        *config_flags(refine_configs),
         "--trainer.default_root_dir", str(run_dir),
         "--model.init_args.victim_checkpoint", str(victim_checkpoint),
         *(refine_args or []),

@@ -9,6 +9,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from refine_pl.architectures import build_architecture
+from refine_pl.attacks import Attack, TrainingControlledAttack, attack_record, attack_spec_of
 from refine_pl.classifier import NormalizedClassifier
 from refine_pl.metrics import CLEAN_LOADER, BackdoorMetrics
 from refine_pl.weights import ATTACK_KEY
@@ -20,7 +21,14 @@ class VictimLitModule(LightningModule):
     With a datamodule that poisons its training set this produces a backdoored victim. Validation and
     test report BA on the clean loader and ASR on the poisoned one. Every checkpoint records the
     architecture, data shape and normalisation (hyper-parameters) and, under ``"backdoor_attack"``, the
-    spec of the datamodule's attack, so a later evaluation can rebuild the same poisoned test set.
+    spec and state of the datamodule's attack (:func:`~refine_pl.attacks.attack_record`), so a later
+    evaluation can rebuild the same poisoned test set.
+
+    A training-controlled attack (:class:`~refine_pl.attacks.TrainingControlledAttack`) of the datamodule
+    takes part in training: its networks become the submodule ``attack_networks`` (trained with the
+    attack's own parameter groups) and every training batch passes through its ``training_batch``. The
+    networks are kept out of the checkpoint's ``state_dict``, which holds the classifier only, and live in
+    the attack's record instead.
 
     Args:
         num_classes: Number of classes (linked from the datamodule by the CLI).
@@ -51,6 +59,16 @@ class VictimLitModule(LightningModule):
         self.scheduler_factory = scheduler
         self.metrics = torch.nn.ModuleDict({stage: BackdoorMetrics() for stage in ("val", "test")})
         self.attack_spec: dict[str, Any] | None = None
+        self.training_attack: TrainingControlledAttack | None = None
+
+    def _datamodule_attack(self) -> Attack | None:
+        return getattr(getattr(self._trainer, "datamodule", None), "attack", None)
+
+    def setup(self, stage: str) -> None:
+        attack = self._datamodule_attack()
+        if stage == "fit" and isinstance(attack, TrainingControlledAttack):
+            self.training_attack = attack
+            self.attack_networks = attack.networks()
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits ``[B, num_classes]`` for images ``[B, C, H, W]`` in [0, 1]."""
@@ -58,7 +76,12 @@ class VictimLitModule(LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
-        loss = F.cross_entropy(self(images), labels)
+        if self.training_attack is None:
+            loss = F.cross_entropy(self(images), labels)
+        else:
+            images, labels, attack_loss = self.training_attack.training_batch(images, labels)
+            loss = F.cross_entropy(self(images), labels) + attack_loss
+            self.log("train/attack_loss", attack_loss)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -74,17 +97,32 @@ class VictimLitModule(LightningModule):
         self._evaluate("test", batch, dataloader_idx)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameters())
+        groups: list[dict[str, Any]] = [{"params": list(self.model.parameters())}]
+        if self.training_attack is not None:
+            groups.extend(self.training_attack.parameter_groups())
+        optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        attack = getattr(getattr(self.trainer, "datamodule", None), "attack", None)
+        attack = self._datamodule_attack()
         if attack is not None:
-            self.attack_spec = attack.spec()
+            self.attack_spec = attack_record(attack)
         if self.attack_spec is not None:
             checkpoint[ATTACK_KEY] = self.attack_spec
+        # The networks of a training-controlled attack are in the attack's record, not the classifier's weights.
+        checkpoint["state_dict"] = {
+            key: value for key, value in checkpoint["state_dict"].items() if not key.startswith("attack_networks.")
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.attack_spec = checkpoint.get(ATTACK_KEY)
+        attack = self._datamodule_attack()
+        record = self.attack_spec
+        same_attack = attack is not None and record is not None and attack.spec() == attack_spec_of(record)
+        if same_attack and "state" in record:
+            attack.load_state_dict(record["state"])
+        if self.training_attack is not None:  # resuming: the strict weight loading expects the attack's networks
+            networks = self.attack_networks.state_dict()
+            checkpoint["state_dict"].update({f"attack_networks.{key}": value for key, value in networks.items()})

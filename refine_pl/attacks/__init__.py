@@ -1,6 +1,39 @@
 """Backdoor attacks: one module per attack, all behind :class:`Attack` and the name registry."""
 
+from refine_pl.attacks.adaptive_patch import AdaptivePatch
 from refine_pl.attacks.badnets import BadNets
-from refine_pl.attacks.base import ATTACKS, Attack, attack_class, attack_from_spec, register_attack
+from refine_pl.attacks.base import (
+    ATTACKS,
+    Attack,
+    TrainingControlledAttack,
+    attack_class,
+    attack_from_spec,
+    attack_record,
+    attack_spec_of,
+    register_attack,
+)
+from refine_pl.attacks.batt import BATT
+from refine_pl.attacks.blended import Blended
+from refine_pl.attacks.input_aware import InputAwareDynamic
+from refine_pl.attacks.label_consistent import LabelConsistent
+from refine_pl.attacks.physical_ba import PhysicalBA
+from refine_pl.attacks.wanet import WaNet
 
-__all__ = ["ATTACKS", "Attack", "BadNets", "attack_class", "attack_from_spec", "register_attack"]
+__all__ = [
+    "ATTACKS",
+    "BATT",
+    "AdaptivePatch",
+    "Attack",
+    "BadNets",
+    "Blended",
+    "InputAwareDynamic",
+    "LabelConsistent",
+    "PhysicalBA",
+    "TrainingControlledAttack",
+    "WaNet",
+    "attack_class",
+    "attack_from_spec",
+    "attack_record",
+    "attack_spec_of",
+    "register_attack",
+]

@@ -9,6 +9,7 @@ from refine_pl.attacks.base import Attack, register_attack
 from refine_pl.errors import ConfigError
 
 Corner = Literal["bottom_right", "bottom_left", "top_right", "top_left"]
+Pattern = Literal["white", "checkerboard"]
 
 
 @register_attack
@@ -38,7 +39,7 @@ class BadNets(Attack):
         patch_size: int = 3,
         location: Corner = "bottom_right",
         margin: int = 0,
-        pattern: Literal["white", "checkerboard"] = "white",
+        pattern: Pattern = "white",
     ) -> None:
         super().__init__(target_label=target_label, poison_rate=poison_rate, seed=seed)
         if patch_size < 1 or margin < 0:

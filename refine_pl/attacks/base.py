@@ -4,18 +4,68 @@ import inspect
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from refine_pl.errors import ConfigError
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The random generator of one sample: seeded from ``(seed, index)``, so a sample is always poisoned alike.
+
+    ``numpy.random.SeedSequence`` mixes the two numbers, so nearby seeds and indices give unrelated streams.
+    """
+    state = np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state >> np.uint64(1)))
+
+
+def draw_indices(candidates: Tensor, count: int, generator: torch.Generator) -> Tensor:
+    """``count`` of ``candidates`` drawn without replacement, sorted."""
+    return candidates[torch.randperm(len(candidates), generator=generator)[:count]].sort().values
+
+
+def draw_cover_indices(attack: "Attack", num_samples: int, poison_indices: Tensor, count: int) -> Tensor:
+    """``count`` cover samples of any class outside ``poison_indices``, drawn from the attack's seed, sorted."""
+    free = torch.ones(num_samples, dtype=torch.bool)
+    free[poison_indices] = False
+    candidates = torch.nonzero(free).flatten()
+    if count > len(candidates):
+        raise ConfigError(
+            f"{attack.name} asks for {count} cover samples besides {len(poison_indices)} poisoned ones, but the "
+            f"training set has {num_samples} samples; lower poison_rate or the cover share."
+        )
+    return draw_indices(candidates, count, torch.Generator().manual_seed(attack.seed + 1))
+
+
+def require_indices(attack: "Attack", images: Tensor, indices: Tensor | None) -> Tensor:
+    """The dataset indices of a batch, for attacks with per-sample randomness (which need them)."""
+    if indices is None or len(indices) != len(images):
+        raise ValueError(
+            f"{attack.name} draws per-sample randomness from each image's dataset index: pass indices [B] "
+            f"with the {len(images)} images."
+        )
+    return indices
 
 
 class Attack(ABC):
     """A deterministic, seedable backdoor attack on images in [0, 1].
 
     The same object poisons a victim's training set and builds the poisoned test set, so both always
-    carry the same trigger. Its :meth:`spec` (name + constructor arguments, plain values only) is stored
-    in the victim checkpoint and :func:`attack_from_spec` rebuilds an identical attack from it.
+    carry the same trigger. Its :meth:`spec` (name + constructor arguments, plain values only) and its
+    :meth:`state_dict` (what it computed or learned: tensors and plain values) are stored in the victim
+    checkpoint by :func:`attack_record`, and :func:`attack_from_spec` rebuilds an identical attack from them.
+
+    Training a victim with an attack:
+
+    1. :meth:`prepare` sees the training set once (e.g. to train a surrogate model);
+    2. :meth:`select_poison_indices` picks the samples that get :meth:`apply_training` and
+       :meth:`poisoned_label`;
+    3. :meth:`select_cover_indices` picks the samples that get :meth:`apply_cover` but keep their true
+       label (WaNet's noise samples, Adaptive-Patch's conservatism samples; none by default).
+
+    Attacks that also control the training loop derive from :class:`TrainingControlledAttack`.
 
     Subclasses keep every constructor argument as an attribute of the same name, which is what
     :meth:`spec` records.
@@ -42,7 +92,7 @@ class Attack(ABC):
 
     @abstractmethod
     def apply(self, images: Tensor, indices: Tensor | None = None) -> Tensor:
-        """Poisons a batch of images.
+        """Poisons a batch of test images: what the attacker does at inference time.
 
         Args:
             images: ``[B, C, H, W]`` float images in [0, 1].
@@ -51,6 +101,23 @@ class Attack(ABC):
 
         Returns:
             ``[B, C, H, W]`` poisoned images in [0, 1].
+        """
+
+    def apply_training(self, images: Tensor, indices: Tensor | None = None) -> Tensor:
+        """Poisons a batch of training images chosen by :meth:`select_poison_indices` (default: :meth:`apply`)."""
+        return self.apply(images, indices)
+
+    def apply_cover(self, images: Tensor, indices: Tensor | None = None) -> Tensor:
+        """Modifies a batch of cover samples chosen by :meth:`select_cover_indices`, which keep their label."""
+        raise NotImplementedError(f"{self.name} selects no cover samples, so it has nothing to apply to them.")
+
+    def prepare(self, train_set: Dataset, labels: Tensor, num_classes: int) -> None:  # noqa: B027 (optional hook)
+        """Lets the attack compute what it needs from the victim's training set, once, before poisoning it.
+
+        Args:
+            train_set: The clean training set; items are ``(float image [C, H, W] in [0, 1], int label)``.
+            labels: ``[N]`` its labels.
+            num_classes: Number of classes of the data.
         """
 
     def select_poison_indices(self, labels: Tensor) -> Tensor:
@@ -70,13 +137,24 @@ class Attack(ABC):
                 f"{len(candidates)} training samples are outside the target class {self.target_label}; "
                 "lower poison_rate."
             )
-        generator = torch.Generator().manual_seed(self.seed)
-        chosen = candidates[torch.randperm(len(candidates), generator=generator)[:count]]
-        return chosen.sort().values
+        return draw_indices(candidates, count, torch.Generator().manual_seed(self.seed))
+
+    def select_cover_indices(self, labels: Tensor, poison_indices: Tensor) -> Tensor:
+        """Chooses the cover samples (modified, label kept), disjoint from ``poison_indices``; none by default."""
+        return torch.zeros(0, dtype=torch.long)
 
     def poisoned_label(self, label: int) -> int:
         """The label a poisoned training sample gets."""
         return self.target_label
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the attack computed or learned that rebuilding it needs (tensors and plain values only)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict` output."""
+        if state:
+            raise ConfigError(f"{self.name} keeps no state, but the spec carries some: {sorted(state)}.")
 
     def spec(self) -> dict[str, Any]:
         """Name and constructor arguments, enough for :func:`attack_from_spec` to rebuild this attack."""
@@ -87,6 +165,39 @@ class Attack(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.spec()["init_args"].items())
         return f"{type(self).__name__}({args})"
+
+
+class TrainingControlledAttack(Attack):
+    """An attack whose author also controls the victim's training loop, not only its data.
+
+    The victim's datamodule then gives clean training batches; :class:`~refine_pl.VictimLitModule` passes
+    every batch through :meth:`training_batch`, adds the loss it returns, registers :meth:`networks` as a
+    submodule (so they follow the device, are synchronised across processes and saved) and optimises them
+    with the parameter groups of :meth:`parameter_groups`.
+    """
+
+    training_controlled: ClassVar[bool] = True
+
+    @abstractmethod
+    def networks(self) -> nn.Module:
+        """Every network of the attack, trainable or not."""
+
+    @abstractmethod
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups of the attack's trainable parameters (with their own settings)."""
+
+    @abstractmethod
+    def training_batch(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Turns a clean training batch into the victim's batch.
+
+        Args:
+            images: ``[B, C, H, W]`` clean images in [0, 1].
+            labels: ``[B]`` their labels.
+
+        Returns:
+            ``(images [B, C, H, W], labels [B], attack_loss scalar)``; the victim adds ``attack_loss`` to its
+            cross-entropy.
+        """
 
 
 ATTACKS: dict[str, type[Attack]] = {}
@@ -107,12 +218,32 @@ def attack_class(name: str) -> type[Attack]:
     return ATTACKS[name]
 
 
+def attack_record(attack: Attack) -> dict[str, Any]:
+    """What a victim checkpoint stores about its attack: the spec, plus ``"state"`` when the attack has one."""
+    record = attack.spec()
+    state = attack.state_dict()
+    if state:
+        record["state"] = state
+    return record
+
+
+def attack_spec_of(record: dict[str, Any]) -> dict[str, Any]:
+    """The plain spec (name and constructor arguments) of an :func:`attack_record`, without its state."""
+    return {"name": record.get("name"), "init_args": record.get("init_args", {})}
+
+
 def attack_from_spec(spec: dict[str, Any]) -> Attack:
-    """Rebuilds an attack from :meth:`Attack.spec` output (for example read from a victim checkpoint)."""
+    """Rebuilds an attack from :meth:`Attack.spec` or :func:`attack_record` output (e.g. from a victim checkpoint)."""
     if not isinstance(spec, dict) or "name" not in spec:
         raise ConfigError(f"An attack spec must be a dict with a 'name' key, got {spec!r}.")
     cls = attack_class(spec["name"])
     try:
-        return cls(**spec.get("init_args", {}))
+        attack = cls(**spec.get("init_args", {}))
     except TypeError as error:
-        raise ConfigError(f"Attack spec {spec!r} does not fit {cls.__name__}: {error}.") from error
+        raise ConfigError(
+            f"Attack spec {spec['name']!r} with init_args {spec.get('init_args')!r} does not fit "
+            f"{cls.__name__}: {error}."
+        ) from error
+    if "state" in spec:
+        attack.load_state_dict(spec["state"])
+    return attack

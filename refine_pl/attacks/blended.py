@@ -1,0 +1,82 @@
+"""Blended (Chen et al., 2017): a full-image pattern blended into the image at a small opacity."""
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from refine_pl.attacks.base import Attack, register_attack
+from refine_pl.errors import ConfigError
+
+
+@register_attack
+class Blended(Attack):
+    """Poisons with ``(1 - alpha) * image + alpha * pattern``, changing every pixel a little.
+
+    The pattern is an image file (read once, converted to the images' channels and resized to their
+    size) or, without a file, uniform noise drawn from ``seed`` for the images' shape. A pattern read from
+    a file is part of the attack's state, so a victim checkpoint carries it and the file is not needed to
+    rebuild the poisoned test set.
+
+    Args:
+        target_label: The class the trigger should force.
+        poison_rate: Fraction of the training set that is poisoned.
+        seed: Seed of the choice of poisoned samples and of the noise pattern.
+        alpha: Opacity of the pattern (0.1-0.2 in the literature).
+        pattern_path: Image file of the pattern; None for seeded noise.
+    """
+
+    name = "blended"
+
+    def __init__(
+        self,
+        target_label: int = 0,
+        poison_rate: float = 0.1,
+        seed: int = 0,
+        alpha: float = 0.2,
+        pattern_path: str | None = None,
+    ) -> None:
+        super().__init__(target_label=target_label, poison_rate=poison_rate, seed=seed)
+        if not 0.0 < alpha <= 1.0:
+            raise ConfigError(f"Blended alpha must be in (0, 1], got {alpha}.")
+        self.alpha = alpha
+        self.pattern_path = pattern_path
+        self._file_pattern: Tensor | None = None  # uint8 [C, H, W] as read from pattern_path
+
+    def _read_file_pattern(self) -> Tensor:
+        if self._file_pattern is None:
+            path = Path(self.pattern_path)
+            if not path.is_file():
+                raise ConfigError(f"Blended pattern image {path} not found: fix pattern_path or drop it for noise.")
+            with Image.open(path) as image:
+                array = np.asarray(image.convert("RGB"))
+            self._file_pattern = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+        return self._file_pattern
+
+    def pattern(self, channels: int, height: int, width: int) -> Tensor:
+        """The ``[C, H, W]`` pattern in [0, 1] for images of the given shape."""
+        if self.pattern_path is None:
+            generator = torch.Generator().manual_seed(self.seed)
+            return torch.rand(channels, height, width, generator=generator)
+        pattern = self._read_file_pattern().float().div(255.0)
+        pattern = pattern.mean(0, keepdim=True) if channels == 1 else pattern
+        if pattern.shape[0] != channels:
+            raise ConfigError(f"Blended pattern {self.pattern_path} is RGB; it cannot blend into {channels} channels.")
+        return F.interpolate(pattern[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+
+    def apply(self, images: Tensor, indices: Tensor | None = None) -> Tensor:
+        pattern = self.pattern(*images.shape[1:]).to(images)
+        return (1 - self.alpha) * images + self.alpha * pattern
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.pattern_path is None else {"pattern": self._read_file_pattern()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) - {"pattern"} or ("pattern" in state) != (self.pattern_path is not None):
+            raise ConfigError(f"Blended state {sorted(state)} does not fit pattern_path={self.pattern_path!r}.")
+        if "pattern" in state:
+            self._file_pattern = state["pattern"]
