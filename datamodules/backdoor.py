@@ -6,7 +6,10 @@ two validation and two test loaders, clean and poisoned, in the order of
 pass reports BA and ASR together. Without an attack only the clean loader is given.
 """
 
+import os
+
 from pytorch_lightning import LightningDataModule
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
@@ -19,6 +22,7 @@ from datamodules.datasets import (
     UnlabeledImages,
     stratified_split,
 )
+from datamodules.sampling import ResumableDataLoader, ResumableSampler
 from datamodules.sources import DatasetSource
 from refine_pl.attacks import Attack
 from refine_pl.errors import ConfigError
@@ -91,12 +95,37 @@ class BackdoorDataModule(LightningDataModule):
         train_idx, val_idx = stratified_split(train.labels, self.val_fraction, self.split_seed)
         self.train_set, self.val_set = train.subset(train_idx), train.subset(val_idx)
 
+    def _processes(self) -> tuple[int, int]:
+        """``(world size, global rank)`` of the run this datamodule is attached to, ``(1, 0)`` when alone."""
+        if self.trainer is None:
+            return 1, 0
+        return self.trainer.world_size, self.trainer.global_rank
+
     def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
+        """A training loader (``shuffle``) or an evaluation loader over this process's share of ``dataset``.
+
+        Training order and augmentation are functions of the run's seed (``seed_everything``) and the
+        epoch, and the loader resumes mid-epoch (see :mod:`datamodules.sampling`). Evaluation loaders of a
+        multi-process run split the images over the processes without padding, so every image is counted
+        exactly once in BA / ASR (Lightning's own sampler would repeat some to even out the shares).
+        """
+        world_size, rank = self._processes()
+        if shuffle:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # what seed_everything sets, as Lightning's samplers use
+            sampler = ResumableSampler(dataset, self.batch_size, seed, num_replicas=world_size, rank=rank)
+            return ResumableDataLoader(dataset, sampler, num_workers=self.num_workers, trainer=self.trainer)
+        sampler = None
+        if world_size > 1:
+            if len(dataset) < world_size:
+                raise ConfigError(
+                    f"An evaluation set of {len(dataset)} images cannot give each of {world_size} processes one: "
+                    "evaluate on fewer devices or a larger set."
+                )
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

@@ -9,6 +9,8 @@ from pytorch_lightning import LightningModule
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from refine_pl.distributed import gather_no_grad, use_global_batch_norm
+from refine_pl.errors import ConfigError
 from refine_pl.losses import SupConLoss, UtilityLoss
 from refine_pl.metrics import CLEAN_LOADER, BackdoorMetrics
 from refine_pl.remap import OutputRemap
@@ -33,6 +35,11 @@ class RefineLitModule(LightningModule):
     Validation and test log BA / ASR of the defended classifier (``ba``, ``asr``) and of the victim
     alone (``victim_ba``, ``victim_asr``) on the same images.
 
+    In a multi-process run the contrastive loss covers the global batch, the transform's batch norm uses the
+    global batch's statistics (``global_batch_norm``) and the remap is checked to be the same on every process
+    at the start of fitting, validation and testing; the transform's gradients are then those of one process
+    with the whole batch. Under mixed precision ``T`` and ``f`` run in 16 bits and the losses in float32.
+
     Args:
         victim_checkpoint: Weights of the suspect model (refine-pl victim .ckpt, state_dict or safetensors).
         num_classes: Number of classes (linked from the datamodule by the CLI).
@@ -43,6 +50,9 @@ class RefineLitModule(LightningModule):
         victim_arch: Architecture of bare weights files; a refine-pl victim checkpoint records its own.
         transform: Builds ``T`` from the channel count, e.g. ``UNet`` with its width set in the config.
         remap_seed: Seed of the output derangement.
+        global_batch_norm: In a multi-process run, make the transform's batch-norm layers normalise with the
+            statistics of the global batch, so that training matches one process with the whole batch
+            (false: per-process statistics, as plain DDP does).
         contrastive_weight: Weight of the supervised contrastive loss (0.1 in the reference).
         temperature: Temperature of the supervised contrastive loss (0.07 in the reference).
         optimizer: Builds the optimizer from the transform's parameters (the only trainable ones).
@@ -60,6 +70,7 @@ class RefineLitModule(LightningModule):
         victim_arch: str | None = None,
         transform: Callable[[int], nn.Module] = UNet,
         remap_seed: int = 0,
+        global_batch_norm: bool = True,
         contrastive_weight: float = 0.1,
         temperature: float = 0.07,
         optimizer: OptimizerCallable = reference_sgd,
@@ -73,11 +84,34 @@ class RefineLitModule(LightningModule):
         self.utility_loss = UtilityLoss()
         self.contrastive_loss = SupConLoss(temperature=temperature)
         self.contrastive_weight = contrastive_weight
+        self.global_batch_norm = global_batch_norm
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.metrics = nn.ModuleDict(
             {f"{stage}_{model}": BackdoorMetrics() for stage in ("val", "test") for model in ("defended", "victim")}
         )
+
+    def setup(self, stage: str) -> None:
+        if self.global_batch_norm and self.trainer.world_size > 1:
+            self.transform = use_global_batch_norm(self.transform, self.trainer.strategy.root_device.type)
+
+    def _check_remap_is_shared(self) -> None:
+        """Stops a multi-process run whose processes hold different remaps (e.g. different checkpoints)."""
+        permutations = gather_no_grad(self.remap.permutation[None])
+        if not bool((permutations == permutations[0]).all()):
+            raise ConfigError(
+                f"The output remap differs between processes ({permutations.tolist()}): every process must "
+                "load the same checkpoint and use the same remap_seed."
+            )
+
+    def on_fit_start(self) -> None:
+        self._check_remap_is_shared()
+
+    def on_validation_start(self) -> None:
+        self._check_remap_is_shared()
+
+    def on_test_start(self) -> None:
+        self._check_remap_is_shared()
 
     def train(self, mode: bool = True) -> "RefineLitModule":
         """Switches the transform's mode; the victim stays in eval mode so its BN statistics never move."""

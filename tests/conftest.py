@@ -1,11 +1,19 @@
-"""Shared fixtures: a small backdoored victim trained once per test session through the real CLI."""
+"""Shared fixtures: a small backdoored victim trained once per test session through the real CLI, an untrained
+victim, a tiny REFINE module, and small sets of real digits."""
 
+import functools
+import socket
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
+from datamodules import DatasetSource, EmbeddedMNIST
+from datamodules.datasets import ImageTensorDataset
+from refine_pl import RefineLitModule, VictimLitModule
 from refine_pl.cli import cli_main
+from refine_pl.transform import UNet
 
 REPO = Path(__file__).resolve().parents[1]
 VICTIM_CONFIG = str(REPO / "configs" / "victim" / "mnist.yaml")
@@ -13,6 +21,7 @@ BADNETS_CONFIG = str(REPO / "configs" / "attacks" / "badnets.yaml")
 BACKDOORED_VICTIM = ["--config", VICTIM_CONFIG, "--config", BADNETS_CONFIG]
 REFINE_CONFIG = str(REPO / "configs" / "refine" / "mnist.yaml")
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+MNIST_FACTS = {"num_classes": 10, "in_channels": 1, "image_size": 28, "mean": (0.1307,), "std": (0.3081,)}
 
 
 @pytest.fixture(autouse=True)
@@ -28,3 +37,58 @@ def victim_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = root / "checkpoints" / "last.ckpt"
     assert path.is_file()
     return path
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for the rendezvous of a multi-process test."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def untrained_victim(tmp_path: Path) -> Path:
+    """A victim checkpoint with random weights: enough to check what REFINE changes and what it reads."""
+    module = VictimLitModule(**MNIST_FACTS)
+    path = tmp_path / "victim.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return path
+
+
+def tiny_refine_module(victim: Path, **kwargs) -> RefineLitModule:
+    """REFINE with a U-Net of first width 4 in front of ``victim``."""
+    return RefineLitModule(str(victim), **MNIST_FACTS, transform=partial(UNet, base_width=4), **kwargs)
+
+
+@functools.cache
+def _embedded_mnist() -> tuple[ImageTensorDataset, ImageTensorDataset]:
+    return EmbeddedMNIST().load()
+
+
+class SmallDigits(DatasetSource):
+    """Real digits in the numbers a test chooses: the first images of each class of the embedded MNIST-5k
+    training and test splits (read once per process).
+
+    Args:
+        train_per_class: Number of training images of each class.
+        test_per_class: Number of test images of each class.
+    """
+
+    name = "mnist5k-small"
+    num_classes = EmbeddedMNIST.num_classes
+    in_channels = EmbeddedMNIST.in_channels
+    image_size = EmbeddedMNIST.image_size
+    mean = EmbeddedMNIST.mean
+    std = EmbeddedMNIST.std
+
+    def __init__(self, train_per_class: tuple[int, ...] = (10,) * 10, test_per_class: tuple[int, ...] = (5,) * 10):
+        self.train_per_class = train_per_class
+        self.test_per_class = test_per_class
+
+    def load(self) -> tuple[ImageTensorDataset, ImageTensorDataset]:
+        def first(dataset: ImageTensorDataset, per_class: tuple[int, ...]) -> ImageTensorDataset:
+            picks = [torch.nonzero(dataset.labels == c).flatten()[:n] for c, n in enumerate(per_class)]
+            return dataset.subset(torch.cat(picks).sort().values)
+
+        train, test = _embedded_mnist()
+        return first(train, self.train_per_class), first(test, self.test_per_class)

@@ -33,7 +33,7 @@ def test_victim_datamodule_poisons_training_set_and_gives_clean_and_poisoned_eva
     datamodule = VictimDataModule(EmbeddedMNIST(), BadNets(target_label=0, poison_rate=0.1), batch_size=64)
     datamodule.setup("fit")
     assert len(datamodule.train_set) == 3600 and len(datamodule.val_set) == 400
-    train_set = datamodule.train_dataloader().dataset
+    train_set = datamodule.train_dataloader().dataset.base  # inside the per-sample seeding wrapper
     assert len(train_set.poisoned) == 360
     clean, poisoned = datamodule.val_dataloader()
     images, labels = next(iter(clean))

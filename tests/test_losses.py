@@ -1,6 +1,5 @@
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from refine_pl.losses import SupConLoss, UtilityLoss
+from tests.conftest import free_port
 
 
 def supcon_reference(features: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:
@@ -78,12 +78,6 @@ def test_utility_loss_runs_under_bf16_autocast() -> None:
     assert torch.isfinite(logits.grad).all()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _two_process_worker(rank: int, port: int, name: str, features, labels, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -114,7 +108,7 @@ def test_two_process_loss_and_gradients_match_single_process(name: str) -> None:
     full_loss.backward()
 
     results = mp.Manager().dict()
-    mp.spawn(_two_process_worker, args=(_free_port(), name, features, labels, results), nprocs=2, join=True)
+    mp.spawn(_two_process_worker, args=(free_port(), name, features, labels, results), nprocs=2, join=True)
     losses = [results[r][0] for r in range(2)]
     # DDP averages parameter gradients over ranks, so a rank's share of the full gradient is its
     # local gradient divided by the world size.

@@ -1,28 +1,11 @@
-from functools import partial
 from pathlib import Path
 
-import pytest
 import torch
 from pytorch_lightning import Trainer, seed_everything
 
 from datamodules import EmbeddedMNIST, RefineDataModule
-from refine_pl import RefineLitModule, VictimLitModule
-from refine_pl.transform import UNet
-
-MNIST = {"num_classes": 10, "in_channels": 1, "image_size": 28, "mean": (0.1307,), "std": (0.3081,)}
-
-
-@pytest.fixture
-def untrained_victim(tmp_path: Path) -> Path:
-    """A victim checkpoint with random weights: enough to check what REFINE changes and what it reads."""
-    module = VictimLitModule(**MNIST)
-    path = tmp_path / "victim.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
-    return path
-
-
-def _module(victim: Path, remap_seed: int = 0) -> RefineLitModule:
-    return RefineLitModule(str(victim), **MNIST, transform=partial(UNet, base_width=4), remap_seed=remap_seed)
+from refine_pl import RefineLitModule
+from tests.conftest import tiny_refine_module
 
 
 def _fit(module: RefineLitModule, datamodule: RefineDataModule, steps: int, root: Path) -> Trainer:
@@ -44,7 +27,7 @@ def _refine_data() -> RefineDataModule:
 
 
 def test_training_changes_only_the_transform(untrained_victim: Path, tmp_path: Path) -> None:
-    module = _module(untrained_victim)
+    module = tiny_refine_module(untrained_victim)
     victim_before = {k: v.clone() for k, v in module.victim.state_dict().items()}
     bn_before = module.victim.net[0][1].running_mean.clone()
     transform_before = {k: v.clone() for k, v in module.transform.state_dict().items()}
@@ -75,7 +58,7 @@ def test_benign_labels_never_influence_training(untrained_victim: Path, tmp_path
                 torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))
             ]
             assert not torch.equal(datamodule.train_set.labels, labels)
-        module = _module(untrained_victim)
+        module = tiny_refine_module(untrained_victim)
         _fit(module, datamodule, steps=2, root=tmp_path)
         weights.append(module.transform.state_dict())
     for key, value in weights[0].items():
@@ -83,13 +66,13 @@ def test_benign_labels_never_influence_training(untrained_victim: Path, tmp_path
 
 
 def test_remap_survives_a_checkpoint_round_trip(untrained_victim: Path, tmp_path: Path) -> None:
-    module = _module(untrained_victim, remap_seed=0)
+    module = tiny_refine_module(untrained_victim, remap_seed=0)
     trainer = _fit(module, _refine_data(), steps=1, root=tmp_path)
     path = tmp_path / "refine.ckpt"
     trainer.save_checkpoint(path)
     assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["remap.permutation"], module.remap.permutation)
 
-    restored = _module(untrained_victim, remap_seed=123)  # would draw a different derangement
+    restored = tiny_refine_module(untrained_victim, remap_seed=123)  # would draw a different derangement
     assert not torch.equal(restored.remap.permutation, module.remap.permutation)
     restored.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
     assert torch.equal(restored.remap.permutation, module.remap.permutation)
@@ -101,7 +84,7 @@ def test_remap_survives_a_checkpoint_round_trip(untrained_victim: Path, tmp_path
 def test_defended_prediction_is_the_remapped_victim_prediction_on_transformed_images(
     untrained_victim: Path,
 ) -> None:
-    module = _module(untrained_victim).eval()
+    module = tiny_refine_module(untrained_victim).eval()
     images = torch.rand(6, 1, 28, 28)
     with torch.no_grad():
         victim_on_transformed = module.victim(module.transform(images)).argmax(1)
