@@ -2,7 +2,9 @@
 victim, a tiny REFINE module, and small sets of real digits."""
 
 import functools
+import os
 import socket
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -27,6 +29,16 @@ MNIST_FACTS = {"num_classes": 10, "in_channels": 1, "image_size": 28, "mean": (0
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _restored_environment() -> Iterator[None]:
+    """Undoes what a test's Lightning run exported (a SLURM run sets MASTER_ADDR to the SLURM main node, which
+    a later multi-process test would try to reach)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")
