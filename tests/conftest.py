@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pytorch_lightning import Trainer
 
 from datamodules import DatasetSource, EmbeddedMNIST
 from datamodules.datasets import ImageTensorDataset
@@ -65,6 +66,18 @@ def untrained_victim(tmp_path: Path) -> Path:
     path = tmp_path / "victim.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
     return path
+
+
+def quiet_trainer(root: Path, **kwargs) -> Trainer:
+    """A CPU Trainer writing under ``root`` with no logger, progress bar or model summary; ``kwargs`` add to it."""
+    return Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        **kwargs,
+    )
 
 
 def tiny_refine_module(victim: Path, **kwargs) -> RefineLitModule:

@@ -17,7 +17,7 @@ from refine_pl import RefineLitModule
 from refine_pl.attacks import BadNets
 from refine_pl.distributed import use_global_batch_norm
 from refine_pl.errors import ConfigError
-from tests.conftest import SmallDigits, free_port, tiny_refine_module
+from tests.conftest import SmallDigits, free_port, quiet_trainer, tiny_refine_module
 
 
 class _RefineLoss(nn.Module):
@@ -122,18 +122,14 @@ def _fit(victim: Path, root: Path, devices: int, batch_size: int) -> tuple[Train
     seed_everything(0)
     module = tiny_refine_module(victim)
     datamodule = _digits(batch_size)
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        root,
         devices=devices,
         strategy="ddp_spawn" if devices > 1 else "auto",
         precision="64-true",  # see the gradient test: float32 ties in the victim would blur the comparison
         max_epochs=1,
         limit_train_batches=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
-        default_root_dir=root,
         callbacks=[ModelCheckpoint(dirpath=root, save_last=True)],
     )
     trainer.fit(module, datamodule=datamodule)
@@ -155,7 +151,7 @@ def test_ddp_spawn_fit_matches_one_process_and_its_checkpoint_validates_in_one_p
     # The checkpoint of the 2-process run loads in one process, and validating it there gives the BA / ASR
     # the two processes reported for the same weights.
     datamodule = _digits(batch_size=16)
-    one = Trainer(devices=1, precision="64-true", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    one = quiet_trainer(tmp_path / "one", devices=1, precision="64-true")
     module = tiny_refine_module(victim_checkpoint)
     one.validate(module, datamodule=datamodule, ckpt_path=tmp_path / "ddp" / "last.ckpt")
     for name in ("val/ba", "val/asr", "val/victim_ba", "val/victim_asr"):

@@ -9,7 +9,7 @@ from pytorch_lightning import Callback, LightningModule, Trainer, seed_everythin
 
 from datamodules import RefineDataModule
 from refine_pl.losses import SupConLoss
-from tests.conftest import SmallDigits, tiny_refine_module
+from tests.conftest import SmallDigits, quiet_trainer, tiny_refine_module
 
 
 def test_contrastive_loss_is_computed_in_float32_under_autocast() -> None:
@@ -45,16 +45,12 @@ def test_bf16_mixed_training_on_cpu_lowers_the_loss_without_nan(victim_checkpoin
     with torch.no_grad():
         before = module.train().refine_loss(probe)["loss"].item()
     record = _Record()
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        tmp_path,
         precision="bf16-mixed",
         max_steps=10,
         limit_val_batches=0,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
         callbacks=[record],
     )
     trainer.fit(module, datamodule=datamodule)

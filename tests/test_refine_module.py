@@ -5,19 +5,11 @@ from pytorch_lightning import Trainer, seed_everything
 
 from datamodules import EmbeddedMNIST, RefineDataModule
 from refine_pl import RefineLitModule
-from tests.conftest import tiny_refine_module
+from tests.conftest import quiet_trainer, tiny_refine_module
 
 
 def _fit(module: RefineLitModule, datamodule: RefineDataModule, steps: int, root: Path) -> Trainer:
-    trainer = Trainer(
-        max_steps=steps,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-    )
+    trainer = quiet_trainer(root, max_steps=steps, limit_val_batches=0, enable_checkpointing=False)
     trainer.fit(module, datamodule=datamodule)
     return trainer
 

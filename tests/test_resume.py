@@ -12,7 +12,7 @@ from torch.optim.lr_scheduler import MultiStepLR
 
 from datamodules import RefineDataModule
 from refine_pl.cli import cli_main
-from tests.conftest import QUIET, REFINE_CONFIG, SmallDigits, tiny_refine_module
+from tests.conftest import QUIET, REFINE_CONFIG, SmallDigits, quiet_trainer, tiny_refine_module
 
 TOTAL_STEPS = 12  # 90 training images, batch 16: 5 steps per epoch, so 2.4 epochs
 
@@ -40,13 +40,10 @@ def _run(
     module = tiny_refine_module(victim, scheduler=partial(MultiStepLR, milestones=[1, 2], gamma=0.5))
     datamodule = RefineDataModule(SmallDigits(), batch_size=16)
     checkpoints = ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=1 if kill_at else None)
-    trainer = Trainer(
+    trainer = quiet_trainer(
+        root,
         max_steps=max_steps,
         limit_val_batches=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
         callbacks=[checkpoints] + ([_KillAt(kill_at)] if kill_at else []),
     )
     with contextlib.suppress(_KilledError):
