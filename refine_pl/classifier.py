@@ -20,16 +20,19 @@ class NormalizedClassifier(nn.Module):
         net: Network on normalised images, returning ``[B, num_classes]`` logits.
         mean: Per-channel mean of the training images.
         std: Per-channel standard deviation of the training images.
+        arch: Registered architecture name of ``net`` (see :mod:`refine_pl.architectures`), when it was
+            built from the registry; recorded so that the classifier can be rebuilt from its weights.
     """
 
     mean: Tensor
     std: Tensor
 
-    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], arch: str | None = None) -> None:
         super().__init__()
         if len(mean) != len(std) or any(s <= 0 for s in std):
             raise ConfigError(f"mean and std need one value per channel and std > 0, got mean={mean}, std={std}.")
         self.net = net
+        self.arch = arch
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 

@@ -56,6 +56,7 @@ class UNet(nn.Module):
                 f"UNet needs positive in_channels, base_width and depth, got {in_channels}, {base_width}, {depth}."
             )
         self.in_channels = in_channels
+        self.base_width = base_width
         self.depth = depth
         widths = [base_width * 2**i for i in range(depth + 1)]
         self.stem = _DoubleConv(in_channels, widths[0])

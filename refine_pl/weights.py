@@ -191,6 +191,6 @@ def load_victim(
             f"{in_channels} input channels (the data's): {problem}. Check --model.init_args.victim_arch "
             "and the dataset."
         )
-    classifier = NormalizedClassifier(net, hparams.get("mean", mean), hparams.get("std", std))
+    classifier = NormalizedClassifier(net, hparams.get("mean", mean), hparams.get("std", std), arch=arch)
     classifier.requires_grad_(False)
     return classifier.eval()

@@ -9,6 +9,7 @@ import torch
 from refine_pl.architectures import build_architecture
 from refine_pl.cli import cli_main
 from refine_pl.errors import ConfigError, exit_on_config_error
+from refine_pl.export import load_defended
 from tests.conftest import BADNETS_CONFIG, QUIET, REPO
 from tests.dataset_files import write_cifar10, write_gtsrb, write_image_folder
 
@@ -97,6 +98,11 @@ def test_architecture_runs_victim_and_refine_fits_at_its_native_size(
          "--trainer.default_root_dir", str(tmp_path / "refine")]
     )  # fmt: skip
     assert refine.trainer.global_step == 1 and refine.datamodule.attack is None
+    # The config's export rebuilds this architecture, U-Net and normalisation from the file alone.
+    exported = load_defended(tmp_path / "refine" / "defended.safetensors")
+    images = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(images), refine.model.eval()(images), rtol=0, atol=0)
 
 
 def test_missing_dataset_stops_the_cli_with_the_flag_and_the_path(tmp_path: Path) -> None:

@@ -1,0 +1,46 @@
+"""Callback that saves the defended classifier of a REFINE run as one safetensors file."""
+
+from pathlib import Path
+
+from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning.utilities import rank_zero_only
+
+from refine_pl.errors import ConfigError
+from refine_pl.export import export_defended
+from refine_pl.refine_module import RefineLitModule
+
+
+class ExportDefendedClassifier(Callback):
+    """Writes ``M(f(T(x)))`` to ``filename`` in the trainer's ``default_root_dir`` after fitting and testing.
+
+    After ``fit`` the file holds the last trained weights; after ``test`` those of the tested checkpoint, i.e.
+    the classifier the report measured. Load it with :func:`refine_pl.export.load_defended`.
+
+    Args:
+        filename: Name of the safetensors file.
+    """
+
+    def __init__(self, filename: str = "defended.safetensors") -> None:
+        self.filename = filename
+
+    @rank_zero_only
+    def _export(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not isinstance(pl_module, RefineLitModule):
+            raise ConfigError(
+                f"ExportDefendedClassifier exports a RefineLitModule, not {type(pl_module).__name__}; remove the "
+                "callback from configs that train another model."
+            )
+        path = export_defended(
+            pl_module.transform,
+            pl_module.victim,
+            pl_module.remap,
+            pl_module.hparams.image_size,
+            Path(trainer.default_root_dir) / self.filename,
+        )
+        print(f"Defended classifier saved to {path}")
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._export(trainer, pl_module)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._export(trainer, pl_module)

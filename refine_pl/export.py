@@ -1,0 +1,137 @@
+"""The defended classifier ``M(f(T(x)))`` as one safetensors file, and loading it back without Lightning.
+
+After REFINE the defended classifier is what a user deploys. :func:`export_defended` writes the weights of
+the transform, the frozen victim and the remap permutation to a ``.safetensors`` file, with what is needed
+to rebuild the modules (victim architecture, data shape, normalisation, U-Net size) as JSON in the file's
+metadata. :func:`load_defended` rebuilds the classifier from the registry and loads the weights; no code
+is ever read from the file (safetensors holds tensors and strings only).
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from refine_pl.architectures import build_architecture
+from refine_pl.classifier import NormalizedClassifier
+from refine_pl.errors import ConfigError
+from refine_pl.remap import OutputRemap
+from refine_pl.transform import UNet
+
+FORMAT = "refine-pl-defended-classifier/1"
+"""Value of the ``format`` metadata key, versioned so that a later layout can still read this one."""
+
+
+class DefendedClassifier(nn.Module):
+    """``remap(victim(transform(images)))``: the REFINE-defended classifier, in eval mode.
+
+    Args:
+        transform: The trained input transform ``T`` (images in [0, 1] to images in [0, 1]).
+        victim: The frozen suspect classifier ``f`` on images in [0, 1].
+        remap: The fixed output remap ``M``.
+    """
+
+    def __init__(self, transform: nn.Module, victim: NormalizedClassifier, remap: OutputRemap) -> None:
+        super().__init__()
+        self.transform = transform
+        self.victim = victim
+        self.remap = remap
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Defended logits ``[B, num_classes]`` for images ``[B, C, H, W]`` in [0, 1]."""
+        return self.remap(self.victim(self.transform(images)))
+
+
+def _description(transform: nn.Module, victim: NormalizedClassifier, remap: OutputRemap, image_size: int) -> dict:
+    if not isinstance(transform, UNet):
+        raise ConfigError(
+            f"Export rebuilds the transform from its size, which it knows for refine_pl.transform.UNet only; this "
+            f"run's transform is {type(transform).__name__}: save the LightningModule's checkpoint instead."
+        )
+    if victim.arch is None:
+        raise ConfigError(
+            "Export needs the victim's registered architecture name, and this victim was not built from the "
+            "registry: load it with refine_pl.weights.load_victim."
+        )
+    return {
+        "format": FORMAT,
+        "victim_arch": victim.arch,
+        "num_classes": remap.num_classes,
+        "in_channels": transform.in_channels,
+        "image_size": image_size,
+        "mean": victim.mean.flatten().tolist(),
+        "std": victim.std.flatten().tolist(),
+        "transform": {"base_width": transform.base_width, "depth": transform.depth},
+    }
+
+
+def export_defended(
+    transform: nn.Module, victim: NormalizedClassifier, remap: OutputRemap, image_size: int, path: str | Path
+) -> Path:
+    """Writes the defended classifier to ``path`` (a ``.safetensors`` file) and returns the path.
+
+    Args:
+        transform: The trained :class:`~refine_pl.transform.UNet`.
+        victim: The frozen victim, as :func:`~refine_pl.weights.load_victim` builds it.
+        remap: The remap the transform was trained with.
+        image_size: Image side of the data the victim was built for.
+        path: Output file.
+
+    Raises:
+        ConfigError: The transform is not a UNet, or the victim does not record its architecture.
+    """
+    description = _description(transform, victim, remap, image_size)
+    defended = DefendedClassifier(transform, victim, remap)
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in defended.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"refine_pl": json.dumps(description)})
+    return path
+
+
+def read_description(path: str | Path) -> dict[str, Any]:
+    """The metadata :func:`export_defended` wrote to ``path``.
+
+    Raises:
+        ConfigError: The file is missing, not safetensors, or not a refine-pl defended classifier.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"No defended classifier at {path}: export one with a REFINE run (defended.safetensors).")
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+    except Exception as error:  # safetensors raises its own error types for a malformed header
+        raise ConfigError(f"{path} is not a safetensors file ({error}).") from error
+    description = json.loads(metadata.get("refine_pl", "{}"))
+    if description.get("format") != FORMAT:
+        raise ConfigError(
+            f"{path} is not a refine-pl defended classifier (format {description.get('format')!r}, expected "
+            f"{FORMAT!r}); a victim's weights load with --model.init_args.victim_checkpoint instead."
+        )
+    return description
+
+
+def load_defended(path: str | Path) -> DefendedClassifier:
+    """Rebuilds the defended classifier written by :func:`export_defended`, in eval mode.
+
+    Raises:
+        ConfigError: See :func:`read_description`; also when the weights do not fit the recorded modules.
+    """
+    description = read_description(path)
+    net = build_architecture(
+        description["victim_arch"], description["num_classes"], description["in_channels"], description["image_size"]
+    )
+    victim = NormalizedClassifier(net, description["mean"], description["std"], arch=description["victim_arch"])
+    transform = UNet(description["in_channels"], **description["transform"])
+    defended = DefendedClassifier(transform, victim, OutputRemap(description["num_classes"]))
+    try:
+        defended.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as error:
+        problem = " ".join(str(error).split())
+        raise ConfigError(f"The weights in {path} do not fit its recorded modules: {problem}") from error
+    defended.requires_grad_(False)
+    return defended.eval()
