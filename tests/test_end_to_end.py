@@ -20,8 +20,8 @@ def test_refine_cuts_the_asr_of_a_real_backdoor(tmp_path: Path) -> None:
     report = run_pipeline([VICTIM_CONFIG, BADNETS_CONFIG], [REFINE_CONFIG], tmp_path, SHORT_VICTIM, SHORT_REFINE)
 
     # The victim really is backdoored, and 3 short REFINE epochs remove nearly all of it while keeping
-    # most of the accuracy. Measured with these settings for seeds 0-4: victim BA 0.938-0.957, ASR
-    # >= 0.9989; REFINE BA 0.800-0.909, ASR 0.0022-0.0411. The thresholds hold for all five with margin.
+    # most of the accuracy. Measured with these settings for seeds 0-4: victim BA 0.956-0.969, ASR
+    # >= 0.9977; REFINE BA 0.862-0.955, ASR 0.0033-0.0256. The thresholds hold for all five with margin.
     assert report["no_defense"]["ba"] >= 0.90 and report["no_defense"]["asr"] >= 0.95
     assert report["refine"]["asr"] <= 0.10
     assert report["refine"]["ba"] >= 0.70
