@@ -23,11 +23,18 @@ class RefineCLI(LightningCLI):
       have a fixed place and ``--ckpt_path last`` finds them again.
     - A REFINE job whose datamodule names no attack evaluates the attack recorded in the victim
       checkpoint, so the poisoned test set is rebuilt exactly as the victim was trained.
+
+    A checkpoint given with ``--ckpt_path`` is loaded with ``weights_only=True`` unless ``--weights_only false``
+    says otherwise, whatever torch's default: a checkpoint that would unpickle Python objects is refused.
     """
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         for fact in LINKED_DATA_FACTS:
             parser.link_arguments(f"data.{fact}", f"model.init_args.{fact}", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand is not None and self.config[self.subcommand].get("weights_only") is None:
+            self.config[self.subcommand]["weights_only"] = True
 
     def instantiate_classes(self) -> None:
         # jsonargparse wraps an exception raised by a constructor in a long ValueError about the config's

@@ -1,14 +1,18 @@
+import functools
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from pytorch_lightning import Trainer
 
 from refine_pl import VictimLitModule
 from refine_pl.cli import cli_main
 from refine_pl.errors import ConfigError
 from tests.conftest import BACKDOORED_VICTIM, QUIET, REFINE_CONFIG, REPO, VICTIM_CONFIG
+from tests.test_weights import _CodeOnUnpickle
 
 
 def _root(path: Path) -> list[str]:
@@ -107,3 +111,37 @@ def test_train_py_reports_bad_input_in_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("refine-pl: error: Victim weights not found at") and "--model.victim_checkpoint" in last
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_whatever_torchs_default(
+    victim_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # torch's default would then unpickle anything
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "extra": _CodeOnUnpickle(marker)}, evil)
+    args = ["test", "--config", REFINE_CONFIG, "--model.init_args.victim_checkpoint", str(victim_checkpoint)]
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        cli_main([*args, "--ckpt_path", str(evil), *_root(tmp_path)])
+    assert not marker.exists()
+
+
+def test_the_trainer_loads_ckpt_path_with_weights_only(
+    victim_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["--config", REFINE_CONFIG, "--model.init_args.victim_checkpoint", str(victim_checkpoint), *_root(tmp_path)]
+    tiny = ["--model.init_args.transform.init_args.base_width", "4", "--trainer.limit_val_batches", "0"]
+    cli_main(["fit", *args, *tiny, "--trainer.max_steps", "1"])
+    asked = []
+    test = Trainer.test
+
+    @functools.wraps(test)  # the CLI builds the test subcommand's options from this signature
+    def recording_test(self: Trainer, *positional, **keywords):
+        asked.append(keywords["weights_only"])
+        return test(self, *positional, **keywords)
+
+    monkeypatch.setattr(Trainer, "test", recording_test)
+    testing = ["test", *args, *tiny, "--ckpt_path", "last", "--trainer.limit_test_batches", "1"]
+    cli_main(testing)
+    cli_main([*testing, "--weights_only", "false"])
+    assert asked == [True, False]  # the safe load unless the user says otherwise
