@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from refine_pl.architectures import build_architecture
@@ -20,6 +20,7 @@ from refine_pl.classifier import NormalizedClassifier
 from refine_pl.errors import ConfigError
 from refine_pl.remap import OutputRemap
 from refine_pl.transform import UNet
+from refine_pl.weights import describe_key_mismatch
 
 FORMAT = "refine-pl-defended-classifier/1"
 """Value of the ``format`` metadata key, versioned so that a later layout can still read this one."""
@@ -92,21 +93,18 @@ def export_defended(
     return path
 
 
-def read_description(path: str | Path) -> dict[str, Any]:
-    """The metadata :func:`export_defended` wrote to ``path``.
-
-    Raises:
-        ConfigError: The file is missing, not safetensors, or not a refine-pl defended classifier.
-    """
-    path = Path(path)
+def _open(path: Path) -> Any:
+    """``safe_open`` on ``path`` (reads the header only), with the errors a user can act on."""
     if not path.is_file():
         raise ConfigError(f"No defended classifier at {path}: export one with a REFINE run (defended.safetensors).")
     try:
-        with safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata() or {}
+        return safe_open(str(path), framework="pt")
     except Exception as error:  # safetensors raises its own error types for a malformed header
         raise ConfigError(f"{path} is not a safetensors file ({error}).") from error
-    description = json.loads(metadata.get("refine_pl", "{}"))
+
+
+def _recorded_description(path: Path, file: Any) -> dict[str, Any]:
+    description = json.loads((file.metadata() or {}).get("refine_pl", "{}"))
     if description.get("format") != FORMAT:
         raise ConfigError(
             f"{path} is not a refine-pl defended classifier (format {description.get('format')!r}, expected "
@@ -115,23 +113,36 @@ def read_description(path: str | Path) -> dict[str, Any]:
     return description
 
 
+def read_description(path: str | Path) -> dict[str, Any]:
+    """The metadata :func:`export_defended` wrote to ``path`` (the file's header only is read).
+
+    Raises:
+        ConfigError: The file is missing, not safetensors, or not a refine-pl defended classifier.
+    """
+    path = Path(path)
+    with _open(path) as file:
+        return _recorded_description(path, file)
+
+
 def load_defended(path: str | Path) -> DefendedClassifier:
     """Rebuilds the defended classifier written by :func:`export_defended`, in eval mode.
 
     Raises:
         ConfigError: See :func:`read_description`; also when the weights do not fit the recorded modules.
     """
-    description = read_description(path)
+    path = Path(path)
+    with _open(path) as file:
+        description = _recorded_description(path, file)
+        tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     net = build_architecture(
         description["victim_arch"], description["num_classes"], description["in_channels"], description["image_size"]
     )
     victim = NormalizedClassifier(net, description["mean"], description["std"], arch=description["victim_arch"])
     transform = UNet(description["in_channels"], **description["transform"])
     defended = DefendedClassifier(transform, victim, OutputRemap(description["num_classes"]))
-    try:
-        defended.load_state_dict(load_file(str(path)), strict=True)
-    except RuntimeError as error:
-        problem = " ".join(str(error).split())
-        raise ConfigError(f"The weights in {path} do not fit its recorded modules: {problem}") from error
+    problem = describe_key_mismatch(defended.state_dict(), tensors)
+    if problem is not None:
+        raise ConfigError(f"The weights in {path} do not fit its recorded modules: {problem}.")
+    defended.load_state_dict(tensors, strict=True)
     defended.requires_grad_(False)
     return defended.eval()

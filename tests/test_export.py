@@ -91,3 +91,14 @@ def test_refine_config_exports_the_tested_classifier(victim_checkpoint: Path, tm
     images = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), cli.model.eval()(images), rtol=0, atol=0)
+
+
+def test_weights_that_do_not_fit_the_recorded_modules_are_named(untrained_victim: Path, tmp_path: Path) -> None:
+    module = tiny_refine_module(untrained_victim)
+    path = export_defended(module.transform, module.victim, module.remap, 28, tmp_path / "defended.safetensors")
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata()
+        tensors = {name: file.get_tensor(name) for name in file.keys() if name != "remap.permutation"}  # noqa: SIM118
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(ConfigError, match=r"do not fit its recorded modules: 1 keys missing .*remap\.permutation"):
+        load_defended(path)
