@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning import LightningModule
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from refine_pl.distributed import gather_no_grad, use_global_batch_norm
@@ -108,7 +109,8 @@ class RefineLitModule(LightningModule):
         self._check_remap_is_shared()
 
     def on_validation_start(self) -> None:
-        self._check_remap_is_shared()
+        if self.trainer.state.fn != TrainerFn.FITTING:  # during fit, on_fit_start has checked the fixed buffer
+            self._check_remap_is_shared()
 
     def on_test_start(self) -> None:
         self._check_remap_is_shared()
