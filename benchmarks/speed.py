@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -338,11 +338,14 @@ class EpochTimer(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero:
-            Path(self.path).write_text(json.dumps({"train_seconds": self.seconds, "images": self.images}))
+            timing = {"train_seconds": self.seconds, "images": self.images, "threads": torch.get_num_threads()}
+            Path(self.path).write_text(json.dumps(timing))
 
 
-def fit_once(victim: Path, folder: Path, device: torch.device, processes: int, epochs: int, **options: Any) -> float:
-    """Images per second of ``epochs`` training epochs of the main job's REFINE stage through ``Trainer.fit``."""
+def fit_once(
+    victim: Path, folder: Path, device: torch.device, processes: int, epochs: int, **options: Any
+) -> tuple[float, int]:
+    """``(seconds per global batch, threads per process)`` of the main job's REFINE stage through ``Trainer.fit``."""
     setting = SETTINGS["mnist"]
     seed_everything(0, verbose=False)
     module = RefineLitModule(str(victim), **setting.facts(), transform=partial(UNet, base_width=16), **options)
@@ -363,7 +366,7 @@ def fit_once(victim: Path, folder: Path, device: torch.device, processes: int, e
     )
     trainer.fit(module, datamodule=data)
     timing = json.loads(result.read_text())
-    return timing["train_seconds"] / timing["images"] * setting.batch  # seconds per global batch
+    return timing["train_seconds"] / timing["images"] * setting.batch, timing["threads"]
 
 
 def measure_fit(device: torch.device, folder: Path, args: argparse.Namespace) -> list[Row]:
@@ -375,12 +378,14 @@ def measure_fit(device: torch.device, folder: Path, args: argparse.Namespace) ->
     rows = []
     for processes in args.processes if device.type == "cpu" else [1]:
         seconds: dict[str, list[float]] = {name: [] for name in variants}
+        threads = 0
         for repeat in range(args.fit_repeats):
             for name, options in variants.items():
-                seconds[name].append(fit_once(victim, folder, device, processes, args.fit_epochs, **options))
-                print(f"  fit, {processes} process(es), {name}, run {repeat + 1}: {seconds[name][-1]:.3f} s/batch")
+                batch_seconds, threads = fit_once(victim, folder, device, processes, args.fit_epochs, **options)
+                seconds[name].append(batch_seconds)
+                print(f"  fit, {processes} process(es), {name}, run {repeat + 1}: {batch_seconds:.3f} s/batch")
         reference = SETTINGS["mnist"].batch / statistics.median(seconds[next(iter(variants))])
-        label = f"{processes} process{'es' if processes > 1 else ''}"
+        label = f"{processes} process{'es' if processes > 1 else ''} x {threads} thread(s)"
         for name in variants:
             row = Row("fit", "mnist", f"{label}, {name}", device_label(device), SETTINGS["mnist"].batch, seconds[name])
             row.reference = reference
@@ -522,7 +527,7 @@ def write_results(rows: list[Row], args: argparse.Namespace, argv: list[str], lo
             "",
             f"{args.fit_epochs} epoch(s) of the embedded MNIST training split per run (the first epoch computes the "
             f"pseudo-labels the cache keeps), {args.fit_repeats} run(s) of each configuration, alternating; "
-            "validation off. Per-process threads: the torch threads divided by the processes.",
+            "validation off; the global batch is split over the processes.",
         ]
     if "inference" in parts:
         lines += [
@@ -558,6 +563,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--parts", nargs="+", choices=parts, default=parts)
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=["cifar10", "mnist"])
     parser.add_argument("--devices", nargs="+", choices=["cpu", "cuda"], help="default: cpu, and cuda if available")
+    parser.add_argument(
+        "--batch", action="append", default=[], metavar="SETTING=SIZE",
+        help="batch of a setting (default: cifar10=128, mnist=64, imagenet50=16, which fits a CPU's memory at 224 px)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (CPU)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
@@ -571,6 +580,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.devices = args.devices or ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+    for override in args.batch:
+        name, _, size = override.partition("=")
+        if name not in SETTINGS or not size.isdigit() or int(size) < 2:
+            parser.error(f"--batch {override}: expected SETTING=SIZE with SETTING in {sorted(SETTINGS)} and SIZE >= 2")
+        SETTINGS[name] = replace(SETTINGS[name], batch=int(size))
     torch.set_num_threads(args.threads)
 
     load_start = os.getloadavg()[0]

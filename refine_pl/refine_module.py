@@ -192,23 +192,28 @@ class RefineLitModule(BackdoorLitModule):
         """The victim's predictions ``[B]`` (long) on images ``[B, C, H, W]``; no gradient flows.
 
         With ``indices`` (``[B]`` dataset positions of un-augmented images) and ``pseudo_label_cache`` on, each
-        image's prediction is computed once and then read from the cache. A batch with any image not yet
-        cached is predicted as a whole, so the victim always sees batches of the training batch size.
+        image's prediction is computed once and then read from the cache. A batch with any image not yet cached is
+        predicted as a whole, so the victim always sees batches of the training batch size. In a multi-process run
+        every process adds the other processes' predictions to its cache too (one all-gather of ``[B, 2]`` longs a
+        step), so after the first epoch each process finds the images of its shards, whatever the sampler gives it.
         """
         if indices is None or not self.pseudo_label_cache:
             with torch.no_grad():
                 return self.victim(images).argmax(1)
-        needed = int(indices.max()) + 1
-        if self._cached_labels is None or len(self._cached_labels) < needed:
-            grown = torch.full((needed,), -1, dtype=torch.long, device=indices.device)
-            if self._cached_labels is not None:
-                grown[: len(self._cached_labels)] = self._cached_labels
-            self._cached_labels = grown
-        labels = self._cached_labels[indices]
+        cache = self._cached_labels
+        known = cache is not None and len(cache) > int(indices.max())
+        labels = cache[indices] if known else indices.new_full(indices.shape, -1)
         if bool((labels < 0).any()):
             with torch.no_grad():
                 labels = self.victim(images).argmax(1)
-            self._cached_labels[indices] = labels
+        shared = gather_no_grad(torch.stack([indices, labels], dim=1))
+        needed = int(shared[:, 0].max()) + 1
+        if cache is None or len(cache) < needed:
+            grown = torch.full((needed,), -1, dtype=torch.long, device=indices.device)
+            if cache is not None:
+                grown[: len(cache)] = cache
+            cache = self._cached_labels = grown
+        cache[shared[:, 0]] = shared[:, 1]
         return labels
 
     def refine_loss(self, images: Tensor, indices: Tensor | None = None) -> dict[str, Tensor]:
