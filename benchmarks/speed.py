@@ -220,18 +220,50 @@ class ProjectStep:
         self.optimizer.step()
 
 
+class BatchedVictimStep(ProjectStep):
+    """The default step with its two victim passes as one over ``[x, T(x)]``: a candidate that was measured.
+
+    With augmentation the pseudo-labels need a victim pass on ``x`` every step; batching it with the pass on
+    ``T(x)`` gives the victim twice the batch, but the backward then runs over both halves.
+    """
+
+    def __call__(self, images: Tensor) -> None:
+        module = self.module
+        self.optimizer.zero_grad(set_to_none=True)
+        images = module.training_layout(images)
+        with module.training_autocast():
+            transformed = module.transform(images)
+            logits = module.victim(torch.cat([images, transformed]))
+            pseudo_labels = logits[: len(images)].detach().argmax(1)
+            utility = module.utility_loss(module.remap(logits[len(images) :]), pseudo_labels)
+            features = F.normalize(transformed.flatten(1).float(), dim=1)
+            loss = utility + module.contrastive_weight * module.contrastive_loss(features, pseudo_labels)
+        loss.backward()
+        self.optimizer.step()
+
+
+def fused_sgd(params: Any) -> torch.optim.Optimizer:
+    """The reference SGD with torch's fused kernel."""
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True)
+
+
 @dataclass
 class Variant:
-    """A row of the step table: how to build the step, and whether the setting allows it."""
+    """A row of the step table: the step, its module options, and whether the setting allows it."""
 
     name: str
     options: dict[str, Any] | None  # None: the reference step
     applies: Callable[[Setting], bool] = lambda setting: True
+    step: type[ProjectStep] = ProjectStep
     note: str = ""
 
 
 def step_variants(device: torch.device) -> list[Variant]:
-    """The reference, the project with every option off, the options added one at a time, defaults, compile."""
+    """The rows of the step table, top to bottom.
+
+    The reference; the project with every option off, then the options added one at a time; the defaults; and
+    candidates measured against the defaults that are not defaults (compile is an option).
+    """
     bf16_note = "" if native_bf16(device) else "no native bf16 on this device: off by default"
     return [
         Variant("reference recipe (fp32)", None),
@@ -244,7 +276,14 @@ def step_variants(device: torch.device) -> list[Variant]:
             applies=lambda setting: not setting.augmented,
         ),
         Variant("project defaults", {}),
-        Variant("project defaults + compile", {"compile": True}),
+        Variant("defaults + compile (option)", {"compile": True}),
+        Variant("defaults + fused SGD (not adopted)", {"optimizer": fused_sgd}),
+        Variant(
+            "defaults, victim passes batched (not adopted)",
+            {},
+            applies=lambda setting: setting.augmented,
+            step=BatchedVictimStep,
+        ),
     ]
 
 
@@ -290,7 +329,7 @@ def measure_steps(setting: Setting, device: torch.device, folder: Path, args: ar
         if variant.options is None:
             steps[variant.name] = ReferenceStep(project_module(setting, victim, **OPTIONS_OFF).to(device))
         else:
-            steps[variant.name] = ProjectStep(setting, victim, device, **variant.options)
+            steps[variant.name] = variant.step(setting, victim, device, **variant.options)
         notes[variant.name] = variant.note
         # The first step compiles (compile=True) and fills the pseudo-label cache; it is reported on its own.
         first_steps[variant.name] = timed(partial(steps[variant.name], images), device)
