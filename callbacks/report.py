@@ -25,7 +25,10 @@ def format_report_table(report: dict[str, Any]) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
     lines = ["| | BA | ASR |", "|---|---|---|"]
-    for label, key in (("no defense", "no_defense"), ("REFINE", "refine")):
+    rows = [("no defense", "no_defense"), ("REFINE", "refine")]
+    if report.get("clean_floor") is not None:
+        rows.append(("clean model (ASR floor)", "clean_floor"))
+    for label, key in rows:
         lines.append(f"| {label} | {cell(report[key]['ba'])} | {cell(report[key]['asr'])} |")
     return "\n".join(lines)
 
@@ -33,9 +36,12 @@ def format_report_table(report: dict[str, Any]) -> str:
 class DefenseReport(Callback):
     """After testing a :class:`~refine_pl.RefineLitModule`, prints and saves BA / ASR before and after REFINE.
 
-    Both rows are measured in the same test pass on the same held-out images: "no defense" is the victim
-    alone, "REFINE" the defended classifier. The figures go to ``report.json`` (fractions in [0, 1])
-    and ``report.md`` in the trainer's ``default_root_dir``, and are printed.
+    Every row is measured in the same test pass on the same held-out images: "no defense" is the victim
+    alone, "REFINE" the defended classifier, and, when the module was given a clean reference model,
+    "clean_floor" that model: its ASR is the floor below which no defense can bring an ASR (how often triggered
+    images land in the target class without any backdoor). The figures go to ``report.json`` (fractions in
+    [0, 1]; ``clean_floor`` is null without a reference) and ``report.md`` in the trainer's
+    ``default_root_dir``, and are printed.
 
     Args:
         filename: Name of the JSON file; the markdown file takes the same stem.
@@ -65,7 +71,13 @@ class DefenseReport(Callback):
                 "asr": _measured(metrics, "test/victim_asr"),
             },
             "refine": {"ba": _measured(metrics, "test/ba"), "asr": _measured(metrics, "test/asr")},
+            "clean_floor": (
+                {"ba": _measured(metrics, "test/clean_ba"), "asr": _measured(metrics, "test/clean_asr")}
+                if "test/clean_ba" in metrics
+                else None
+            ),
             "victim_checkpoint": pl_module.hparams.get("victim_checkpoint"),
+            "clean_reference": pl_module.hparams.get("clean_reference"),
             "refine_checkpoint": trainer.ckpt_path,
         }
         self._write(Path(trainer.default_root_dir))

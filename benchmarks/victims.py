@@ -1,0 +1,96 @@
+"""The runs the benchmarks share on the embedded MNIST-5k: clean models, victims and REFINE jobs, trained once.
+
+Each run is trained once per seed and reused, so a killed benchmark continues where it stopped.
+
+Layout under a run folder (``<name>`` is ``s<seed>`` for the small CNN, ``<arch>_s<seed>`` for another victim
+architecture)::
+
+    clean_<name>/               the victim config alone: the clean model, reference of the ASR floor
+    <attack>_<name>/victim/     the victim config with configs/attacks/<attack>.yaml
+    <attack>_<name>/<recipe>/   a REFINE recipe's job on that victim: report.json, and timing.json once tested
+
+The seed drives every seeded choice of a run: ``seed_everything`` (initialisation, data order, augmentation),
+the attack's own seed (poisoned samples, patterns, per-sample transformations) and the REFINE remap.
+"""
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from refine_pl.pipeline import run_refine, train_victim
+
+REPO = Path(__file__).resolve().parents[1]
+VICTIM_CONFIG = str(REPO / "configs" / "victim" / "mnist.yaml")
+ATTACKS = ("badnets", "blended", "wanet", "physical_ba", "iad", "lc", "batt", "adaptive_patch")
+"""Config names under configs/attacks/, in the order of the REFINE paper's tables."""
+RECIPES = {
+    "refine": [str(REPO / "configs" / "refine" / name) for name in ("reference.yaml", "mnist.yaml")],
+    "reference": [str(REPO / "configs" / "refine" / name) for name in ("reference.yaml", "mnist_reference.yaml")],
+}
+"""REFINE configs by recipe: the project's MNIST config, and the reference recipe unchanged on MNIST."""
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+DEFAULT_ARCH = "small_cnn"
+"""The victim architecture of configs/victim/mnist.yaml."""
+
+
+def attack_config(attack: str) -> str:
+    """The config of ``attack`` under configs/attacks/."""
+    return str(REPO / "configs" / "attacks" / f"{attack}.yaml")
+
+
+def run_name(seed: int, arch: str = DEFAULT_ARCH) -> str:
+    """The part of a run's folder name that says its seed and, unless it is the small CNN, its architecture."""
+    return f"s{seed}" if arch == DEFAULT_ARCH else f"{arch}_s{seed}"
+
+
+def _victim_arguments(seed: int, arch: str, extra: list[str] | None) -> list[str]:
+    return [*QUIET, "--seed_everything", str(seed), "--model.init_args.arch", arch, *(extra or [])]
+
+
+def clean_model(run_dir: Path, seed: int, extra: list[str] | None = None, arch: str = DEFAULT_ARCH) -> Path:
+    """The clean model of ``seed`` (trained, resumed or found finished); returns its final checkpoint."""
+    return train_victim(
+        [VICTIM_CONFIG], run_dir / f"clean_{run_name(seed, arch)}", _victim_arguments(seed, arch, extra)
+    )
+
+
+def victim(run_dir: Path, attack: str, seed: int, extra: list[str] | None = None, arch: str = DEFAULT_ARCH) -> Path:
+    """The victim of ``attack`` with ``seed`` (trained, resumed or found finished); returns its final checkpoint.
+
+    Args:
+        run_dir: The benchmark's run folder.
+        attack: Name of a config under configs/attacks/.
+        seed: Seed of the victim's training and of the attack's choices.
+        extra: More train.py arguments of the victim job.
+        arch: Registered victim architecture.
+    """
+    arguments = [*_victim_arguments(seed, arch, extra), "--data.init_args.attack.init_args.seed", str(seed)]
+    folder = run_dir / f"{attack}_{run_name(seed, arch)}" / "victim"
+    return train_victim([VICTIM_CONFIG, attack_config(attack)], folder, arguments)
+
+
+def defended_report(
+    run_dir: Path,
+    attack: str,
+    recipe: str,
+    seed: int,
+    victim_checkpoint: Path,
+    clean_reference: Path,
+    extra: list[str] | None = None,
+    arch: str = DEFAULT_ARCH,
+) -> tuple[dict[str, Any], float]:
+    """The report of REFINE (``recipe``, remap and training seeded with ``seed``) on a victim, and its seconds.
+
+    Seconds are the wall clock of the REFINE stage (fit and test) when it ran; a finished job's are read back from
+    its ``timing.json`` (marked ``resumed`` there when the stage was continued from a checkpoint).
+    """
+    job = run_dir / f"{attack}_{run_name(seed, arch)}" / recipe
+    timing = job / "timing.json"
+    if not (timing.is_file() and (job / "report.json").is_file()):
+        resumed = job.exists()
+        start = time.perf_counter()
+        arguments = [*QUIET, "--seed_everything", str(seed), "--model.init_args.remap_seed", str(seed), *(extra or [])]
+        run_refine(victim_checkpoint, RECIPES[recipe], job, arguments, clean_reference)
+        timing.write_text(json.dumps({"seconds": time.perf_counter() - start, "resumed": resumed}) + "\n")
+    return json.loads((job / "report.json").read_text()), json.loads(timing.read_text())["seconds"]
