@@ -19,6 +19,7 @@ from refine_pl.internals import (
     config_error_cause,
     global_seed,
     message_without_worker_traceback,
+    native_bf16,
     unrepeated_sampler,
 )
 from tests.conftest import QUIET, REFINE_JOB, SmallDigits, quiet_trainer, tiny_refine_module
@@ -95,3 +96,11 @@ def test_an_error_of_a_dataloader_worker_keeps_its_type_and_ends_with_its_messag
 def test_lightning_cli_still_merges_checkpoint_hyper_parameters_where_refine_cli_turns_it_off() -> None:
     assert RefineCLI._parse_ckpt_path is not LightningCLI._parse_ckpt_path
     assert "_parse_ckpt_path" in LightningCLI.__init__.__code__.co_names
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads the CPU flags the Linux kernel reports")
+def test_native_bf16_on_cpu_agrees_with_the_cpu_flags() -> None:
+    flags = {flag for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+             for flag in line.split(":", 1)[1].split()}  # fmt: skip
+    assert native_bf16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert not native_bf16(torch.device("meta"))
