@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from pytorch_lightning import LightningDataModule
+from pytorch_lightning.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
@@ -20,7 +21,7 @@ from datamodules.datasets import (
     AugmentedImages,
     ImageAugmentation,
     ImageFileDataset,
-    IndexedImages,
+    IndexedUnlabeledImages,
     LabeledImageDataset,
     PoisonedTestSet,
     PoisonedTrainingSet,
@@ -141,14 +142,19 @@ class BackdoorDataModule(LightningDataModule):
         """A training loader (``shuffle``) or an evaluation loader over this process's share of ``dataset``.
 
         Training order and augmentation are functions of the run's seed (``seed_everything``) and the
-        epoch, and the loader resumes mid-epoch (see :mod:`datamodules.sampling`). Evaluation loaders of a
+        epoch, and the loader resumes mid-epoch (see :mod:`datamodules.sampling`). Batches of a run on a CUDA
+        GPU are in pinned memory. Evaluation loaders of a
         multi-process run split the images over the processes without padding, so every image is counted
         exactly once in BA / ASR (Lightning's own sampler would repeat some to even out the shares).
         """
         world_size, rank = self._processes()
+        # Page-locked batches copy to a GPU asynchronously; on a CPU run they would only cost the pinning.
+        pin_memory = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
         if shuffle:
             sampler = ResumableSampler(dataset, self.batch_size, global_seed(), num_replicas=world_size, rank=rank)
-            return ResumableDataLoader(dataset, sampler, num_workers=self.num_workers, trainer=self.trainer)
+            return ResumableDataLoader(
+                dataset, sampler, num_workers=self.num_workers, trainer=self.trainer, pin_memory=pin_memory
+            )
         sampler = None
         if world_size > 1:
             if 0 < len(dataset) < world_size:
@@ -163,6 +169,7 @@ class BackdoorDataModule(LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=pin_memory,
         )
 
     def _evaluation_loaders(self, clean: LabeledImageDataset) -> list[DataLoader]:
@@ -264,7 +271,9 @@ def refine_augmentation(image_size: int, in_channels: int, horizontal_flip: bool
 class RefineDataModule(BackdoorDataModule):
     """Data for REFINE: unlabeled benign training images, clean and poisoned evaluation images.
 
-    Training batches are image tensors only, so no label of the benign set can reach the REFINE loss.
+    Training batches carry no label of the benign set, so none can reach the REFINE loss: augmented images
+    are image tensors, un-augmented ones (``augment=False``) come with their dataset indices
+    (:class:`~refine_pl.refine_module.IndexedImages`), so that their pseudo-labels can be computed once.
     ``attack`` only builds the poisoned evaluation loaders; when it is left unset,
     :meth:`use_recorded_attack` takes the attack a victim checkpoint records (the CLI calls it). A source that
     holds triggered test images (:meth:`~datamodules.sources.DatasetSource.triggered_test_set`) gives the poisoned
@@ -310,9 +319,9 @@ class RefineDataModule(BackdoorDataModule):
             self.attack = victim.build_attack()
 
     def train_dataloader(self) -> DataLoader:
-        augmentation = None
-        if self.augment:
-            augmentation = refine_augmentation(self.image_size, self.in_channels, self.horizontal_flip)
+        if not self.augment:
+            return self._loader(IndexedUnlabeledImages(self.train_set), shuffle=True)
+        augmentation = refine_augmentation(self.image_size, self.in_channels, self.horizontal_flip)
         return self._loader(UnlabeledImages(self.train_set, augmentation), shuffle=True)
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -350,4 +359,4 @@ class RefineDataModule(BackdoorDataModule):
             )
         labels = torch.full((len(self.predict_paths),), UNLABELED)
         images = ImageFileDataset(self.predict_paths, labels, self.image_size, self.source.crop, self.in_channels)
-        return self._loader(IndexedImages(images))
+        return self._loader(IndexedUnlabeledImages(images))

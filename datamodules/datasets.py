@@ -14,6 +14,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from refine_pl.attacks import Attack
 from refine_pl.classifier import check_images
 from refine_pl.errors import ConfigError
+from refine_pl.refine_module import IndexedImages
 
 ImageAugmentation = Callable[[Tensor], Tensor]
 
@@ -313,20 +314,6 @@ class TriggeredImages(Dataset):
         return image, UNLABELED, self.target_label
 
 
-class IndexedImages(Dataset):
-    """The images of a dataset with their position instead of a label: items are ``(image, index)``."""
-
-    def __init__(self, base: LabeledImageDataset) -> None:
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image, _ = self.base[index]
-        return image, index
-
-
 class UnlabeledImages(Dataset):
     """Images of a labeled dataset with the labels dropped: items are image tensors only."""
 
@@ -340,6 +327,25 @@ class UnlabeledImages(Dataset):
     def __getitem__(self, index: int) -> Tensor:
         image, _ = self.base[index]
         return self.augmentation(image) if self.augmentation is not None else image
+
+
+class IndexedUnlabeledImages(Dataset):
+    """Images of a labeled dataset with the labels dropped, each with its index in the dataset.
+
+    Items are :class:`~refine_pl.refine_module.IndexedImages` ``(image, index)``: the index (a position, not a
+    label) lets REFINE compute the pseudo-label of an un-augmented image once. There is no augmentation here by
+    design, so an image and its index always stand for the same pixels.
+    """
+
+    def __init__(self, base: LabeledImageDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> IndexedImages:
+        image, _ = self.base[index]
+        return IndexedImages(image, index)
 
 
 class AugmentedImages(Dataset):

@@ -132,6 +132,7 @@ class ResumableDataLoader(DataLoader):
         sampler: The order of this process.
         num_workers: DataLoader worker processes.
         trainer: The trainer whose training loop iterates this loader.
+        pin_memory: Give batches in page-locked memory (for a fast copy to a GPU).
     """
 
     sampler: ResumableSampler
@@ -142,6 +143,7 @@ class ResumableDataLoader(DataLoader):
         sampler: ResumableSampler,
         num_workers: int = 0,
         trainer: "pl.Trainer | None" = None,
+        pin_memory: bool = False,
     ) -> None:
         super().__init__(
             SeededSamples(dataset),
@@ -150,6 +152,7 @@ class ResumableDataLoader(DataLoader):
             drop_last=True,
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
+            pin_memory=pin_memory,
         )
         self.trainer = trainer
         self._position: tuple[int, int] | None = None  # (epoch, batches yielded) of the current iteration

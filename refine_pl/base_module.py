@@ -1,12 +1,15 @@
-"""What the two LightningModules share: the optimizer from a factory, and BA / ASR of their classifiers."""
+"""What the two LightningModules share: optimizer, BA / ASR, and the precision and layout of the training step."""
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from pytorch_lightning import LightningModule
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from refine_pl.internals import native_bf16
 from refine_pl.metrics import CLEAN_LOADER, BackdoorMetrics
 
 STAGES = ("val", "test")
@@ -20,11 +23,20 @@ class BackdoorLitModule(LightningModule):
     logged as ``<stage>/<prefix>ba`` and ``<stage>/<prefix>asr``. The optimizer is built from the parameters
     of :meth:`trainable_parameters`, the scheduler (stepped every epoch) from the optimizer.
 
+    The training step runs under :meth:`training_autocast` and, with ``channels_last``, on images and networks in
+    channels-last memory layout (:meth:`training_layout`; subclasses convert their networks). Validation and test
+    run in the trainer's precision (float32 by default), as an exported classifier does.
+
     Args:
         optimizer: Builds the optimizer from the trainable parameters (or parameter groups).
         scheduler: Builds the learning-rate scheduler from the optimizer; None for a constant rate.
         metric_prefixes: Log prefix of each evaluated classifier, in the order of :meth:`evaluated_classifiers`;
             the first is shown in the progress bar.
+        bf16: Train under bfloat16 autocast. None: where the hardware computes bf16 natively (x86 CPUs with
+            AVX512-BF16 or AMX, NVIDIA GPUs from Ampere on) and the trainer runs in ``32-true`` precision; False:
+            in the trainer's precision.
+        channels_last: Train in channels-last memory layout (the same arithmetic in another order: results differ
+            by float rounding only; faster convolutions on CPUs and tensor-core GPUs).
     """
 
     def __init__(
@@ -32,14 +44,35 @@ class BackdoorLitModule(LightningModule):
         optimizer: OptimizerCallable,
         scheduler: LRSchedulerCallable | None,
         metric_prefixes: tuple[str, ...],
+        bf16: bool | None = None,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.metric_prefixes = metric_prefixes
+        self.bf16 = bf16
+        self.channels_last = channels_last
         self.metrics = nn.ModuleDict(
             {f"{stage}_{prefix}": BackdoorMetrics() for stage in STAGES for prefix in metric_prefixes}
         )
+
+    def uses_bf16(self) -> bool:
+        """Whether the training step runs under bfloat16 autocast (see ``bf16``)."""
+        if self.bf16 is not None:
+            return self.bf16
+        precision = self._trainer.precision if self._trainer is not None else "32-true"
+        return precision == "32-true" and native_bf16(self.device)
+
+    def training_autocast(self) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast on the module's device when :meth:`uses_bf16`, else a context that does nothing."""
+        if self.uses_bf16():
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def training_layout(self, images: Tensor) -> Tensor:
+        """``images`` ``[B, C, H, W]`` in the memory layout of the training step (channels-last when asked)."""
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     def evaluated_classifiers(self) -> tuple[nn.Module, ...]:
         """The classifiers measured in validation and test, one per entry of ``metric_prefixes``."""

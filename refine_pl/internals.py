@@ -102,3 +102,18 @@ def aten_operator(target: object) -> str | None:
     if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten":
         return target._opname
     return None
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 matrix products in hardware, so that bf16 autocast pays.
+
+    CUDA: compute capability 8.0 or newer (Ampere on), as ``torch.cuda.is_bf16_supported(including_emulation=False)``
+    reports for the current device. CPU: the AVX512-BF16 or AMX instructions, with which oneDNN runs bf16
+    convolutions in hardware, as torch's private ``torch.cpu._is_avx512_bf16_supported`` and
+    ``_is_amx_tile_supported`` report them. Any other device: False.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False

@@ -1,7 +1,7 @@
 """LightningModule that trains REFINE's input transformation in front of a frozen victim."""
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,21 @@ from refine_pl.weights import describe_key_mismatch, load_victim
 VICTIM_KEY = "victim"
 """Key under which a REFINE checkpoint identifies its victim (the weights file's sha256 and path) instead of
 holding a copy of the victim's weights."""
+
+
+class IndexedImages(NamedTuple):
+    """A training batch of un-augmented images with their dataset indices (never labels).
+
+    The index lets :class:`RefineLitModule` compute each image's pseudo-label once: the victim is frozen, so its
+    prediction on an un-augmented image never changes. Augmented batches are plain image tensors instead.
+
+    Attributes:
+        images: ``[B, C, H, W]`` images in [0, 1] (``[C, H, W]`` for one dataset item).
+        indices: ``[B]`` long positions of the images in the training set (an int for one dataset item).
+    """
+
+    images: Tensor
+    indices: Tensor
 
 
 def reference_sgd(params: Any) -> torch.optim.Optimizer:
@@ -76,6 +91,16 @@ class RefineLitModule(BackdoorLitModule):
             attack. It is evaluated beside the victim (``clean_ba``, ``clean_asr``): its ASR is the floor of
             every ASR, how often triggered images land in the target class with no backdoor at all (transforming
             triggers such as rotations have a real one). Like the victim, it is not copied into checkpoints.
+        bf16: Train under bfloat16 autocast. None (default): where the hardware computes bf16 natively (x86 CPUs
+            with AVX512-BF16 or AMX, NVIDIA GPUs from Ampere on) and the trainer runs in ``32-true`` precision;
+            False: in the trainer's precision.
+        channels_last: Keep the transform and the victim, and feed them images, in channels-last memory layout
+            (results differ by float rounding only; faster convolutions on CPUs and tensor-core GPUs).
+        pseudo_label_cache: Remember the victim's prediction on each un-augmented training image (batches of
+            :class:`IndexedImages`) instead of running the victim on it again every epoch. Exact: the victim is
+            frozen. Augmented batches never use it.
+        compile: ``torch.compile`` the transform and the victim (compiled on the first steps; see
+            ``benchmarks/speed.py`` for the compile time and what it gains).
     """
 
     def __init__(
@@ -95,8 +120,13 @@ class RefineLitModule(BackdoorLitModule):
         optimizer: OptimizerCallable = reference_sgd,
         scheduler: LRSchedulerCallable | None = None,
         clean_reference: str | None = None,
+        bf16: bool | None = None,
+        channels_last: bool = True,
+        pseudo_label_cache: bool = True,
+        compile: bool = False,
     ) -> None:
-        super().__init__(optimizer, scheduler, metric_prefixes=("", "victim_", "clean_")[: 3 if clean_reference else 2])
+        prefixes = ("", "victim_", "clean_")[: 3 if clean_reference else 2]
+        super().__init__(optimizer, scheduler, prefixes, bf16, channels_last)
         self.save_hyperparameters(ignore=["transform", "optimizer", "scheduler"])
         victim, self.victim_record = load_victim(
             victim_checkpoint, num_classes, in_channels, image_size, mean, std, victim_arch
@@ -111,6 +141,15 @@ class RefineLitModule(BackdoorLitModule):
         self.contrastive_loss = SupConLoss(temperature=temperature)
         self.contrastive_weight = contrastive_weight
         self.global_batch_norm = global_batch_norm
+        self.pseudo_label_cache = pseudo_label_cache
+        self._cached_labels: Tensor | None = None  # [N] long, -1 where not yet computed
+        if channels_last:
+            for model in (self.defended, self.clean_reference):
+                if model is not None:
+                    model.to(memory_format=torch.channels_last)
+        if compile:
+            self.transform.compile()
+            self.victim.compile()
 
     @property
     def transform(self) -> nn.Module:
@@ -142,6 +181,7 @@ class RefineLitModule(BackdoorLitModule):
 
     def on_fit_start(self) -> None:
         self._check_remap_is_shared()
+        self._cached_labels = None  # the indices may belong to another training set than the last fit's
 
     def on_validation_start(self) -> None:
         if self.trainer.state.fn != TrainerFn.FITTING:  # during fit, on_fit_start has checked the fixed buffer
@@ -173,34 +213,75 @@ class RefineLitModule(BackdoorLitModule):
         """Defended logits ``[B, num_classes]`` for images ``[B, C, H, W]`` in [0, 1]."""
         return self.defended(images)
 
-    def refine_loss(self, images: Tensor) -> dict[str, Tensor]:
-        """The REFINE losses on a batch of unlabeled images ``[B, C, H, W]``.
+    def pseudo_labels(self, images: Tensor, indices: Tensor | None = None) -> Tensor:
+        """The victim's predictions ``[B]`` (long) on images ``[B, C, H, W]``; no gradient flows.
+
+        With ``indices`` (``[B]`` dataset positions of un-augmented images) and ``pseudo_label_cache`` on, each
+        image's prediction is computed once and then read from the cache. A batch with any image not yet cached is
+        predicted as a whole, so the victim always sees batches of the training batch size. In a multi-process run
+        every process adds the other processes' predictions to its cache too (one all-gather of ``[B, 2]`` longs a
+        step), so after the first epoch each process finds the images of its shards, whatever the sampler gives it.
+        """
+        if indices is None or not self.pseudo_label_cache:
+            with torch.no_grad():
+                return self.victim(images).argmax(1)
+        cache = self._cached_labels
+        known = cache is not None and len(cache) > int(indices.max())
+        labels = cache[indices] if known else indices.new_full(indices.shape, -1)
+        if bool((labels < 0).any()):
+            with torch.no_grad():
+                labels = self.victim(images).argmax(1)
+        shared = gather_no_grad(torch.stack([indices, labels], dim=1))
+        needed = int(shared[:, 0].max()) + 1
+        if cache is None or len(cache) < needed:
+            grown = torch.full((needed,), -1, dtype=torch.long, device=indices.device)
+            if cache is not None:
+                grown[: len(cache)] = cache
+            cache = self._cached_labels = grown
+        cache[shared[:, 0]] = shared[:, 1]
+        return labels
+
+    def refine_loss(self, images: Tensor, indices: Tensor | None = None) -> dict[str, Tensor]:
+        """The REFINE losses on a batch of unlabeled images ``[B, C, H, W]``, in the training step's precision.
+
+        Args:
+            images: The batch.
+            indices: ``[B]`` dataset positions when the images are un-augmented (see :class:`IndexedImages`),
+                which lets their pseudo-labels come from the cache; None for augmented images.
 
         Returns:
             ``{"loss", "utility", "contrastive"}`` scalars, ``loss = utility + weight * contrastive``.
         """
-        with torch.no_grad():
-            pseudo_labels = self.victim(images).argmax(1)
-        transformed = self.transform(images)
-        utility = self.utility_loss(self.remap(self.victim(transformed)), pseudo_labels)
-        features = F.normalize(transformed.flatten(1).float(), dim=1)
-        contrastive = self.contrastive_loss(features, pseudo_labels)
+        images = self.training_layout(images)
+        with self.training_autocast():
+            pseudo_labels = self.pseudo_labels(images, indices)
+            transformed = self.transform(images)
+            utility = self.utility_loss(self.remap(self.victim(transformed)), pseudo_labels)
+            features = F.normalize(transformed.flatten(1).float(), dim=1)
+            contrastive = self.contrastive_loss(features, pseudo_labels)
         return {
             "loss": utility + self.contrastive_weight * contrastive,
             "utility": utility,
             "contrastive": contrastive,
         }
 
-    def training_step(self, images: Tensor, batch_idx: int) -> Tensor:
-        losses = self.refine_loss(images)
+    def training_step(self, batch: Tensor | IndexedImages, batch_idx: int) -> Tensor:
+        if isinstance(batch, IndexedImages):
+            losses = self.refine_loss(batch.images, batch.indices)
+        elif isinstance(batch, Tensor):
+            losses = self.refine_loss(batch)
+        else:
+            raise ConfigError(
+                f"REFINE trains on unlabeled images, but a training batch is a {type(batch).__name__}: give a "
+                "DataLoader of image tensors (or IndexedImages), never (images, labels), e.g. RefineDataModule."
+            )
         for name, value in losses.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", sync_dist=True)
         return losses["loss"]
 
-    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        """For a batch ``(images [B, C, H, W], index [B])``: :func:`~refine_pl.predict.predict_batch` and the index."""
-        images, index = batch
-        return {**predict_batch(self.defended, images), "index": index}
+    def predict_step(self, batch: IndexedImages, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """For a batch of images and their indices: :func:`~refine_pl.predict.predict_batch` and the index."""
+        return {**predict_batch(self.defended, batch.images), "index": batch.indices}
 
     def evaluated_classifiers(self) -> tuple[nn.Module, ...]:
         return (self.defended, *self._frozen_models().values())

@@ -107,7 +107,7 @@ def test_two_process_refine_loss_and_transform_gradients_equal_the_full_batch(un
         assert "The output remap differs between processes" in results[rank, "remap"]
 
 
-def _digits(batch_size: int) -> RefineDataModule:
+def _digits(batch_size: int, augment: bool = True) -> RefineDataModule:
     """Half of 15 + 9 x 10 real digits for validation: 8 + 9 x 5 = 53 clean images, 45 poisoned (both odd, so a
     padding sampler would count an image twice). A 2x2 patch triggers the 3x3-patch victim on some images only,
     so its ASR lies strictly between 0 and 1.
@@ -117,21 +117,31 @@ def _digits(batch_size: int) -> RefineDataModule:
         BadNets(target_label=0, patch_size=2),
         batch_size=batch_size,
         val_fraction=0.5,
+        augment=augment,
     )
 
 
-def _fit(victim: Path, root: Path, devices: int, batch_size: int) -> tuple[Trainer, RefineLitModule]:
-    """Two training steps, validation, then a checkpoint."""
+def _fit(
+    victim: Path,
+    root: Path,
+    devices: int,
+    batch_size: int,
+    augment: bool = True,
+    precision: str = "64-true",  # see the gradient test: float32 ties in the victim would blur the comparison
+    max_epochs: int = 1,
+    limit_train_batches: int | None = 2,
+) -> tuple[Trainer, RefineLitModule]:
+    """Training (two steps unless told), validation, then a checkpoint."""
     seed_everything(0)
     module = tiny_refine_module(victim)
-    datamodule = _digits(batch_size)
+    datamodule = _digits(batch_size, augment)
     trainer = quiet_trainer(
         root,
         devices=devices,
         strategy="ddp_spawn" if devices > 1 else "auto",
-        precision="64-true",  # see the gradient test: float32 ties in the victim would blur the comparison
-        max_epochs=1,
-        limit_train_batches=2,
+        precision=precision,
+        max_epochs=max_epochs,
+        limit_train_batches=limit_train_batches,
         num_sanity_val_steps=0,
         callbacks=[ModelCheckpoint(dirpath=root, save_last=True)],
     )
@@ -140,17 +150,29 @@ def _fit(victim: Path, root: Path, devices: int, batch_size: int) -> tuple[Train
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("augment", "global_batch", "epochs", "limit"),
+    [
+        (True, 16, 1, 2),
+        # Un-augmented images: every process caches the pseudo-labels of its shard and shares them, so in the second
+        # epoch each process reads its labels from the cache (global batch 4 covers all 52 training images).
+        (False, 4, 2, None),
+    ],
+)
 def test_ddp_spawn_fit_matches_one_process_and_its_checkpoint_validates_in_one_process(
-    victim_checkpoint: Path, tmp_path: Path
+    victim_checkpoint: Path, tmp_path: Path, augment: bool, global_batch: int, epochs: int, limit: int | None
 ) -> None:
-    ddp, ddp_module = _fit(victim_checkpoint, tmp_path / "ddp", devices=2, batch_size=8)
-    single, single_module = _fit(victim_checkpoint, tmp_path / "single", devices=1, batch_size=16)
+    options = {"augment": augment, "max_epochs": epochs, "limit_train_batches": limit}
+    ddp, ddp_module = _fit(victim_checkpoint, tmp_path / "ddp", devices=2, batch_size=global_batch // 2, **options)
+    single, single_module = _fit(victim_checkpoint, tmp_path / "single", devices=1, batch_size=global_batch, **options)
 
     checkpoint = torch.load(tmp_path / "ddp" / "last.ckpt", weights_only=True)
-    assert checkpoint["global_step"] == single.global_step == 2
-    # Two processes with batch 8 train on the global batches of one process with batch 16.
+    assert checkpoint["global_step"] == single.global_step == epochs * (limit or 52 // global_batch)
+    # Two processes with half the batch train on the global batches of one process with the whole batch.
     for name, value in single_module.transform.state_dict().items():
         torch.testing.assert_close(ddp_module.transform.state_dict()[name].to(value.dtype), value, rtol=1e-5, atol=1e-7)
+    if not augment:
+        assert bool((single_module._cached_labels >= 0).all())
 
     # The checkpoint of the 2-process run loads in one process, and validating it there gives the BA / ASR
     # the two processes reported for the same weights.

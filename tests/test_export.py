@@ -64,7 +64,7 @@ def test_a_pickle_or_a_victim_file_is_refused_by_load_defended(untrained_victim:
         load_defended(pickled)
     module = tiny_refine_module(untrained_victim)
     victim_only = tmp_path / "victim.safetensors"
-    save_file(module.victim.state_dict(), str(victim_only))
+    save_file({k: v.contiguous() for k, v in module.victim.state_dict().items()}, str(victim_only))
     with pytest.raises(ConfigError, match="is not a refine-pl defended classifier"):
         load_defended(victim_only)
     with pytest.raises(ConfigError, match="No defended classifier at"):

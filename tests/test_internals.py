@@ -26,6 +26,7 @@ from refine_pl.internals import (
     config_error_cause,
     global_seed,
     message_without_worker_traceback,
+    native_bf16,
     unrepeated_sampler,
 )
 from tests.conftest import QUIET, REFINE_JOB, SmallDigits, quiet_trainer, tiny_refine_module
@@ -132,3 +133,11 @@ def test_a_callback_argument_on_the_command_line_reaches_the_last_callback_of_th
     callbacks = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
     assert callbacks[-1] == {"class_path": "callbacks.DeploymentFiles", "init_args": {"formats": []}}
     assert all("formats" not in callback.get("init_args", {}) for callback in callbacks[:-1])
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads the CPU flags the Linux kernel reports")
+def test_native_bf16_on_cpu_agrees_with_the_cpu_flags() -> None:
+    flags = {flag for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+             for flag in line.split(":", 1)[1].split()}  # fmt: skip
+    assert native_bf16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert not native_bf16(torch.device("meta"))

@@ -33,12 +33,18 @@ class _KillAt(Callback):
 
 
 def _run(
-    victim: Path, root: Path, max_steps: int, ckpt_path: Path | None = None, kill_at: int | None = None
+    victim: Path,
+    root: Path,
+    max_steps: int,
+    ckpt_path: Path | None = None,
+    kill_at: int | None = None,
+    augment: bool = True,
 ) -> tuple[Trainer, LightningModule]:
     seed_everything(0)
-    # The epoch-stepped scheduler and the random augmentation (on by default) must both be restored exactly.
+    # The epoch-stepped scheduler and the random augmentation (on by default) must both be restored exactly; without
+    # augmentation the pseudo-labels come from the cache, which a resumed run fills again.
     module = tiny_refine_module(victim, scheduler=partial(MultiStepLR, milestones=[1, 2], gamma=0.5))
-    datamodule = RefineDataModule(SmallDigits(), batch_size=16)
+    datamodule = RefineDataModule(SmallDigits(), batch_size=16, augment=augment)
     checkpoints = ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=1 if kill_at else None)
     trainer = quiet_trainer(
         root,
@@ -92,6 +98,17 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(
 
     trainer, module = _run(untrained_victim, root, TOTAL_STEPS, ckpt_path=root / "last.ckpt")
     _assert_same_run(trainer, module, uninterrupted)
+
+
+@pytest.mark.parametrize("step", [3, 8])  # in the epoch that fills the pseudo-label cache, and in the next one
+def test_a_run_with_cached_pseudo_labels_resumes_exactly(untrained_victim: Path, tmp_path: Path, step: int) -> None:
+    reference = _run(untrained_victim, tmp_path / "uninterrupted", TOTAL_STEPS, augment=False)
+    root = tmp_path / "interrupted"
+    stopped, _ = _run(untrained_victim, root, max_steps=TOTAL_STEPS, kill_at=step, augment=False)
+    assert stopped.global_step == step
+    trainer, module = _run(untrained_victim, root, TOTAL_STEPS, ckpt_path=root / "last.ckpt", augment=False)
+    assert module._cached_labels is not None
+    _assert_same_run(trainer, module, reference)
 
 
 def test_cli_resumes_from_last_with_the_saved_remap(victim_checkpoint: Path, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from pytorch_lightning.accelerators import CPUAccelerator
 from torch.utils.data import TensorDataset
 
 from datamodules import RefineDataModule
@@ -91,7 +92,7 @@ def test_augmentation_is_the_same_for_a_sample_whatever_the_global_generator_and
     torch.testing.assert_close(first_batch(num_workers=2), batch, rtol=0, atol=0)
     datamodule = RefineDataModule(SmallDigits(), batch_size=16, augment=False)
     datamodule.setup("fit")
-    assert not torch.equal(next(iter(datamodule.train_dataloader())), batch)  # the augmentation did run
+    assert not torch.equal(next(iter(datamodule.train_dataloader())).images, batch)  # the augmentation did run
 
 
 def test_training_set_smaller_than_one_global_batch_is_refused() -> None:
@@ -105,7 +106,7 @@ def test_evaluation_loaders_of_two_processes_cover_every_image_exactly_once(stag
     shares: list[list[list[int]]] = []
     for rank in range(2):
         datamodule = RefineDataModule(source, BadNets(target_label=0), batch_size=8)
-        datamodule.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        datamodule.trainer = SimpleNamespace(world_size=2, global_rank=rank, accelerator=CPUAccelerator())
         datamodule.setup(stage)
         loaders = datamodule.val_dataloader() if stage == "validate" else datamodule.test_dataloader()
         shares.append([list(loader.sampler) for loader in loaders])
