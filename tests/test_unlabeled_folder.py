@@ -15,6 +15,7 @@ from refine_pl.attacks import BadNets
 from refine_pl.errors import ConfigError
 from refine_pl.metrics import attack_success_counts
 from refine_pl.predict import prediction_rows, write_predictions_csv
+from refine_pl.refine_module import IndexedImages
 
 MODES = {"RGB": 3, "L": 1, "RGBA": 4, "I;16": 1}
 
@@ -55,8 +56,10 @@ def test_every_image_of_any_kind_and_depth_trains_without_a_label(images: Path) 
     data.setup("fit")
     assert len(data.train_set) == 10 and bool((data.train_set.labels == UNLABELED).all())
     batch = next(iter(data.train_dataloader()))
-    assert isinstance(batch, torch.Tensor) and batch.shape == (4, 3, 20, 20)  # images only: no label reaches REFINE
-    assert float(batch.min()) >= 0 and float(batch.max()) <= 1
+    # Images and their positions in the folder: no label reaches REFINE.
+    assert isinstance(batch, IndexedImages) and batch.images.shape == (4, 3, 20, 20)
+    assert len(set(batch.indices.tolist())) == 4 and all(0 <= index < 10 for index in batch.indices.tolist())
+    assert float(batch.images.min()) >= 0 and float(batch.images.max()) <= 1
     assert data.val_dataloader() == []  # nothing to measure validation BA with
 
 
