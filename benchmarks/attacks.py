@@ -66,8 +66,8 @@ def run_attack(attack: str, run_dir: Path, rerun: bool) -> dict[str, Any]:
         "attack": attack,
         "victim_ba": report["no_defense"]["ba"],
         "victim_asr": report["no_defense"]["asr"],
-        "refine_ba": report["refine"]["ba"],
-        "refine_asr": report["refine"]["asr"],
+        "refine_ba": report["defended"]["ba"],
+        "refine_asr": report["defended"]["asr"],
         "seconds": measured["seconds"],
         "resumed": measured["resumed"],
     }

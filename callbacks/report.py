@@ -1,4 +1,4 @@
-"""Callback that turns a REFINE test run into the before/after BA / ASR report."""
+"""Callback that turns the test run of a defense into the before/after BA / ASR / RA / DER report."""
 
 import json
 import math
@@ -9,7 +9,11 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.utilities import rank_zero_only
 
 from callbacks.checkpoint import require_trained_weights
+from refine_pl.defenses import DEFENSES
 from refine_pl.errors import ConfigError
+
+RATES = ("ba", "asr", "ra")
+"""The rates measured for both rows of a report; the defended row adds ``der``."""
 
 
 def _measured(metrics: dict[str, Any], key: str) -> float | None:
@@ -19,29 +23,33 @@ def _measured(metrics: dict[str, Any], key: str) -> float | None:
 
 
 def format_report_table(report: dict[str, Any]) -> str:
-    """The before/after table of a report as markdown; ASR is ``n/a`` when no attack was evaluated."""
+    """The before/after table of a report as markdown; a rate is ``n/a`` when it was not measured."""
 
-    def cell(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.4f}"
+    def cell(row: dict[str, Any], key: str) -> str:
+        return "n/a" if row.get(key) is None else f"{row[key]:.4f}"
 
-    lines = ["| | BA | ASR |", "|---|---|---|"]
-    for label, key in (("no defense", "no_defense"), ("REFINE", "refine")):
-        lines.append(f"| {label} | {cell(report[key]['ba'])} | {cell(report[key]['asr'])} |")
+    defense = report["defense"]
+    label = DEFENSES[defense].label if defense in DEFENSES else defense
+    lines = ["| | BA | ASR | RA | DER |", "|---|---|---|---|---|"]
+    for name, row in (("no defense", report["no_defense"]), (label, report["defended"])):
+        lines.append(f"| {name} | " + " | ".join(cell(row, key) for key in (*RATES, "der")) + " |")
     return "\n".join(lines)
 
 
 class DefenseReport(Callback):
-    """After testing a :class:`~refine_pl.RefineLitModule`, prints and saves BA / ASR before and after REFINE.
+    """After testing a defense (a :class:`~refine_pl.RefineLitModule`), prints and saves its figures before / after.
 
     Both rows are measured in the same test pass on the same held-out images: "no defense" is the victim
-    alone, "REFINE" the defended classifier. The figures go to ``report.json`` (fractions in [0, 1])
-    and ``report.md`` in the trainer's ``default_root_dir``, and are printed.
+    alone, the defended row the defended classifier, with its DER against the victim. The figures go to
+    ``report.json`` (fractions in [0, 1]) and ``report.md`` in the trainer's ``default_root_dir``, and are printed.
 
     Args:
+        defense: Name of the defense (see :data:`refine_pl.defenses.DEFENSES`), recorded in the report.
         filename: Name of the JSON file; the markdown file takes the same stem.
     """
 
-    def __init__(self, filename: str = "report.json") -> None:
+    def __init__(self, defense: str = "refine", filename: str = "report.json") -> None:
+        self.defense = defense
         self.filename = filename
         self.report: dict[str, Any] | None = None
 
@@ -60,13 +68,11 @@ class DefenseReport(Callback):
             "attack": None if attack is None else attack.name,
             "target_label": None if attack is None else attack.target_label,
             "attack_spec": None if attack is None else attack.spec(),
-            "no_defense": {
-                "ba": _measured(metrics, "test/victim_ba"),
-                "asr": _measured(metrics, "test/victim_asr"),
-            },
-            "refine": {"ba": _measured(metrics, "test/ba"), "asr": _measured(metrics, "test/asr")},
+            "defense": self.defense,
+            "no_defense": {key: _measured(metrics, f"test/victim_{key}") for key in RATES},
+            "defended": {key: _measured(metrics, f"test/{key}") for key in (*RATES, "der")},
             "victim_checkpoint": pl_module.hparams.get("victim_checkpoint"),
-            "refine_checkpoint": trainer.ckpt_path,
+            "defense_checkpoint": trainer.ckpt_path,
         }
         self._write(Path(trainer.default_root_dir))
 

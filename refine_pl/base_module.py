@@ -1,13 +1,13 @@
-"""What the two LightningModules share: the optimizer from a factory, and BA / ASR of their classifiers."""
+"""What the LightningModules share: the optimizer from a factory, and BA / ASR / RA / DER of their classifiers."""
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from pytorch_lightning import LightningModule
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from refine_pl.metrics import CLEAN_LOADER, BackdoorMetrics
+from refine_pl.metrics import POISONED_LOADER, BackdoorMetrics, DefenseEffectivenessRating
 
 STAGES = ("val", "test")
 
@@ -16,29 +16,43 @@ class BackdoorLitModule(LightningModule):
     """Base of :class:`~refine_pl.VictimLitModule` and :class:`~refine_pl.RefineLitModule`.
 
     Validation and test batches come from two loaders, clean (:data:`~refine_pl.metrics.CLEAN_LOADER`) and
-    poisoned; every classifier of :meth:`evaluated_classifiers` is measured on both, and its BA / ASR are
-    logged as ``<stage>/<prefix>ba`` and ``<stage>/<prefix>asr``. The optimizer is built from the parameters
-    of :meth:`trainable_parameters`, the scheduler (stepped every epoch) from the optimizer.
+    poisoned; every classifier of :meth:`evaluated_classifiers` is measured on both, and its BA / ASR / RA are
+    logged as ``<stage>/<prefix>ba``, ``<stage>/<prefix>asr`` and ``<stage>/<prefix>ra``. With an
+    ``undefended_prefix``, every other classifier's DER against that one is logged as ``<stage>/<prefix>der``
+    (when there is a poisoned loader: DER needs ASR). The optimizer is built from the parameters of
+    :meth:`trainable_parameters`, the scheduler (stepped every epoch) from the optimizer.
 
     Args:
         optimizer: Builds the optimizer from the trainable parameters (or parameter groups).
         scheduler: Builds the learning-rate scheduler from the optimizer; None for a constant rate.
         metric_prefixes: Log prefix of each evaluated classifier, in the order of :meth:`evaluated_classifiers`;
             the first is shown in the progress bar.
+        undefended_prefix: The prefix of the classifier without a defense, which the DER of the others is taken
+            against (None: no DER).
     """
+
+    trains: ClassVar[bool] = True
+    """False for a module with nothing to train (a training-free defense): the CLI then tests it without
+    ``--ckpt_path`` and refuses ``fit``."""
 
     def __init__(
         self,
         optimizer: OptimizerCallable,
         scheduler: LRSchedulerCallable | None,
         metric_prefixes: tuple[str, ...],
+        undefended_prefix: str | None = None,
     ) -> None:
         super().__init__()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.metric_prefixes = metric_prefixes
+        self.undefended_prefix = undefended_prefix
         self.metrics = nn.ModuleDict(
             {f"{stage}_{prefix}": BackdoorMetrics() for stage in STAGES for prefix in metric_prefixes}
+        )
+        defended = [prefix for prefix in metric_prefixes if undefended_prefix not in (None, prefix)]
+        self.der_metrics = nn.ModuleDict(
+            {f"{stage}_{prefix}": DefenseEffectivenessRating() for stage in STAGES for prefix in defended}
         )
 
     def evaluated_classifiers(self) -> tuple[nn.Module, ...]:
@@ -50,11 +64,29 @@ class BackdoorLitModule(LightningModule):
         raise NotImplementedError
 
     def _evaluate(self, stage: str, batch: tuple[Tensor, ...], dataloader_idx: int) -> None:
-        suffix = "ba" if dataloader_idx == CLEAN_LOADER else "asr"
-        for prefix, classifier in zip(self.metric_prefixes, self.evaluated_classifiers(), strict=True):
-            metric = self.metrics[f"{stage}_{prefix}"].update(classifier(batch[0]).argmax(1), batch, dataloader_idx)
-            show = prefix == self.metric_prefixes[0]
-            self.log(f"{stage}/{prefix}{suffix}", metric, prog_bar=show, add_dataloader_idx=False)
+        classifiers = zip(self.metric_prefixes, self.evaluated_classifiers(), strict=True)
+        preds = {prefix: classifier(batch[0]).argmax(1) for prefix, classifier in classifiers}
+        for prefix, predicted in preds.items():
+            for name, metric in self.metrics[f"{stage}_{prefix}"].update(predicted, batch, dataloader_idx).items():
+                show = prefix == self.metric_prefixes[0] and name != "ra"
+                self.log(f"{stage}/{prefix}{name}", metric, prog_bar=show, add_dataloader_idx=False)
+            if f"{stage}_{prefix}" in self.der_metrics:
+                der = self.der_metrics[f"{stage}_{prefix}"]
+                der.update(predicted, preds[self.undefended_prefix], *batch[1:])
+                if dataloader_idx == POISONED_LOADER:  # logged once, where its last counts (ASR) come in
+                    self.log(f"{stage}/{prefix}der", der, add_dataloader_idx=False)
+
+    def _reset_der(self, stage: str) -> None:
+        # Lightning resets a logged metric after the epoch; a DER never logged (no poisoned loader) is reset here.
+        for key, metric in self.der_metrics.items():
+            if key.startswith(f"{stage}_"):
+                metric.reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_der("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_der("test")
 
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate("val", batch, dataloader_idx)

@@ -50,6 +50,11 @@ def _description(defended: DefendedClassifier, image_size: int) -> dict[str, Any
             "Export needs the victim's registered architecture name, and this victim was not built from the "
             "registry: load it with refine_pl.weights.load_victim."
         )
+    if bool((defended.remap.permutation == torch.arange(defended.remap.num_classes)).any()):
+        raise ConfigError(
+            "Export writes REFINE's defended classifier, whose remap moves every class; this run's remap leaves "
+            "classes in place (the no-remap ablation): remove ExportDefendedClassifier from its callbacks."
+        )
     return {
         "format": FORMAT,
         "victim_arch": victim.arch,
@@ -72,7 +77,8 @@ def export_defended(defended: DefendedClassifier, image_size: int, path: str | P
         path: Output file.
 
     Raises:
-        ConfigError: The transform is not a UNet, or the victim does not record its architecture.
+        ConfigError: The transform is not a UNet, the victim does not record its architecture, or the remap is not a
+            derangement (what :func:`load_defended` accepts).
     """
     description = _description(defended, image_size)
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in defended.state_dict().items()}
