@@ -38,7 +38,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from benchmarks.victims import ATTACKS, QUIET, Victim, find_or_train_victim
+from benchmarks.victims import ATTACKS, QUIET, Victim, find_or_train_victim, run_record
 from refine_pl.cli import cli_main
 from refine_pl.defenses import DEFENSES, defense_named
 from refine_pl.errors import ConfigError
@@ -60,16 +60,11 @@ def run_defense(defense: str, victim: Path, run_dir: Path, args: list[str]) -> d
         The test's ``report.json`` with ``"seconds"`` (wall clock of fit and test) and ``"resumed"`` added.
 
     Raises:
-        ConfigError: ``run_dir`` holds a finished run made with other ``args``.
+        ConfigError: ``run_dir`` holds a run started with other ``args``.
     """
     entry = defense_named(defense)
     result = run_dir / RESULT
-    record = json.loads(result.read_text()) if result.is_file() else {"args": args}
-    if record["args"] != args:  # resuming would continue another run's training with these settings
-        raise ConfigError(
-            f"{run_dir} holds a run made with the arguments {record['args']}, not {args}: delete it or use another "
-            "--run-dir."
-        )
+    record = run_record(result, {"args": args})
     if "seconds" not in record:
         run_dir.mkdir(parents=True, exist_ok=True)
         result.write_text(json.dumps(record) + "\n")
@@ -187,9 +182,9 @@ def write_csv(rows: list[dict[str, Any]], columns: tuple[str, ...], path: Path) 
             writer.writerow([_cell(row[c]) if c in RATES else row[c] for c in columns])
 
 
-def run_description(args: argparse.Namespace) -> str:
-    """What was run, saying REDUCED when it is less than the full benchmark."""
-    full = (
+def is_full(args: argparse.Namespace) -> bool:
+    """Whether ``args`` ask for the whole benchmark with its own settings (not a subset or shortened runs)."""
+    return (
         list(args.attacks) == list(ATTACKS)
         and list(args.defenses) == list(DEFENSES)
         and list(args.efficiency_attacks) == list(EFFICIENCY_ATTACKS)
@@ -197,13 +192,17 @@ def run_description(args: argparse.Namespace) -> str:
         and not args.victim_arg
         and not args.defense_arg
     )
+
+
+def run_description(args: argparse.Namespace) -> str:
+    """What was run, saying REDUCED when it is less than the full benchmark."""
     settings = (
         f"attacks {', '.join(args.attacks)}; defenses {', '.join(args.defenses)}; data efficiency on "
         f"{', '.join(args.efficiency_attacks) or 'no attack'} at fractions "
         f"{', '.join(f'{f:g}' for f in args.fractions)}; extra victim arguments {args.victim_arg or 'none'}; "
         f"extra defense arguments {args.defense_arg or 'none'}"
     )
-    if full:
+    if is_full(args):
         return f"Full benchmark, seed {SEED}: {settings}."
     return f"**REDUCED RUN** (not the benchmark's figures), seed {SEED}: {settings}."
 
@@ -237,12 +236,12 @@ def efficiency_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_heatmap(rows: list[dict[str, Any]], attacks: list[str], defenses: list[str], path: Path) -> None:
-    """ASR and BA of every attack x defense as two annotated heat maps."""
+def plot_heatmap(rows: list[dict[str, Any]], attacks: list[str], defenses: list[str], note: str, path: Path) -> None:
+    """ASR and BA of every attack x defense as two annotated heat maps, one above the other."""
     cells = {(row["attack"], row["defense"]): row for row in rows}
     columns = ["none", *defenses]
     labels = ["victim", *(DEFENSES[d].label for d in defenses)]
-    figure, axes = plt.subplots(1, 2, figsize=(2 * (0.8 * len(columns) + 2), 0.45 * len(attacks) + 2.2))
+    figure, axes = plt.subplots(2, 1, figsize=(0.9 * len(columns) + 2, 2 * (0.4 * len(attacks) + 1.8)))
     for axis, (metric, title, colours) in zip(axes, (("asr", "ASR", "Reds"), ("ba", "BA", "Greens")), strict=True):
         values = [[cells[a, c][metric] for c in columns] for a in attacks]
         axis.imshow(values, cmap=colours, vmin=0, vmax=1, aspect="auto")
@@ -252,24 +251,27 @@ def plot_heatmap(rows: list[dict[str, Any]], attacks: list[str], defenses: list[
                 axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=colour)
         axis.set_xticks(range(len(columns)), labels, rotation=40, ha="right", fontsize=8)
         axis.set_yticks(range(len(attacks)), attacks, fontsize=8)
-        axis.set_title(f"{title} (MNIST-5k, small CNN)")
+        axis.set_title(f"{title} (MNIST-5k, small CNN{note})")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
-def plot_efficiency(rows: list[dict[str, Any]], path: Path) -> None:
+def plot_efficiency(rows: list[dict[str, Any]], note: str, path: Path) -> None:
     """BA and ASR of REFINE against the fraction of training images, one line per attack."""
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for attack in dict.fromkeys(row["attack"] for row in rows):
         points = [row for row in rows if row["attack"] == attack]
         for axis, metric in zip(axes, ("ba", "asr"), strict=True):
             axis.plot([100 * p["fraction"] for p in points], [p[metric] for p in points], marker="o", label=attack)
+    percents = sorted({100 * row["fraction"] for row in rows})
     for axis, title in zip(axes, ("BA", "ASR"), strict=True):
         axis.set_xscale("log")
+        axis.set_xticks(percents, [f"{p:g}" for p in percents])
+        axis.minorticks_off()
         axis.set_xlabel("unlabeled training images used (%)")
         axis.set_ylim(0, 1.02)
-        axis.set_title(f"REFINE {title} (equal training steps)")
+        axis.set_title(f"REFINE {title} (equal training steps{note})")
         axis.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -322,7 +324,8 @@ def main(argv: list[str] | None = None) -> None:
     write_csv(rows, ("attack", "defense", *RATES, "seconds"), args.results_dir / "defenses.csv")
     matrix = matrix_markdown(rows, args.attacks, args.defenses)
     (args.results_dir / "defenses.md").write_text(f"{description}\n\n{matrix}")
-    plot_heatmap(rows, args.attacks, args.defenses, args.results_dir / "defenses_heatmap.png")
+    note = "" if is_full(args) else "; REDUCED RUN"
+    plot_heatmap(rows, args.attacks, args.defenses, note, args.results_dir / "defenses_heatmap.png")
     print(f"{description}\n\n{matrix}")
     if args.efficiency_attacks:
         curve = [row for attack in args.efficiency_attacks for row in efficiency_rows(attack, victims[attack], args)]
@@ -330,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         write_csv(curve, columns, args.results_dir / "data_efficiency.csv")
         table = efficiency_markdown(curve)
         (args.results_dir / "data_efficiency.md").write_text(f"{description}\n\n{table}\n")
-        plot_efficiency(curve, args.results_dir / "data_efficiency.png")
+        plot_efficiency(curve, note, args.results_dir / "data_efficiency.png")
         print(f"\n{table}")
 
 

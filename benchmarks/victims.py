@@ -17,7 +17,7 @@ one is resumed from its last checkpoint. A folder whose victim was started with 
 import json
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from refine_pl.checkpoints import run_checkpoints
 from refine_pl.errors import ConfigError
@@ -37,6 +37,22 @@ class Victim(NamedTuple):
     checkpoint: Path
     seconds: float
     resumed: bool
+
+
+def run_record(path: Path, started: dict[str, Any]) -> dict[str, Any]:
+    """The record of a benchmark run (a JSON file at ``path``), or ``started`` when there is none yet.
+
+    Raises:
+        ConfigError: The run was started with other ``args`` than ``started``'s: resuming it would continue another
+            run's training with these settings, reusing it would report other settings' figures.
+    """
+    record = json.loads(path.read_text()) if path.is_file() else started
+    if record["args"] != started["args"]:
+        raise ConfigError(
+            f"{path.parent} holds a run started with the arguments {record['args']}, not {started['args']}: delete "
+            "the folder or use another one."
+        )
+    return record
 
 
 def victim_folder(root: str | Path, attack: str | None, seed: int) -> Path:
@@ -72,14 +88,7 @@ def find_or_train_victim(
     args = list(args or [])
     folder = victim_folder(root, attack, seed)
     record_path = folder / RECORD
-    record = (
-        json.loads(record_path.read_text()) if record_path.is_file() else {"attack": attack, "seed": seed, "args": args}
-    )
-    if record["args"] != args:  # resuming would continue another job's training with these settings
-        raise ConfigError(
-            f"{folder} holds a victim trained with the arguments {record['args']}, not {args}: delete the folder "
-            "or use another victim folder."
-        )
+    record = run_record(record_path, {"attack": attack, "seed": seed, "args": args})
     if "checkpoint" not in record:
         folder.mkdir(parents=True, exist_ok=True)
         record_path.write_text(json.dumps(record, indent=2) + "\n")

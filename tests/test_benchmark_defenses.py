@@ -36,7 +36,7 @@ def test_fewer_images_than_a_batch_train_in_one_batch_per_epoch() -> None:
 
 def test_a_run_started_with_other_settings_is_refused_not_resumed(tmp_path: Path) -> None:
     (tmp_path / "benchmark.json").write_text(json.dumps({"args": ["--trainer.max_epochs=2"]}))
-    with pytest.raises(ConfigError, match="holds a run made with the arguments .*max_epochs=2.*, not \\[\\]"):
+    with pytest.raises(ConfigError, match="holds a run started with the arguments .*max_epochs=2.*, not \\[\\]"):
         run_defense("refine", tmp_path / "victim.ckpt", tmp_path, [])
 
 
@@ -56,7 +56,7 @@ def test_a_victim_is_trained_once_then_found(tmp_path: Path, monkeypatch: pytest
 
     monkeypatch.setattr(victims, "train_victim", no_training)
     assert victims.find_or_train_victim("badnets", seed=3, root=tmp_path, args=tiny) == first
-    with pytest.raises(ConfigError, match="holds a victim trained with the arguments"):
+    with pytest.raises(ConfigError, match="badnets_s3 holds a run started with the arguments"):
         victims.find_or_train_victim("badnets", seed=3, root=tmp_path, args=[])
     with pytest.raises(ConfigError, match="No attack config configs/attacks/nope.yaml"):
         victims.find_or_train_victim("nope", root=tmp_path)

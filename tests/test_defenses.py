@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning import seed_everything
 
-from datamodules import EmbeddedMNIST, RefineDataModule
+from datamodules import RefineDataModule
 from refine_pl import ConfigError, RefineLitModule
 from refine_pl.cli import checked_ckpt_path, cli_main
 from refine_pl.defenses import (
@@ -27,7 +27,7 @@ from refine_pl.defenses import (
 )
 from refine_pl.export import export_defended
 from refine_pl.pipeline import config_flags
-from tests.conftest import MNIST_FACTS, QUIET, REFINE_CONFIGS, quiet_trainer, tiny_refine_module
+from tests.conftest import MNIST_FACTS, QUIET, REFINE_CONFIGS, benign_data, quiet_trainer, tiny_refine_module
 
 
 @pytest.mark.parametrize(("side", "pad", "count"), [(28, 4, 200), (32, 4, 200), (8, 1, 200), (224, 28, 20)])
@@ -115,16 +115,9 @@ def test_the_autoencoder_learns_from_unlabeled_images_only(untrained_victim: Pat
     the identity output map stay as they were.
     """
     weights = []
-    for shuffle_labels in (False, True):
+    for shuffled_labels in (False, True):
         seed_everything(0)
-        datamodule = RefineDataModule(EmbeddedMNIST(), batch_size=32, horizontal_flip=False)
-        datamodule.setup("fit")
-        if shuffle_labels:
-            labels = datamodule.train_set.labels
-            datamodule.train_set.labels = labels[
-                torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))
-            ]
-            assert not torch.equal(datamodule.train_set.labels, labels)
+        datamodule = benign_data(shuffled_labels)
         module = AutoencoderDefense(str(untrained_victim), **MNIST_FACTS, transform=partial(ConvAutoencoder, width=4))
         victim_before = {k: v.clone() for k, v in module.victim.state_dict().items()}
         transform_before = {k: v.clone() for k, v in module.transform.state_dict().items()}
