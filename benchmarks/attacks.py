@@ -1,26 +1,32 @@
-"""Every attack the REFINE paper defends against, as a victim defended with REFINE: the before/after table.
+"""Every attack the REFINE paper defends against, as victims over seeds, defended with REFINE: the before/after table.
 
-For each attack: train the victim on the embedded MNIST-5k (``configs/victim/mnist.yaml`` merged with
-``configs/attacks/<attack>.yaml``), defend it with the one REFINE config (``configs/refine/mnist.yaml`` merged
-on ``reference.yaml``, the same for every attack) and test both on the held-out images, via
-:func:`refine_pl.pipeline.run_pipeline`.
-A clean model trained the same way (the victim config alone) gives the BA a victim should keep.
+For each seed and attack: train the victim on the embedded MNIST-5k (``configs/victim/mnist.yaml`` merged with
+``configs/attacks/<attack>.yaml``), train a clean model the same way without the attack (its ASR on the same
+poisoned test set is the floor), defend the victim with each REFINE recipe (the same config for every
+attack: a defender does not know the attack) and test them on the held-out images. The seed drives
+everything seeded: victim training and data order, the attack's choices (poisoned samples, patterns,
+per-sample transformations), the remap and REFINE's training.
 
-Writes ``attacks.csv`` (``attack,victim_ba,victim_asr,refine_ba,refine_asr,seconds``; fractions in [0, 1];
-seconds: wall clock of the attack's whole pipeline), ``attacks.md`` (the same table, the clean BA and the
-targets met) and ``attacks_asr.png`` (ASR before / after) to ``--results-dir``. Runs go to
-``--run-dir/<attack>``; an attack whose run folder already holds a report is not run again unless
-``--rerun`` names it, so an interrupted benchmark continues where it stopped.
+Writes to ``--results-dir``:
 
-    python benchmarks/attacks.py                       # every attack (a while on a CPU: see "seconds")
-    python benchmarks/attacks.py --attacks badnets iad # a subset
+- ``attacks_seeds.csv``: one row per attack, recipe and seed (``attack, recipe, seed, victim_ba, victim_asr,
+  clean_floor_asr, refine_ba, refine_asr, seconds``; seconds: wall clock of the REFINE stage, fit and test);
+- ``attacks.csv``: one row per attack and recipe: the mean over seeds of every figure, its standard deviation
+  (``_std``, over seeds, n-1) and its worst seed (``_worst``: the lowest BA or victim ASR, the highest floor or
+  REFINE ASR), the seeds and the mean REFINE seconds;
+- ``attacks.md`` (the table, the gate and which rows meet it) and ``attacks_asr.png`` (ASR with error bars).
+
+Runs go to ``--run-dir`` (see :mod:`benchmarks.victims`); finished runs are reused, so an interrupted benchmark
+continues where it stopped.
+
+    python benchmarks/attacks.py --seeds 0 1 2                 # every attack (hours on a 2-core CPU)
+    python benchmarks/attacks.py --attacks wanet iad --seeds 0  # a subset
 """
 
 import argparse
 import csv
-import json
-import shutil
-import time
+import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,142 +34,213 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import torch
 
-from refine_pl.cli import cli_main
-from refine_pl.pipeline import config_flags, run_pipeline, train_victim
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/attacks.py` from the root
 
-REPO = Path(__file__).resolve().parents[1]
-VICTIM_CONFIG = str(REPO / "configs" / "victim" / "mnist.yaml")
-REFINE_CONFIGS = [str(REPO / "configs" / "refine" / name) for name in ("reference.yaml", "mnist.yaml")]
-ATTACKS = ("badnets", "blended", "wanet", "physical_ba", "iad", "lc", "batt", "adaptive_patch")
-"""Config names under configs/attacks/, in the order of the REFINE paper's tables."""
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-COLUMNS = ("attack", "victim_ba", "victim_asr", "refine_ba", "refine_asr", "seconds")
+from benchmarks.victims import ATTACKS, DEFAULT_ARCH, RECIPES, REPO, clean_model, defended_report, victim
+from refine_pl.architectures import ARCHITECTURES
 
-# Targets of the benchmark (issue 3): a real backdoor, and REFINE removing it at little cost.
-MIN_VICTIM_ASR = {"lc": 0.80, "adaptive_patch": 0.80}
+FIGURES = ("victim_ba", "victim_asr", "clean_floor_asr", "refine_ba", "refine_asr")
+WORST_IS_HIGHEST = {"clean_floor_asr", "refine_asr"}
+"""Figures whose worst seed is the highest (the others' is the lowest)."""
+SEED_COLUMNS = ("attack", "arch", "recipe", "seed", *FIGURES, "seconds")
+
+# The gate of issue 12, for the mean over seeds and for every seed.
+MIN_VICTIM_ASR = {"lc": 0.80}
 DEFAULT_MIN_VICTIM_ASR = 0.90
-MAX_BA_GAP = 0.03
-MAX_REFINE_ASR = 0.03
+MAX_VICTIM_BA_GAP = 0.02  # victim BA within 2 points of the clean model
+MAX_REFINE_ASR = 0.01  # REFINE ASR at most max(0.01, floor + 0.005) on the mean
+FLOOR_MARGIN = 0.005
+MAX_BA_DROP = 0.005  # REFINE BA at least victim BA - 0.005 on the mean
+MAX_SEED_ASR = 0.02  # and no seed above ASR 0.02 ...
+MAX_SEED_BA_DROP = 0.01  # ... or a 1-point BA drop
 
 
-def run_attack(attack: str, run_dir: Path, rerun: bool) -> dict[str, Any]:
-    """Victim, REFINE and report for one attack; returns a row of the table (reusing a finished run)."""
-    attack_dir = run_dir / attack
-    timing = attack_dir / "benchmark.json"
-    if rerun and attack_dir.exists():
-        shutil.rmtree(attack_dir)
-    if not (timing.is_file() and (attack_dir / "report.json").is_file()):
-        resumed = attack_dir.exists()
-        start = time.perf_counter()
-        victim_configs = [VICTIM_CONFIG, str(REPO / "configs" / "attacks" / f"{attack}.yaml")]
-        run_pipeline(victim_configs, REFINE_CONFIGS, attack_dir, QUIET, QUIET)
-        seconds = time.perf_counter() - start
-        timing.write_text(json.dumps({"seconds": seconds, "resumed": resumed}) + "\n")
-    report = json.loads((attack_dir / "report.json").read_text())
-    measured = json.loads(timing.read_text())
+def seed_row(
+    attack: str, arch: str, recipe: str, seed: int, run_dir: Path, victim_args: list[str], refine_args: list[str]
+) -> dict[str, Any]:
+    """The figures of one attack, victim architecture, recipe and seed (trained now, or read from finished runs)."""
+    clean = clean_model(run_dir, seed, victim_args, arch)
+    suspect = victim(run_dir, attack, seed, victim_args, arch)
+    report, seconds = defended_report(run_dir, attack, recipe, seed, suspect, clean, refine_args, arch)
     return {
         "attack": attack,
+        "arch": arch,
+        "recipe": recipe,
+        "seed": seed,
         "victim_ba": report["no_defense"]["ba"],
         "victim_asr": report["no_defense"]["asr"],
+        "clean_floor_asr": report["clean_floor"]["asr"],
+        "clean_ba": report["clean_floor"]["ba"],
         "refine_ba": report["defended"]["ba"],
         "refine_asr": report["defended"]["asr"],
-        "seconds": measured["seconds"],
-        "resumed": measured["resumed"],
+        "seconds": seconds,
     }
 
 
-def clean_model_ba(run_dir: Path, rerun: bool) -> float:
-    """Test BA of a model trained with the victim config and no attack (trained once, then reused)."""
-    clean_dir = run_dir / "clean"
-    result = clean_dir / "clean.json"
-    if rerun and clean_dir.exists():
-        shutil.rmtree(clean_dir)
-    if not result.is_file():
-        checkpoint = train_victim([VICTIM_CONFIG], clean_dir, QUIET)
-        test_args = ["--trainer.default_root_dir", str(clean_dir), "--ckpt_path", str(checkpoint), *QUIET]
-        cli = cli_main(["test", *config_flags([VICTIM_CONFIG]), *test_args])
-        result.write_text(json.dumps({"ba": float(cli.trainer.callback_metrics["test/ba"])}) + "\n")
-    return json.loads(result.read_text())["ba"]
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per attack, victim architecture and recipe: mean, standard deviation and worst seed of every figure."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["attack"], row["arch"], row["recipe"]), []).append(row)
+    summary = []
+    for (attack, arch, recipe), group in groups.items():
+        seeds = " ".join(str(r["seed"]) for r in group)
+        entry: dict[str, Any] = {"attack": attack, "arch": arch, "recipe": recipe, "seeds": seeds}
+        for figure in (*FIGURES, "clean_ba"):
+            values = [r[figure] for r in group]
+            entry[figure] = statistics.fmean(values)
+            entry[f"{figure}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            entry[f"{figure}_worst"] = max(values) if figure in WORST_IS_HIGHEST else min(values)
+        entry["seconds"] = statistics.fmean(r["seconds"] for r in group)
+        entry["per_seed"] = group
+        summary.append(entry)
+    return summary
 
 
-def targets_met(row: dict[str, Any], clean_ba: float) -> tuple[bool, bool]:
-    """(the victim is a real backdoor, REFINE meets its target) for one row."""
-    min_asr = MIN_VICTIM_ASR.get(row["attack"], DEFAULT_MIN_VICTIM_ASR)
-    backdoor = row["victim_asr"] >= min_asr and abs(row["victim_ba"] - clean_ba) <= MAX_BA_GAP
-    defended = row["refine_asr"] <= MAX_REFINE_ASR and row["refine_ba"] >= row["victim_ba"] - MAX_BA_GAP
-    return backdoor, defended
+def gate(entry: dict[str, Any]) -> tuple[bool, bool]:
+    """(the victim is a real backdoor in every seed, REFINE meets the gate on the mean and in every seed)."""
+    min_asr = MIN_VICTIM_ASR.get(entry["attack"], DEFAULT_MIN_VICTIM_ASR)
+    seeds = entry["per_seed"]
+    backdoor = all(r["victim_asr"] >= min_asr and r["victim_ba"] >= r["clean_ba"] - MAX_VICTIM_BA_GAP for r in seeds)
+    on_mean = (
+        entry["refine_asr"] <= max(MAX_REFINE_ASR, entry["clean_floor_asr"] + FLOOR_MARGIN)
+        and entry["refine_ba"] >= entry["victim_ba"] - MAX_BA_DROP
+    )
+    every_seed = all(
+        r["refine_asr"] <= MAX_SEED_ASR and r["refine_ba"] >= r["victim_ba"] - MAX_SEED_BA_DROP for r in seeds
+    )
+    return backdoor, on_mean and every_seed
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+def summary_columns() -> list[str]:
+    """Columns of ``attacks.csv``."""
+    return [
+        "attack", "arch", "recipe",
+        *(f"{figure}{suffix}" for figure in FIGURES for suffix in ("", "_std", "_worst")),
+        "seeds", "seconds",
+    ]  # fmt: skip
+
+
+def write_csv(rows: list[dict[str, Any]], columns: list[str] | tuple[str, ...], path: Path) -> None:
+    """``rows`` as CSV with ``columns``; fractions with 4 decimals, seconds with 1."""
+
+    def cell(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(COLUMNS)
+        writer.writerow(columns)
         for row in rows:
-            writer.writerow([row["attack"], *(f"{row[key]:.4f}" for key in COLUMNS[1:5]), f"{row['seconds']:.1f}"])
+            writer.writerow([f"{row[c]:.1f}" if c == "seconds" else cell(row[c]) for c in columns])
 
 
-def markdown_table(rows: list[dict[str, Any]], clean_ba: float) -> str:
-    """The table as markdown, with the clean model's BA and which targets each attack meets."""
+def markdown_table(summary: list[dict[str, Any]], threads: int) -> str:
+    """The table as markdown: mean ± std (worst seed) per figure, and whether each row meets the gate."""
+
+    def figure(entry: dict[str, Any], name: str) -> str:
+        return f"{entry[name]:.4f} ± {entry[name + '_std']:.4f} ({entry[name + '_worst']:.4f})"
+
     lines = [
-        "| attack | victim BA | victim ASR | REFINE BA | REFINE ASR | seconds | real backdoor | REFINE target |",
-        "|---|---|---|---|---|---|---|---|",
+        "| attack | victim | recipe | victim BA | victim ASR | clean floor ASR | REFINE BA | REFINE ASR | REFINE s "
+        "| real backdoor | gate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
-        backdoor, defended = targets_met(row, clean_ba)
-        seconds = f"{row['seconds']:.0f}" + (" (resumed)" if row["resumed"] else "")
+    for entry in summary:
+        backdoor, defended = gate(entry)
         lines.append(
-            f"| {row['attack']} | {row['victim_ba']:.4f} | {row['victim_asr']:.4f} | {row['refine_ba']:.4f} | "
-            f"{row['refine_asr']:.4f} | {seconds} | {'yes' if backdoor else 'no'} | {'yes' if defended else 'no'} |"
+            f"| {entry['attack']} | {entry['arch']} | {entry['recipe']} | "
+            + " | ".join(figure(entry, name) for name in FIGURES)
+            + f" | {entry['seconds']:.0f} | {'yes' if backdoor else 'no'} | {'yes' if defended else 'no'} |"
         )
+    seeds = sorted({r["seed"] for entry in summary for r in entry["per_seed"]})
     return "\n".join(
         [
-            f"Clean model (victim config, no attack): test BA {clean_ba:.4f}.",
-            "",
             *lines,
             "",
-            f"real backdoor: victim ASR >= {DEFAULT_MIN_VICTIM_ASR:.2f} (>= 0.80 for lc and adaptive_patch) and "
-            f"victim BA within {MAX_BA_GAP * 100:.0f} points of the clean model. REFINE target: REFINE ASR <= "
-            f"{MAX_REFINE_ASR:.2f} and REFINE BA at most {MAX_BA_GAP * 100:.0f} points below the victim's.",
+            f"Mean ± standard deviation over seeds {', '.join(map(str, seeds))} (worst seed in parentheses). "
+            f"REFINE s: mean wall clock of the REFINE stage (fit and test), {threads} torch thread(s).",
+            f"real backdoor: in every seed, victim ASR >= {DEFAULT_MIN_VICTIM_ASR:.2f} (>= 0.80 for lc) and victim BA "
+            f"at most {MAX_VICTIM_BA_GAP * 100:.0f} points below the clean model's. gate: mean REFINE ASR <= "
+            f"max({MAX_REFINE_ASR}, floor + {FLOOR_MARGIN}) and mean REFINE BA >= victim BA - {MAX_BA_DROP}, and in "
+            f"every seed REFINE ASR <= {MAX_SEED_ASR} and REFINE BA >= victim BA - {MAX_SEED_BA_DROP}.",
         ]
     )
 
 
-def plot_asr(rows: list[dict[str, Any]], path: Path) -> None:
-    """Grouped bars of victim ASR and REFINE ASR per attack."""
-    positions = range(len(rows))
-    figure, axes = plt.subplots(figsize=(1.1 * len(rows) + 2, 3.6))
-    axes.bar([p - 0.2 for p in positions], [r["victim_asr"] for r in rows], width=0.4, label="no defense")
-    axes.bar([p + 0.2 for p in positions], [r["refine_asr"] for r in rows], width=0.4, label="REFINE")
-    axes.axhline(MAX_REFINE_ASR, color="black", linewidth=0.8, linestyle="--", label=f"ASR {MAX_REFINE_ASR}")
-    axes.set_xticks(list(positions), [r["attack"] for r in rows], rotation=30, ha="right")
+def plot_asr(summary: list[dict[str, Any]], path: Path) -> None:
+    """Bars of mean victim, floor and REFINE ASR per attack and recipe, with standard-deviation error bars."""
+    labels = [
+        "\n".join(
+            [
+                e["attack"],
+                *([e["arch"]] if e["arch"] != DEFAULT_ARCH else []),
+                *([e["recipe"]] if e["recipe"] != "refine" else []),
+            ]
+        )
+        for e in summary
+    ]
+    positions = range(len(summary))
+    figure, axes = plt.subplots(figsize=(1.2 * len(summary) + 2, 3.8))
+    for offset, name, label in ((-0.27, "victim_asr", "no defense"), (0.0, "clean_floor_asr", "clean model (floor)"),
+                                (0.27, "refine_asr", "REFINE")):  # fmt: skip
+        axes.bar(
+            [p + offset for p in positions], [e[name] for e in summary], width=0.27, label=label,
+            yerr=[e[f"{name}_std"] for e in summary], capsize=2,
+        )  # fmt: skip
+    axes.set_xticks(list(positions), labels, rotation=30, ha="right", fontsize="small")
     axes.set_ylim(0, 1.05)
     axes.set_ylabel("attack success rate")
-    axes.set_title("ASR before / after REFINE (MNIST-5k, small CNN)")
+    axes.set_title("ASR before / after REFINE over seeds (MNIST-5k, small CNN); error bars: std")
     axes.legend(loc="upper right", fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Runs the benchmark with the command line ``argv``; returns the summary rows."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS), help="attacks to run")
-    parser.add_argument("--run-dir", type=Path, default=Path("runs/attacks"), help="output folder of the runs")
-    parser.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: %(default)s)")
     parser.add_argument(
-        "--rerun", nargs="*", default=[], choices=[*ATTACKS, "clean"], metavar="NAME",
-        help="run these again from scratch even if finished ('clean' for the clean model)",
+        "--archs", nargs="+", choices=sorted(ARCHITECTURES), default=[DEFAULT_ARCH],
+        help="victim architectures (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--recipes", nargs="+", choices=RECIPES, default=["refine"],
+        help="REFINE recipes: refine (the MNIST config), reference (the reference recipe unchanged)",
+    )  # fmt: skip
+    parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "attacks", help="output folder of the runs")
+    parser.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument(
+        "--victim-arg", action="append", default=[], metavar="ARG",
+        help="extra train.py argument of the victims and clean models (repeat; write --victim-arg=--flag)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--refine-arg", action="append", default=[], metavar="ARG",
+        help="extra train.py argument of the REFINE jobs (repeat; write --refine-arg=--flag)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    clean_ba = clean_model_ba(args.run_dir, "clean" in args.rerun)
-    rows = [run_attack(attack, args.run_dir, attack in args.rerun) for attack in args.attacks]
+    torch.set_num_threads(args.threads)
+    rows = [
+        seed_row(attack, arch, recipe, seed, args.run_dir, args.victim_arg, args.refine_arg)
+        for seed in args.seeds
+        for arch in args.archs
+        for attack in args.attacks
+        for recipe in args.recipes
+    ]
+    summary = aggregate(rows)
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, args.results_dir / "attacks.csv")
-    table = markdown_table(rows, clean_ba)
+    write_csv(rows, SEED_COLUMNS, args.results_dir / "attacks_seeds.csv")
+    write_csv(summary, summary_columns(), args.results_dir / "attacks.csv")
+    table = markdown_table(summary, args.threads)
     (args.results_dir / "attacks.md").write_text(table + "\n")
-    plot_asr(rows, args.results_dir / "attacks_asr.png")
+    plot_asr(summary, args.results_dir / "attacks_asr.png")
     print(table)
+    return summary
 
 
 if __name__ == "__main__":

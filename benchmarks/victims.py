@@ -1,105 +1,96 @@
-"""The victims the benchmarks defend: the victim of attack A with seed S on the embedded MNIST-5k, trained once.
+"""The runs the benchmarks share on the embedded MNIST-5k: clean models, victims and REFINE jobs, trained once.
 
-Layout: ``<root>/<attack>_s<seed>/`` (``clean_s<seed>`` without an attack; root ``runs/victims`` by default) is the
-run folder of the victim job (``configs/victim/mnist.yaml`` merged with ``configs/attacks/<attack>.yaml``, the
-seed given to ``--seed_everything`` and to the attack), with ``checkpoints/``, ``config.yaml`` and logs, plus
-``victim.json``, written with ``attack``, ``seed`` and ``args`` (the extra CLI arguments) when the job starts and
-completed when training has finished::
+Each run is trained once per seed and reused, so a killed benchmark continues where it stopped.
 
-    {"attack": "badnets", "seed": 0, "args": [], "checkpoint": "checkpoints/last.ckpt", "seconds": 101.3,
-     "resumed": false}
+Layout under a run folder (``<name>`` is ``s<seed>`` for the small CNN, ``<arch>_s<seed>`` for another victim
+architecture)::
 
-``seconds`` is the wall clock of the victim job (of its last part when ``resumed``). A finished victim is reused
-without starting its job again (for LC and IAD a resumed job would repeat the attack's preparation); an unfinished
-one is resumed from its last checkpoint. A folder whose victim was started with other ``args`` is refused.
+    clean_<name>/               the victim config alone: the clean model, reference of the ASR floor
+    <attack>_<name>/victim/     the victim config with configs/attacks/<attack>.yaml
+    <attack>_<name>/<recipe>/   a REFINE recipe's job on that victim: report.json, and timing.json once tested
+
+The seed drives every seeded choice of a run: ``seed_everything`` (initialisation, data order, augmentation),
+the attack's own seed (poisoned samples, patterns, per-sample transformations) and the REFINE remap.
 """
 
 import json
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from refine_pl.checkpoints import run_checkpoints
-from refine_pl.errors import ConfigError
-from refine_pl.pipeline import REPOSITORY, train_victim
+from refine_pl.pipeline import run_refine, train_victim
 
-VICTIM_CONFIG = "configs/victim/mnist.yaml"
+REPO = Path(__file__).resolve().parents[1]
+VICTIM_CONFIG = str(REPO / "configs" / "victim" / "mnist.yaml")
 ATTACKS = ("badnets", "blended", "wanet", "physical_ba", "iad", "lc", "batt", "adaptive_patch")
 """Config names under configs/attacks/, in the order of the REFINE paper's tables."""
-RECORD = "victim.json"
+RECIPES = {
+    "refine": [str(REPO / "configs" / "refine" / name) for name in ("reference.yaml", "mnist.yaml")],
+    "reference": [str(REPO / "configs" / "refine" / name) for name in ("reference.yaml", "mnist_reference.yaml")],
+}
+"""REFINE configs by recipe: the project's MNIST config, and the reference recipe unchanged on MNIST."""
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-"""CLI arguments that keep a benchmark's log to the figures: no progress bar, no model summary."""
+DEFAULT_ARCH = "small_cnn"
+"""The victim architecture of configs/victim/mnist.yaml."""
 
 
-class Victim(NamedTuple):
-    """A trained victim: its final checkpoint, and the wall clock of its job (of the last part when resumed)."""
-
-    checkpoint: Path
-    seconds: float
-    resumed: bool
+def attack_config(attack: str) -> str:
+    """The config of ``attack`` under configs/attacks/."""
+    return str(REPO / "configs" / "attacks" / f"{attack}.yaml")
 
 
-def run_record(path: Path, started: dict[str, Any]) -> dict[str, Any]:
-    """The record of a benchmark run (a JSON file at ``path``), or ``started`` when there is none yet.
-
-    Raises:
-        ConfigError: The run was started with other ``args`` than ``started``'s: resuming it would continue another
-            run's training with these settings, reusing it would report other settings' figures.
-    """
-    record = json.loads(path.read_text()) if path.is_file() else started
-    if record["args"] != started["args"]:
-        raise ConfigError(
-            f"{path.parent} holds a run started with the arguments {record['args']}, not {started['args']}: delete "
-            "the folder or use another one."
-        )
-    return record
+def run_name(seed: int, arch: str = DEFAULT_ARCH) -> str:
+    """The part of a run's folder name that says its seed and, unless it is the small CNN, its architecture."""
+    return f"s{seed}" if arch == DEFAULT_ARCH else f"{arch}_s{seed}"
 
 
-def victim_folder(root: str | Path, attack: str | None, seed: int) -> Path:
-    """The run folder of the victim of ``attack`` (None: a clean model) trained with ``seed``."""
-    return Path(root) / f"{attack or 'clean'}_s{seed}"
+def _victim_arguments(seed: int, arch: str, extra: list[str] | None) -> list[str]:
+    return [*QUIET, "--seed_everything", str(seed), "--model.init_args.arch", arch, *(extra or [])]
 
 
-def victim_job(attack: str | None, seed: int) -> tuple[list[str], list[str]]:
-    """``(configs, seed arguments)`` of the victim job of ``attack`` with ``seed``."""
-    configs = [VICTIM_CONFIG, *([f"configs/attacks/{attack}.yaml"] if attack else [])]
-    seeds = ["--seed_everything", str(seed)]
-    if attack:
-        seeds += ["--data.init_args.attack.init_args.seed", str(seed)]
-    return configs, seeds
+def clean_model(run_dir: Path, seed: int, extra: list[str] | None = None, arch: str = DEFAULT_ARCH) -> Path:
+    """The clean model of ``seed`` (trained, resumed or found finished); returns its final checkpoint."""
+    return train_victim(
+        [VICTIM_CONFIG], run_dir / f"clean_{run_name(seed, arch)}", _victim_arguments(seed, arch, extra)
+    )
 
 
-def find_or_train_victim(
-    attack: str | None, seed: int = 0, root: str | Path = "runs/victims", args: list[str] | None = None
-) -> Victim:
-    """The victim of ``attack`` with ``seed``: found finished, resumed or trained.
+def victim(run_dir: Path, attack: str, seed: int, extra: list[str] | None = None, arch: str = DEFAULT_ARCH) -> Path:
+    """The victim of ``attack`` with ``seed`` (trained, resumed or found finished); returns its final checkpoint.
 
     Args:
-        attack: Config name under ``configs/attacks/`` (see :data:`ATTACKS`), or None for a clean model.
-        seed: Seed of the victim job and of the attack.
-        root: Folder of the victims.
-        args: Extra CLI arguments of the victim job (e.g. ``["--trainer.max_epochs", "2"]``).
-
-    Raises:
-        ConfigError: The attack has no config, or the folder holds a victim trained with other ``args``.
+        run_dir: The benchmark's run folder.
+        attack: Name of a config under configs/attacks/.
+        seed: Seed of the victim's training and of the attack's choices.
+        extra: More train.py arguments of the victim job.
+        arch: Registered victim architecture.
     """
-    if attack is not None and not (REPOSITORY / "configs" / "attacks" / f"{attack}.yaml").is_file():
-        raise ConfigError(f"No attack config configs/attacks/{attack}.yaml; known attacks: {', '.join(ATTACKS)}.")
-    args = list(args or [])
-    folder = victim_folder(root, attack, seed)
-    record_path = folder / RECORD
-    record = run_record(record_path, {"attack": attack, "seed": seed, "args": args})
-    if "checkpoint" not in record:
-        folder.mkdir(parents=True, exist_ok=True)
-        record_path.write_text(json.dumps(record, indent=2) + "\n")
-        configs, seeds = victim_job(attack, seed)
-        resumed = bool(run_checkpoints(folder))
+    arguments = [*_victim_arguments(seed, arch, extra), "--data.init_args.attack.init_args.seed", str(seed)]
+    folder = run_dir / f"{attack}_{run_name(seed, arch)}" / "victim"
+    return train_victim([VICTIM_CONFIG, attack_config(attack)], folder, arguments)
+
+
+def defended_report(
+    run_dir: Path,
+    attack: str,
+    recipe: str,
+    seed: int,
+    victim_checkpoint: Path,
+    clean_reference: Path,
+    extra: list[str] | None = None,
+    arch: str = DEFAULT_ARCH,
+) -> tuple[dict[str, Any], float]:
+    """The report of REFINE (``recipe``, remap and training seeded with ``seed``) on a victim, and its seconds.
+
+    Seconds are the wall clock of the REFINE stage (fit and test) when it ran; a finished job's are read back from
+    its ``timing.json`` (marked ``resumed`` there when the stage was continued from a checkpoint).
+    """
+    job = run_dir / f"{attack}_{run_name(seed, arch)}" / recipe
+    timing = job / "timing.json"
+    if not (timing.is_file() and (job / "report.json").is_file()):
+        resumed = job.exists()
         start = time.perf_counter()
-        checkpoint = train_victim(configs, folder, [*seeds, *QUIET, *args])
-        record.update(
-            checkpoint=str(checkpoint.relative_to(folder)),
-            seconds=round(time.perf_counter() - start, 1),
-            resumed=resumed,
-        )
-        record_path.write_text(json.dumps(record, indent=2) + "\n")
-    return Victim(folder / record["checkpoint"], record["seconds"], record["resumed"])
+        arguments = [*QUIET, "--seed_everything", str(seed), "--model.init_args.remap_seed", str(seed), *(extra or [])]
+        run_refine(victim_checkpoint, RECIPES[recipe], job, arguments, clean_reference)
+        timing.write_text(json.dumps({"seconds": time.perf_counter() - start, "resumed": resumed}) + "\n")
+    return json.loads((job / "report.json").read_text()), json.loads(timing.read_text())["seconds"]

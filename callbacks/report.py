@@ -30,8 +30,11 @@ def format_report_table(report: dict[str, Any]) -> str:
 
     defense = report["defense"]
     label = DEFENSES[defense].label if defense in DEFENSES else defense
+    rows = [("no defense", report["no_defense"]), (label, report["defended"])]
+    if report.get("clean_floor") is not None:
+        rows.append(("clean model (ASR floor)", report["clean_floor"]))
     lines = ["| | BA | ASR | RA | DER |", "|---|---|---|---|---|"]
-    for name, row in (("no defense", report["no_defense"]), (label, report["defended"])):
+    for name, row in rows:
         lines.append(f"| {name} | " + " | ".join(cell(row, key) for key in (*RATES, "der")) + " |")
     return "\n".join(lines)
 
@@ -39,9 +42,12 @@ def format_report_table(report: dict[str, Any]) -> str:
 class DefenseReport(Callback):
     """After testing a defense (a :class:`~refine_pl.RefineLitModule`), prints and saves its figures before / after.
 
-    Both rows are measured in the same test pass on the same held-out images: "no defense" is the victim
-    alone, the defended row the defended classifier, with its DER against the victim. The figures go to
-    ``report.json`` (fractions in [0, 1]) and ``report.md`` in the trainer's ``default_root_dir``, and are printed.
+    Every row is measured in the same test pass on the same held-out images: "no defense" is the victim
+    alone, the defended row the defended classifier, with its DER against the victim, and, when the module was
+    given a clean reference model, "clean_floor" that model: its ASR is the floor below which no defense can bring
+    an ASR (how often triggered images land in the target class without any backdoor). The figures go to
+    ``report.json`` (fractions in [0, 1]; ``clean_floor`` is null without a reference) and ``report.md`` in the
+    trainer's ``default_root_dir``, and are printed.
 
     Args:
         defense: Name of the defense (see :data:`refine_pl.defenses.DEFENSES`), recorded in the report.
@@ -71,7 +77,11 @@ class DefenseReport(Callback):
             "defense": self.defense,
             "no_defense": {key: _measured(metrics, f"test/victim_{key}") for key in RATES},
             "defended": {key: _measured(metrics, f"test/{key}") for key in (*RATES, "der")},
+            "clean_floor": (
+                {key: _measured(metrics, f"test/clean_{key}") for key in RATES} if "test/clean_ba" in metrics else None
+            ),
             "victim_checkpoint": pl_module.hparams.get("victim_checkpoint"),
+            "clean_reference": pl_module.hparams.get("clean_reference"),
             "defense_checkpoint": trainer.ckpt_path,
         }
         self._write(Path(trainer.default_root_dir))

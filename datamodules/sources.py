@@ -163,7 +163,30 @@ def read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.tensor(labels, dtype=torch.long)
 
 
-class CIFAR10(DatasetSource):
+class DownloadableSource(DatasetSource):
+    """A source in a folder that torchvision can download into when asked.
+
+    Args:
+        root: Folder holding the dataset (or where to download it).
+        download: Download and extract the dataset into ``root`` when it is not there yet.
+        mean: Per-channel mean replacing the dataset's usual one (for a third-party model trained with other
+            statistics).
+        std: Per-channel standard deviation replacing the usual one.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        download: bool = False,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.download = download
+        self._set_normalisation(mean, std)
+
+
+class CIFAR10(DownloadableSource):
     """CIFAR-10: 50,000 training and 10,000 test images, 32x32 RGB, 10 classes.
 
     Reads the python version as torchvision downloads it, ``<root>/cifar-10-batches-py/data_batch_1..5``
@@ -177,9 +200,7 @@ class CIFAR10(DatasetSource):
 
     Args:
         root: Folder holding ``cifar-10-batches-py`` (or where to download it).
-        download: Download and extract the archive into ``root`` when it is not there yet.
-        mean: Per-channel mean replacing the default.
-        std: Per-channel standard deviation replacing the default.
+        **kwargs: ``download``, ``mean``, ``std`` (:class:`DownloadableSource`).
     """
 
     name = "cifar10"
@@ -190,16 +211,8 @@ class CIFAR10(DatasetSource):
     std = (0.2023, 0.1994, 0.2010)
     _BATCHES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
 
-    def __init__(
-        self,
-        root: str = "data/cifar10",
-        download: bool = False,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
-    ) -> None:
-        self.root = Path(root)
-        self.download = download
-        self._set_normalisation(mean, std)
+    def __init__(self, root: str = "data/cifar10", **kwargs: Any) -> None:
+        super().__init__(root, **kwargs)
 
     @property
     def _folder(self) -> Path:
@@ -231,7 +244,7 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
 
 
-class GTSRB(DatasetSource):
+class GTSRB(DownloadableSource):
     """The German Traffic Sign Recognition Benchmark: 39,209 training and 12,630 test images, 43 classes.
 
     Uses torchvision's layout under ``root``: ``gtsrb/GTSRB/Training/<class id, 5 digits>/*.ppm`` for
@@ -242,9 +255,7 @@ class GTSRB(DatasetSource):
 
     Args:
         root: Folder holding ``gtsrb`` (or where to download it).
-        download: Download and extract both splits into ``root`` with torchvision when they are missing.
-        mean: Per-channel mean replacing the default.
-        std: Per-channel standard deviation replacing the default.
+        **kwargs: ``download`` (both splits, with torchvision), ``mean``, ``std`` (:class:`DownloadableSource`).
     """
 
     name = "gtsrb"
@@ -254,16 +265,8 @@ class GTSRB(DatasetSource):
     mean = (0.0, 0.0, 0.0)
     std = (1.0, 1.0, 1.0)
 
-    def __init__(
-        self,
-        root: str = "data/gtsrb",
-        download: bool = False,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
-    ) -> None:
-        self.root = Path(root)
-        self.download = download
-        self._set_normalisation(mean, std)
+    def __init__(self, root: str = "data/gtsrb", **kwargs: Any) -> None:
+        super().__init__(root, **kwargs)
 
     @property
     def _training_folder(self) -> Path:

@@ -18,7 +18,7 @@ class BackdoorLitModule(LightningModule):
     Validation and test batches come from two loaders, clean (:data:`~refine_pl.metrics.CLEAN_LOADER`) and
     poisoned; every classifier of :meth:`evaluated_classifiers` is measured on both, and its BA / ASR / RA are
     logged as ``<stage>/<prefix>ba``, ``<stage>/<prefix>asr`` and ``<stage>/<prefix>ra``. With an
-    ``undefended_prefix``, every other classifier's DER against that one is logged as ``<stage>/<prefix>der``
+    ``undefended_prefix``, the first classifier's DER against that one is logged as ``<stage>/<prefix>der``
     (when there is a poisoned loader: DER needs ASR). The optimizer is built from the parameters of
     :meth:`trainable_parameters`, the scheduler (stepped every epoch) from the optimizer.
 
@@ -27,8 +27,8 @@ class BackdoorLitModule(LightningModule):
         scheduler: Builds the learning-rate scheduler from the optimizer; None for a constant rate.
         metric_prefixes: Log prefix of each evaluated classifier, in the order of :meth:`evaluated_classifiers`;
             the first is shown in the progress bar.
-        undefended_prefix: The prefix of the classifier without a defense, which the DER of the others is taken
-            against (None: no DER).
+        undefended_prefix: The prefix of the classifier without a defense, which the DER of the first classifier
+            is taken against (None: no DER).
     """
 
     trains: ClassVar[bool] = True
@@ -50,9 +50,8 @@ class BackdoorLitModule(LightningModule):
         self.metrics = nn.ModuleDict(
             {f"{stage}_{prefix}": BackdoorMetrics() for stage in STAGES for prefix in metric_prefixes}
         )
-        defended = [prefix for prefix in metric_prefixes if undefended_prefix not in (None, prefix)]
         self.der_metrics = nn.ModuleDict(
-            {f"{stage}_{prefix}": DefenseEffectivenessRating() for stage in STAGES for prefix in defended}
+            {stage: DefenseEffectivenessRating() for stage in STAGES} if undefended_prefix is not None else {}
         )
 
     def evaluated_classifiers(self) -> tuple[nn.Module, ...]:
@@ -70,17 +69,16 @@ class BackdoorLitModule(LightningModule):
             for name, metric in self.metrics[f"{stage}_{prefix}"].update(predicted, batch, dataloader_idx).items():
                 show = prefix == self.metric_prefixes[0] and name != "ra"
                 self.log(f"{stage}/{prefix}{name}", metric, prog_bar=show, add_dataloader_idx=False)
-            if f"{stage}_{prefix}" in self.der_metrics:
-                der = self.der_metrics[f"{stage}_{prefix}"]
-                der.update(predicted, preds[self.undefended_prefix], *batch[1:])
-                if dataloader_idx == POISONED_LOADER:  # logged once, where its last counts (ASR) come in
-                    self.log(f"{stage}/{prefix}der", der, add_dataloader_idx=False)
+        if stage in self.der_metrics:
+            first, der = self.metric_prefixes[0], self.der_metrics[stage]
+            der.update(preds[first], preds[self.undefended_prefix], *batch[1:])
+            if dataloader_idx == POISONED_LOADER:  # logged once, where its last counts (ASR) come in
+                self.log(f"{stage}/{first}der", der, add_dataloader_idx=False)
 
     def _reset_der(self, stage: str) -> None:
         # Lightning resets a logged metric after the epoch; a DER never logged (no poisoned loader) is reset here.
-        for key, metric in self.der_metrics.items():
-            if key.startswith(f"{stage}_"):
-                metric.reset()
+        if stage in self.der_metrics:
+            self.der_metrics[stage].reset()
 
     def on_validation_epoch_start(self) -> None:
         self._reset_der("val")

@@ -1,4 +1,4 @@
-"""The main job: train a backdoored victim, defend it with REFINE, test both, report BA / ASR.
+"""The main job: train a backdoored victim (and a clean model), defend it with REFINE, test all, report BA / ASR.
 
 Each stage is an ordinary ``train.py`` call (see :func:`run_pipeline`), so everything the pipeline does
 can also be done by hand, and every stage resumes from its last checkpoint when run again.
@@ -66,6 +66,7 @@ def run_pipeline(
     run_dir: str | Path,
     victim_args: list[str] | None = None,
     refine_args: list[str] | None = None,
+    clean_reference: str | Path | None = None,
 ) -> dict[str, Any]:
     """Runs victim training, REFINE training and the REFINE test; returns the report.
 
@@ -80,13 +81,36 @@ def run_pipeline(
         run_dir: Output folder of the whole job.
         victim_args: Extra CLI arguments of the victim job (e.g. ``["--trainer.max_epochs", "3"]``).
         refine_args: Extra CLI arguments of both REFINE stages (fit and test).
+        clean_reference: A model trained like the victim without the attack (e.g. by :func:`train_victim` with
+            the dataset's victim config alone): the test measures its ASR, the floor, in the same pass.
     """
     run_dir = Path(run_dir)
     victim_checkpoint = train_victim(victim_configs, run_dir / "victim", victim_args)
+    return run_refine(victim_checkpoint, refine_configs, run_dir, refine_args, clean_reference)
+
+
+def run_refine(
+    victim_checkpoint: str | Path,
+    refine_configs: list[str],
+    run_dir: str | Path,
+    refine_args: list[str] | None = None,
+    clean_reference: str | Path | None = None,
+) -> dict[str, Any]:
+    """REFINE training (or its resumption) and test of ``victim_checkpoint`` in ``run_dir``; returns the report.
+
+    Args:
+        victim_checkpoint: The suspect model's weights.
+        refine_configs: Configs of the REFINE job, merged in order.
+        run_dir: Output folder of the REFINE job (``report.json`` is written there).
+        refine_args: Extra CLI arguments of both REFINE stages (fit and test).
+        clean_reference: A clean model whose ASR the test measures as the floor (see :func:`run_pipeline`).
+    """
+    run_dir = Path(run_dir)
     refine_common = [
         *config_flags(refine_configs),
         "--trainer.default_root_dir", str(run_dir),
         "--model.init_args.victim_checkpoint", str(victim_checkpoint),
+        *(["--model.init_args.clean_reference", str(clean_reference)] if clean_reference else []),
         *(refine_args or []),
     ]  # fmt: skip
     cli_main(["fit", *refine_common, *resume_flag(run_dir)])
@@ -107,6 +131,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--run-dir", default="runs/mnist_badnets", help="output folder of the whole job")
     parser.add_argument(
+        "--floor", action=argparse.BooleanOptionalAction, default=True,
+        help="also train a clean model (the first victim config alone, in RUN_DIR/clean) and report its ASR, the "
+        "floor of every ASR (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
         "--victim-arg", action="append", default=[], metavar="ARG",
         help="extra train.py argument of the victim job (repeat; write --victim-arg=--flag)",
     )  # fmt: skip
@@ -120,4 +149,5 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Runs the main job with the command line ``argv`` (``sys.argv[1:]`` when None)."""
     args = parse_args(argv)
-    run_pipeline(args.victim_config, args.refine_config, args.run_dir, args.victim_arg, args.refine_arg)
+    clean = train_victim(args.victim_config[:1], Path(args.run_dir) / "clean", args.victim_arg) if args.floor else None
+    run_pipeline(args.victim_config, args.refine_config, args.run_dir, args.victim_arg, args.refine_arg, clean)

@@ -71,6 +71,10 @@ class RefineLitModule(BackdoorLitModule):
         temperature: Temperature of the supervised contrastive loss (0.07 in the reference).
         optimizer: Builds the optimizer from the transform's parameters (the only trainable ones).
         scheduler: Builds the learning-rate scheduler (stepped every epoch) from the optimizer.
+        clean_reference: Weights of a model of the victim's architecture trained on the same data without the
+            attack. It is evaluated beside the victim (``clean_ba``, ``clean_asr``): its ASR is the floor of
+            every ASR, how often triggered images land in the target class with no backdoor at all (transforming
+            triggers such as rotations have a real one). Like the victim, it is not copied into checkpoints.
     """
 
     def __init__(
@@ -90,12 +94,19 @@ class RefineLitModule(BackdoorLitModule):
         temperature: float = 0.07,
         optimizer: OptimizerCallable = reference_sgd,
         scheduler: LRSchedulerCallable | None = None,
+        clean_reference: str | None = None,
     ) -> None:
-        super().__init__(optimizer, scheduler, metric_prefixes=("", "victim_"), undefended_prefix="victim_")
+        prefixes = ("", "victim_", "clean_")[: 3 if clean_reference else 2]
+        super().__init__(optimizer, scheduler, metric_prefixes=prefixes, undefended_prefix="victim_")
         self.save_hyperparameters(ignore=["transform", "optimizer", "scheduler"])
         victim, self.victim_record = load_victim(
             victim_checkpoint, num_classes, in_channels, image_size, mean, std, victim_arch
         )
+        self.clean_reference: NormalizedClassifier | None = None
+        if clean_reference is not None:
+            self.clean_reference = load_victim(
+                clean_reference, num_classes, in_channels, image_size, mean, std
+            ).classifier
         remap = OutputRemap(num_classes, seed=remap_seed, derange=derange)
         self.defended = DefendedClassifier(transform(in_channels), victim, remap)
         self.utility_loss = UtilityLoss()
@@ -146,10 +157,18 @@ class RefineLitModule(BackdoorLitModule):
                 "none, so ASR is not measured: call datamodule.use_recorded_attack(module.victim_record)."
             )
 
+    def _frozen_models(self) -> dict[str, nn.Module]:
+        """The models that never train, by their ``state_dict`` prefix: the victim and the clean reference."""
+        frozen = {"defended.victim.": self.victim}
+        if self.clean_reference is not None:
+            frozen["clean_reference."] = self.clean_reference
+        return frozen
+
     def train(self, mode: bool = True) -> "RefineLitModule":
-        """Switches the transform's mode; the victim stays in eval mode so its BN statistics never move."""
+        """Switches the transform's mode; the frozen models stay in eval mode so their BN statistics never move."""
         super().train(mode)
-        self.victim.eval()
+        for model in self._frozen_models().values():
+            model.eval()
         return self
 
     def forward(self, images: Tensor) -> Tensor:
@@ -181,16 +200,17 @@ class RefineLitModule(BackdoorLitModule):
         return losses["loss"]
 
     def evaluated_classifiers(self) -> tuple[nn.Module, ...]:
-        return (self.defended, self.victim)
+        return (self.defended, *self._frozen_models().values())
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return self.transform.parameters()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The victim is the user's file: the checkpoint names it by digest instead of holding a second copy.
-        victim_prefix = "defended.victim."
+        # The victim is the user's file: the checkpoint names it by digest instead of holding a second copy (and
+        # the clean reference is read from its own file at every job).
+        frozen = tuple(self._frozen_models())
         checkpoint["state_dict"] = {
-            key: value for key, value in checkpoint["state_dict"].items() if not key.startswith(victim_prefix)
+            key: value for key, value in checkpoint["state_dict"].items() if not key.startswith(frozen)
         }
         checkpoint[VICTIM_KEY] = {"sha256": self.victim_record.sha256, "path": self.victim_record.path}
 
@@ -208,8 +228,8 @@ class RefineLitModule(BackdoorLitModule):
                 f"{self.victim_record.sha256[:12]}...): pass the victim the run was trained with in "
                 f"{cli_flag('model', 'victim_checkpoint')}."
             )
-        victim_state = {f"defended.victim.{key}": value for key, value in self.victim.state_dict().items()}
-        checkpoint["state_dict"].update(victim_state)
+        for prefix, model in self._frozen_models().items():
+            checkpoint["state_dict"].update({prefix + key: value for key, value in model.state_dict().items()})
         problem = describe_key_mismatch(self.state_dict(), checkpoint["state_dict"])
         if problem is not None:
             raise ConfigError(

@@ -1,5 +1,5 @@
-"""The defenses benchmark's bookkeeping: victims trained once and reused, runs refused when their settings changed,
-and the data-efficiency runs all training for the steps of the full run.
+"""The defenses benchmark's bookkeeping: runs refused when their settings changed, and the data-efficiency runs all
+training for the steps of the full run.
 """
 
 import json
@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-import benchmarks.victims as victims
 from benchmarks.defenses import fraction_args, fraction_settings, run_defense
 from refine_pl.errors import ConfigError
 
@@ -37,26 +36,4 @@ def test_fewer_images_than_a_batch_train_in_one_batch_per_epoch() -> None:
 def test_a_run_started_with_other_settings_is_refused_not_resumed(tmp_path: Path) -> None:
     (tmp_path / "benchmark.json").write_text(json.dumps({"args": ["--trainer.max_epochs=2"]}))
     with pytest.raises(ConfigError, match="holds a run started with the arguments .*max_epochs=2.*, not \\[\\]"):
-        run_defense("refine", tmp_path / "victim.ckpt", tmp_path, [])
-
-
-@pytest.mark.slow
-def test_a_victim_is_trained_once_then_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    tiny = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "0"]
-    first = victims.find_or_train_victim("badnets", seed=3, root=tmp_path, args=tiny)
-    folder = tmp_path / "badnets_s3"
-    assert first.checkpoint.parent == folder / "checkpoints" and first.checkpoint.is_file() and not first.resumed
-    record = json.loads((folder / "victim.json").read_text())
-    assert (record["attack"], record["seed"], record["args"]) == ("badnets", 3, tiny)
-    config = (folder / "config.yaml").read_text()
-    assert "seed_everything: 3" in config and "seed: 3" in config  # the seed reaches the job and the attack
-
-    def no_training(*args, **kwargs):
-        raise AssertionError("a finished victim was trained again")
-
-    monkeypatch.setattr(victims, "train_victim", no_training)
-    assert victims.find_or_train_victim("badnets", seed=3, root=tmp_path, args=tiny) == first
-    with pytest.raises(ConfigError, match="badnets_s3 holds a run started with the arguments"):
-        victims.find_or_train_victim("badnets", seed=3, root=tmp_path, args=[])
-    with pytest.raises(ConfigError, match="No attack config configs/attacks/nope.yaml"):
-        victims.find_or_train_victim("nope", root=tmp_path)
+        run_defense("refine", tmp_path / "victim.ckpt", tmp_path / "clean.ckpt", tmp_path, [])

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from datamodules import EmbeddedMNIST
-from refine_pl.pipeline import run_pipeline
+from refine_pl.pipeline import run_pipeline, train_victim
 from tests.conftest import BADNETS_CONFIG, QUIET, REFINE_CONFIGS, VICTIM_CONFIG
 
 SHORT_VICTIM = ["--trainer.max_epochs", "3", *QUIET]
@@ -43,7 +43,10 @@ def _check_transform_grid(path: Path) -> None:
 
 @pytest.mark.slow
 def test_refine_cuts_the_asr_of_a_real_backdoor(tmp_path: Path) -> None:
-    report = run_pipeline([VICTIM_CONFIG, BADNETS_CONFIG], REFINE_CONFIGS, tmp_path, SHORT_VICTIM, SHORT_REFINE)
+    clean = train_victim([VICTIM_CONFIG], tmp_path / "clean", SHORT_VICTIM)
+    report = run_pipeline(
+        [VICTIM_CONFIG, BADNETS_CONFIG], REFINE_CONFIGS, tmp_path, SHORT_VICTIM, SHORT_REFINE, clean_reference=clean
+    )
 
     # The victim really is backdoored, and 3 short REFINE epochs remove nearly all of it while keeping
     # most of the accuracy. Measured with these settings for seeds 0-4: victim BA 0.956-0.969, ASR
@@ -51,6 +54,9 @@ def test_refine_cuts_the_asr_of_a_real_backdoor(tmp_path: Path) -> None:
     assert report["no_defense"]["ba"] >= 0.90 and report["no_defense"]["asr"] >= 0.95
     assert report["defended"]["asr"] <= 0.10
     assert report["defended"]["ba"] >= 0.70
+    # A clean model trained the same way barely ever sends a patched digit to class 0 (measured, seed 0: BA 0.973,
+    # ASR 0.0011, one image of 900): the floor under BadNets is near zero.
+    assert report["clean_floor"]["ba"] >= 0.90 and report["clean_floor"]["asr"] <= 0.02
 
     assert report["dataset"] == "mnist5k" and report["attack"] == "badnets" and report["target_label"] == 0
     assert json.loads((tmp_path / "report.json").read_text()) == report

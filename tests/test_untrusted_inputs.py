@@ -93,6 +93,12 @@ def _accept_config_error(read: Callable[[], object]) -> object | None:
         return None
 
 
+def _read_file(path: Path, data: bytes, read: Callable[[Path], object]) -> object | None:
+    """Writes ``data`` to ``path`` and reads it: ``read(path)``, or None after one ConfigError line."""
+    path.write_bytes(data)
+    return _accept_config_error(lambda: read(path))
+
+
 def _flip_bits(data: bytes, flips: list[tuple[int, int]]) -> bytes:
     mutable = bytearray(data)
     for position, bit in flips:
@@ -238,9 +244,7 @@ VICTIM_BYTES = st.one_of(
 def test_any_victim_file_gives_a_classifier_or_one_config_error(
     folder: Path, bounded_memory: None, data: bytes, arch: str | None
 ) -> None:
-    path = folder / "victim.ckpt"
-    path.write_bytes(data)
-    victim = _accept_config_error(lambda: load_victim(path, arch=arch, **MNIST).classifier)
+    victim = _read_file(folder / "victim.ckpt", data, lambda path: load_victim(path, arch=arch, **MNIST).classifier)
     if victim is not None:
         assert isinstance(victim, NormalizedClassifier) and not victim.training
         assert victim(torch.rand(1, 1, 28, 28)).shape == (1, 10)
@@ -296,9 +300,7 @@ TRAINING_CHECKPOINT = _training_checkpoint()
 def test_any_ckpt_path_file_gives_a_training_checkpoint_or_one_config_error(
     folder: Path, bounded_memory: None, data: bytes
 ) -> None:
-    path = folder / "run.ckpt"
-    path.write_bytes(data)
-    checkpoint = _accept_config_error(lambda: read_training_checkpoint(path))
+    checkpoint = _read_file(folder / "run.ckpt", data, read_training_checkpoint)
     if checkpoint is not None:
         assert isinstance(checkpoint["state_dict"], dict) and "global_step" in checkpoint
 
@@ -379,9 +381,7 @@ DEFENDED_BYTES = st.one_of(
 def test_any_defended_file_gives_a_classifier_or_one_config_error(
     folder: Path, bounded_memory: None, data: bytes
 ) -> None:
-    path = folder / "defended.safetensors"
-    path.write_bytes(data)
-    model = _accept_config_error(lambda: load_defended(path))
+    model = _read_file(folder / "defended.safetensors", data, load_defended)
     if model is not None:
         assert isinstance(model, DefendedClassifier) and not model.training
         permutation = model.remap.permutation
@@ -450,9 +450,9 @@ IMAGE_BYTES = st.one_of(VALID_IMAGES, VALID_IMAGES.flatmap(lambda data: mutation
 def test_any_image_file_gives_an_item_in_0_1_or_one_config_error(
     folder: Path, bounded_memory: None, data: bytes, image_size: int, crop: bool
 ) -> None:
-    path = folder / "image"
-    path.write_bytes(data)
-    item = _accept_config_error(lambda: ImageFileDataset([str(path)], torch.tensor([1]), image_size, crop)[0])
+    item = _read_file(
+        folder / "image", data, lambda path: ImageFileDataset([str(path)], torch.tensor([1]), image_size, crop)[0]
+    )
     if item is not None:
         image, label = item
         assert label == 1 and image.dtype == torch.float32 and image.shape == (3, image_size, image_size)

@@ -63,13 +63,14 @@ class Bottleneck(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """A ResNet with a 3x3 stride-1 stem, four stages (64-512 wide) and global average pooling.
+    """A ResNet with a 3x3 stride-1 stem, four stages (64-512 wide by default) and global average pooling.
 
     Args:
         block: :class:`BasicBlock` or :class:`Bottleneck`.
         blocks_per_stage: Number of blocks in each of the four stages.
         num_classes: Size of the output.
         in_channels: Channels of the input images.
+        width: Channels of the stem and the first stage; each later stage doubles them.
     """
 
     def __init__(
@@ -78,16 +79,18 @@ class CifarResNet(nn.Module):
         blocks_per_stage: tuple[int, int, int, int],
         num_classes: int,
         in_channels: int,
+        width: int = 64,
     ) -> None:
         super().__init__()
-        self.conv1, self.bn1 = _conv_bn(in_channels, 64, 3)
-        channels = 64
+        self.conv1, self.bn1 = _conv_bn(in_channels, width, 3)
+        channels = width
         stages = []
-        for index, (width, blocks) in enumerate(zip((64, 128, 256, 512), blocks_per_stage, strict=True)):
+        widths = (width, 2 * width, 4 * width, 8 * width)
+        for index, (stage_width, blocks) in enumerate(zip(widths, blocks_per_stage, strict=True)):
             layers = []
             for position in range(blocks):
-                layers.append(block(channels, width, stride=2 if index > 0 and position == 0 else 1))
-                channels = width * block.expansion
+                layers.append(block(channels, stage_width, stride=2 if index > 0 and position == 0 else 1))
+                channels = stage_width * block.expansion
             stages.append(nn.Sequential(*layers))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.linear = nn.Linear(channels, num_classes)
@@ -109,3 +112,13 @@ def resnet18_cifar(num_classes: int, in_channels: int) -> nn.Module:
 def resnet50_cifar(num_classes: int, in_channels: int) -> nn.Module:
     """ResNet-50 (bottleneck blocks 3-4-6-3) in the CIFAR layout."""
     return CifarResNet(Bottleneck, (3, 4, 6, 3), num_classes, in_channels)
+
+
+@register_architecture("resnet18_cifar_narrow", native_size=32)
+def resnet18_cifar_narrow(num_classes: int, in_channels: int) -> nn.Module:
+    """ResNet-18 in the CIFAR layout at a quarter of the width (16-128 channels).
+
+    A residual victim for small images that trains in minutes on a CPU: the benchmarks' second victim
+    architecture on the embedded digits.
+    """
+    return CifarResNet(BasicBlock, (2, 2, 2, 2), num_classes, in_channels, width=16)

@@ -171,8 +171,7 @@ class Attack(ABC):
 
     def spec(self) -> dict[str, Any]:
         """Name and constructor arguments, enough for :func:`attack_from_spec` to rebuild this attack."""
-        parameters = inspect.signature(type(self).__init__).parameters
-        init_args = {key: getattr(self, key) for key in parameters if key != "self"}
+        init_args = {key: getattr(self, key) for key in constructor_parameters(type(self))}
         return {"name": self.name, "init_args": init_args}
 
     def __repr__(self) -> str:
@@ -277,6 +276,34 @@ def _fits(value: Any, hint: Any) -> bool:
     return True
 
 
+def constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """The named constructor arguments of ``cls``, with those a constructor passes on to its base in ``**kwargs``.
+
+    An attack that extends another (PhysicalBA extends BadNets) takes its own arguments and forwards the rest;
+    the config parser follows ``**kwargs`` the same way.
+    """
+    parameters: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        signature = inspect.signature(klass.__init__)
+        for name, parameter in signature.parameters.items():
+            if name != "self" and parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL):
+                parameters.setdefault(name, parameter)
+        if not any(parameter.kind is parameter.VAR_KEYWORD for parameter in signature.parameters.values()):
+            break
+    return parameters
+
+
+def _constructor_type_hints(cls: type) -> dict[str, Any]:
+    """The type hints of :func:`constructor_parameters`, each from the constructor that declares it."""
+    hints: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass):
+            hints.update(typing.get_type_hints(klass.__init__))
+    return {name: hint for name, hint in hints.items() if name in constructor_parameters(cls)}
+
+
 def _check_init_args(cls: type[Attack], init_args: Any) -> dict[str, Any]:
     """Refuses constructor arguments of a spec (e.g. from a checkpoint) whose names or types do not fit ``cls``.
 
@@ -285,13 +312,13 @@ def _check_init_args(cls: type[Attack], init_args: Any) -> dict[str, Any]:
     """
     if not isinstance(init_args, dict) or not all(isinstance(key, str) for key in init_args):
         raise ConfigError(f"Attack {cls.name!r}: init_args must be a dict of argument names, got {init_args!r}.")
-    hints = typing.get_type_hints(cls.__init__)
-    parameters = inspect.signature(cls.__init__).parameters
+    hints = _constructor_type_hints(cls)
+    parameters = constructor_parameters(cls)
     for key, value in init_args.items():
-        if key not in parameters or key == "self":
+        if key not in parameters:
             raise ConfigError(
                 f"Attack spec {cls.name!r} does not fit {cls.__name__}: it has no argument {key!r} (it takes "
-                f"{', '.join(p for p in parameters if p != 'self')})."
+                f"{', '.join(parameters)})."
             )
         if key in hints and not _fits(value, hints[key]):
             expected = hints[key].__name__ if isinstance(hints[key], type) else str(hints[key]).replace("typing.", "")

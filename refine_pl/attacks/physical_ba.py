@@ -1,11 +1,13 @@
 """PhysicalBA (Li et al., 2021): the BadNets trigger, then the physical transformations of a photo."""
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from refine_pl.attacks.badnets import BadNets, Corner, Pattern
+from refine_pl.attacks.badnets import BadNets
 from refine_pl.attacks.base import register_attack, require_indices, sample_generator
 from refine_pl.errors import ConfigError
 
@@ -22,13 +24,6 @@ class PhysicalBA(BadNets):
     backdoor survive the same transformations at test.
 
     Args:
-        target_label: The class the trigger should force.
-        poison_rate: Fraction of the training set that is poisoned.
-        seed: Seed of the choice of poisoned samples and of the per-sample transformations.
-        patch_size: Side of the square patch in pixels.
-        location: Corner of the patch.
-        margin: Pixels between the patch and the image border.
-        pattern: ``"white"`` or ``"checkerboard"``.
         degrees: Largest rotation in degrees (at most 180, which allows every angle).
         translate: Largest translation as a fraction of the image side.
         min_scale: Smallest scale factor.
@@ -36,19 +31,14 @@ class PhysicalBA(BadNets):
         brightness: Largest relative brightness change.
         contrast: Largest relative contrast change.
         flip_prob: Probability of a horizontal flip.
+        **kwargs: The BadNets patch and the attack's settings (:class:`BadNets`); the seed also draws the
+            per-sample transformations.
     """
 
     name = "physical_ba"
 
     def __init__(
         self,
-        target_label: int = 0,
-        poison_rate: float = 0.1,
-        seed: int = 0,
-        patch_size: int = 3,
-        location: Corner = "bottom_right",
-        margin: int = 0,
-        pattern: Pattern = "white",
         degrees: float = 10.0,
         translate: float = 0.05,
         min_scale: float = 0.9,
@@ -56,8 +46,9 @@ class PhysicalBA(BadNets):
         brightness: float = 0.2,
         contrast: float = 0.2,
         flip_prob: float = 0.5,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(target_label, poison_rate, seed, patch_size, location, margin, pattern)
+        super().__init__(**kwargs)
         if not 0 <= degrees <= 180 or not 0 <= translate < 1 or not 0 < min_scale <= max_scale:
             raise ConfigError(
                 "PhysicalBA needs 0 <= degrees <= 180, 0 <= translate < 1 and 0 < min_scale <= max_scale, got "

@@ -75,6 +75,8 @@ class AutoencoderDefense(RefineLitModule):
         mean: Normalisation mean the victim expects, used when its checkpoint records none (linked).
         std: Normalisation std the victim expects, used when its checkpoint records none (linked).
         victim_arch: Architecture of bare weights files; a refine-pl victim checkpoint records its own.
+        clean_reference: Weights of a model trained like the victim without the attack, evaluated beside it for the
+            ASR floor (see :class:`~refine_pl.RefineLitModule`).
         transform: Builds the autoencoder from the channel count (outputs in [0, 1]).
         optimizer: Builds the optimizer from the autoencoder's parameters.
         scheduler: Builds the learning-rate scheduler (stepped every epoch) from the optimizer.
@@ -89,6 +91,7 @@ class AutoencoderDefense(RefineLitModule):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         victim_arch: str | None = None,
+        clean_reference: str | None = None,
         transform: Callable[[int], nn.Module] = ConvAutoencoder,
         optimizer: OptimizerCallable = autoencoder_adam,
         scheduler: LRSchedulerCallable | None = None,
@@ -96,6 +99,7 @@ class AutoencoderDefense(RefineLitModule):
         super().__init__(
             victim_checkpoint, num_classes, in_channels, image_size, mean, std, victim_arch,
             transform=transform, derange=False, optimizer=optimizer, scheduler=scheduler,
+            clean_reference=clean_reference,
         )  # fmt: skip
 
     def reconstruction_loss(self, images: Tensor) -> Tensor:

@@ -87,6 +87,8 @@ class TrainingFreeDefense(RefineLitModule):
         mean: Normalisation mean the victim expects, used when its checkpoint records none (linked).
         std: Normalisation std the victim expects, used when its checkpoint records none (linked).
         victim_arch: Architecture of bare weights files; a refine-pl victim checkpoint records its own.
+        clean_reference: Weights of a model trained like the victim without the attack, evaluated beside it for the
+            ASR floor (see :class:`~refine_pl.RefineLitModule`).
         transform: Builds the fixed ``T`` from the channel count (default: the identity).
         derange: Put REFINE's derangement behind the victim (False: the identity).
         remap_seed: Seed of the derangement.
@@ -103,13 +105,14 @@ class TrainingFreeDefense(RefineLitModule):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         victim_arch: str | None = None,
+        clean_reference: str | None = None,
         transform: Callable[[int], nn.Module] = nn.Identity,
         derange: bool = False,
         remap_seed: int = 0,
     ) -> None:
         super().__init__(
             victim_checkpoint, num_classes, in_channels, image_size, mean, std, victim_arch,
-            transform=transform, remap_seed=remap_seed, derange=derange,
+            transform=transform, remap_seed=remap_seed, derange=derange, clean_reference=clean_reference,
         )  # fmt: skip
         self.transform.requires_grad_(False)
 

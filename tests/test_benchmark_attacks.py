@@ -1,0 +1,73 @@
+"""benchmarks/attacks.py: the seed drives every seeded choice, and the summary is the per-seed rows aggregated."""
+
+import csv
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import attacks
+from refine_pl.attacks import attack_from_spec
+from refine_pl.weights import read_weights_file
+
+TINY_VICTIM = ["--victim-arg=--trainer.max_epochs=1", "--victim-arg=--trainer.limit_train_batches=3"]
+TINY_REFINE = [
+    "--refine-arg=--trainer.max_epochs=1",
+    "--refine-arg=--trainer.limit_train_batches=2",
+    "--refine-arg=--trainer.limit_val_batches=0",
+    "--refine-arg=--model.init_args.transform.init_args.base_width=4",
+]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def check_summary_aggregates_seed_rows(seed_rows: list[dict[str, str]], summary: list[dict[str, str]]) -> None:
+    """Every summary row is the mean, standard deviation and worst seed of its per-seed rows (4 decimals)."""
+    for entry in summary:
+        key = ("attack", "arch", "recipe")
+        group = [r for r in seed_rows if all(r[k] == entry[k] for k in key)]
+        assert entry["seeds"].split() == [r["seed"] for r in group]
+        for figure in attacks.FIGURES:
+            values = [float(r[figure]) for r in group]
+            worst = max(values) if figure in attacks.WORST_IS_HIGHEST else min(values)
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            assert float(entry[figure]) == pytest.approx(statistics.fmean(values), abs=1e-4), figure
+            assert float(entry[f"{figure}_std"]) == pytest.approx(spread, abs=1e-4), figure
+            assert float(entry[f"{figure}_worst"]) == pytest.approx(worst, abs=1e-4), figure
+
+
+@pytest.mark.slow
+def test_a_tiny_two_seed_run_seeds_every_choice_and_aggregates_its_rows(tmp_path: Path) -> None:
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    attacks.main(
+        ["--attacks", "blended", "--seeds", "0", "1", "--run-dir", str(runs), "--results-dir", str(results),
+         *TINY_VICTIM, *TINY_REFINE]
+    )  # fmt: skip
+    seed_rows, summary = read_csv(results / "attacks_seeds.csv"), read_csv(results / "attacks.csv")
+    assert [(r["attack"], r["seed"]) for r in seed_rows] == [("blended", "0"), ("blended", "1")]
+    check_summary_aggregates_seed_rows(seed_rows, summary)
+    assert (results / "attacks.md").read_text().count("| blended | small_cnn | refine |") == 1
+    assert (results / "attacks_asr.png").stat().st_size > 0
+
+    # The seed changes the attack's choices (its recorded seed, hence the poisoned samples and the noise pattern),
+    # the victim's and the clean model's training, and the remap.
+    victims = [read_weights_file(runs / f"blended_s{seed}" / "victim" / "checkpoints" / "last.ckpt") for seed in (0, 1)]
+    assert [v.attack_spec["init_args"]["seed"] for v in victims] == [0, 1]
+    blank = torch.zeros(1, 1, 28, 28)
+    patterns = [attack_from_spec(v.attack_spec).apply(blank, torch.tensor([0])) for v in victims]
+    assert not torch.equal(*patterns)
+    for name in ("victim", "clean"):
+        folders = [runs / f"blended_s{s}" / "victim" if name == "victim" else runs / f"clean_s{s}" for s in (0, 1)]
+        first, second = (read_weights_file(folder / "checkpoints" / "last.ckpt").state_dict for folder in folders)
+        assert any(not torch.equal(first[key], second[key]) for key in first), name
+    remaps = [
+        torch.load(runs / f"blended_s{s}" / "refine" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"][
+            "defended.remap.permutation"
+        ]
+        for s in (0, 1)
+    ]
+    assert not torch.equal(*remaps)
