@@ -217,8 +217,8 @@ def efficiency_rows(attack: str, suspect: Path, clean: Path, args: argparse.Name
     return rows
 
 
-def _cell(value: float | None) -> str:
-    return "" if value is None else f"{value:.4f}"
+def _cell(value: float | None, digits: int = 4) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
 
 
 def write_csv(rows: list[dict[str, Any]], columns: tuple[str, ...], path: Path) -> None:
@@ -226,7 +226,9 @@ def write_csv(rows: list[dict[str, Any]], columns: tuple[str, ...], path: Path) 
         writer = csv.writer(handle)
         writer.writerow(columns)
         for row in rows:
-            writer.writerow([_cell(row[c]) if c in RATES else ("" if row[c] is None else row[c]) for c in columns])
+            writer.writerow(
+                [_cell(row[c]) if c in RATES else _cell(row[c], 1) if c == "seconds" else row[c] for c in columns]
+            )
 
 
 def is_full(args: argparse.Namespace) -> bool:
