@@ -73,8 +73,8 @@ def seed_row(
         "victim_asr": report["no_defense"]["asr"],
         "clean_floor_asr": report["clean_floor"]["asr"],
         "clean_ba": report["clean_floor"]["ba"],
-        "refine_ba": report["refine"]["ba"],
-        "refine_asr": report["refine"]["asr"],
+        "refine_ba": report["defended"]["ba"],
+        "refine_asr": report["defended"]["asr"],
         "seconds": seconds,
     }
 

@@ -80,10 +80,10 @@ def candidate_row(run_dir: Path, name: str, candidate: str) -> dict[str, Any]:
         "victim_ba": report["no_defense"]["ba"],
         "victim_asr": report["no_defense"]["asr"],
         "floor": floor,
-        "refine_ba": report["refine"]["ba"],
-        "refine_asr": report["refine"]["asr"],
-        "asr_margin": max(GATE_ASR, floor + FLOOR_MARGIN) - report["refine"]["asr"],
-        "ba_margin": report["refine"]["ba"] - (report["no_defense"]["ba"] - GATE_BA_DROP),
+        "refine_ba": report["defended"]["ba"],
+        "refine_asr": report["defended"]["asr"],
+        "asr_margin": max(GATE_ASR, floor + FLOOR_MARGIN) - report["defended"]["asr"],
+        "ba_margin": report["defended"]["ba"] - (report["no_defense"]["ba"] - GATE_BA_DROP),
         "seconds": json.loads(timing.read_text())["seconds"],
     }
 

@@ -63,10 +63,13 @@ class RunCheckpoint(ModelCheckpoint):
 def require_trained_weights(trainer: "pl.Trainer", output: str) -> None:
     """Refuses to write ``output`` about a model that was neither restored from a checkpoint nor fitted here.
 
+    A model with nothing to train (``trains`` False: a training-free defense) is what it is without either.
+
     Raises:
         ConfigError: The trainer tests weights that were never trained (no ``ckpt_path``, no training step).
     """
-    if trainer.ckpt_path is None and trainer.global_step == 0:
+    trains = getattr(trainer.lightning_module, "trains", True)
+    if trains and trainer.ckpt_path is None and trainer.global_step == 0:
         raise ConfigError(
             f"Refusing to write {output} for untrained weights: test a trained model (train.py test --ckpt_path last, "
             "or trainer.test(..., ckpt_path=...) / after trainer.fit)."

@@ -1,4 +1,4 @@
-"""Callback that turns a REFINE test run into the before/after BA / ASR report."""
+"""Callback that turns the test run of a defense into the before/after BA / ASR / RA / DER report."""
 
 import json
 import math
@@ -9,8 +9,12 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.utilities import rank_zero_only
 
 from callbacks.checkpoint import require_trained_weights
+from refine_pl.defenses import DEFENSES
 from refine_pl.errors import ConfigError
 from refine_pl.refine_module import RefineLitModule
+
+RATES = ("ba", "asr", "ra")
+"""The rates measured for both rows of a report; the defended row adds ``der``."""
 
 
 def _measured(metrics: dict[str, Any], key: str) -> float | None:
@@ -20,22 +24,26 @@ def _measured(metrics: dict[str, Any], key: str) -> float | None:
 
 
 def format_report_table(report: dict[str, Any]) -> str:
-    """The before/after table of a report as markdown; ASR is ``n/a`` when no attack was evaluated."""
+    """The before/after table of a report as markdown; a rate is ``n/a`` when it was not measured."""
 
-    def cell(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.4f}"
+    def cell(row: dict[str, Any], key: str) -> str:
+        return "n/a" if row.get(key) is None else f"{row[key]:.4f}"
 
-    lines = ["| | BA | ASR |", "|---|---|---|"]
-    rows = [("no defense", "no_defense"), ("REFINE", "refine")]
+    defense = report["defense"]
+    label = DEFENSES[defense].label if defense in DEFENSES else defense
+    rows = [("no defense", report["no_defense"]), (label, report["defended"])]
     if report.get("clean_floor") is not None:
-        rows.append(("clean model (ASR floor)", "clean_floor"))
-    for label, key in rows:
-        lines.append(f"| {label} | {cell(report[key]['ba'])} | {cell(report[key]['asr'])} |")
+        rows.append(("clean model (ASR floor)", report["clean_floor"]))
+    lines = ["| | BA | ASR | RA | DER |", "|---|---|---|---|---|"]
+    for name, row in rows:
+        lines.append(f"| {name} | " + " | ".join(cell(row, key) for key in (*RATES, "der")) + " |")
     return "\n".join(lines)
 
 
-def defense_report(trainer: Trainer, pl_module: LightningModule, output: str = "report.json") -> dict[str, Any]:
-    """BA / ASR of the victim alone and of the defended classifier, as the test that just ran measured them.
+def defense_report(
+    trainer: Trainer, pl_module: LightningModule, output: str = "report.json", defense: str = "refine"
+) -> dict[str, Any]:
+    """BA / ASR / RA of the victim alone and of the defended classifier (and its DER), as the last test measured them.
 
     A rate is None when it was not measured (no labeled test images for BA, no attack or triggered images for ASR).
 
@@ -43,9 +51,11 @@ def defense_report(trainer: Trainer, pl_module: LightningModule, output: str = "
         trainer: The trainer that tested ``pl_module``.
         pl_module: The tested module.
         output: The file the report is for, named in the error about untrained weights.
+        defense: Name of the defense (see :data:`refine_pl.defenses.DEFENSES`), recorded in the report.
 
     Raises:
-        ConfigError: ``pl_module`` is not a :class:`~refine_pl.RefineLitModule`, or its weights were never trained.
+        ConfigError: ``pl_module`` is not a :class:`~refine_pl.RefineLitModule` (every defense is one), or its
+            weights were never trained.
     """
     if not isinstance(pl_module, RefineLitModule):
         raise ConfigError(
@@ -61,39 +71,42 @@ def defense_report(trainer: Trainer, pl_module: LightningModule, output: str = "
         "attack": None if attack is None else attack.name,
         "target_label": None if attack is None else attack.target_label,
         "attack_spec": None if attack is None else attack.spec(),
-        "no_defense": {"ba": _measured(metrics, "test/victim_ba"), "asr": _measured(metrics, "test/victim_asr")},
-        "refine": {"ba": _measured(metrics, "test/ba"), "asr": _measured(metrics, "test/asr")},
+        "defense": defense,
+        "no_defense": {key: _measured(metrics, f"test/victim_{key}") for key in RATES},
+        "defended": {key: _measured(metrics, f"test/{key}") for key in (*RATES, "der")},
         "clean_floor": (
-            {"ba": _measured(metrics, "test/clean_ba"), "asr": _measured(metrics, "test/clean_asr")}
+            {key: _measured(metrics, f"test/clean_{key}") for key in RATES}
             if pl_module.clean_reference is not None
             else None
         ),
         "victim_checkpoint": pl_module.hparams.get("victim_checkpoint"),
         "clean_reference": pl_module.hparams.get("clean_reference"),
-        "refine_checkpoint": trainer.ckpt_path,
+        "defense_checkpoint": trainer.ckpt_path,
     }
 
 
 class DefenseReport(Callback):
-    """After testing a :class:`~refine_pl.RefineLitModule`, prints and saves BA / ASR before and after REFINE.
+    """After testing a defense (a :class:`~refine_pl.RefineLitModule`), prints and saves its figures before / after.
 
     Every row is measured in the same test pass on the same held-out images: "no defense" is the victim
-    alone, "REFINE" the defended classifier, and, when the module was given a clean reference model,
-    "clean_floor" that model: its ASR is the floor below which no defense can bring an ASR (how often triggered
-    images land in the target class without any backdoor). The figures go to ``report.json`` (fractions in
-    [0, 1]; ``clean_floor`` is null without a reference) and ``report.md`` in the trainer's
-    ``default_root_dir``, and are printed.
+    alone, the defended row the defended classifier, with its DER against the victim, and, when the module was
+    given a clean reference model, "clean_floor" that model: its ASR is the floor below which no defense can bring
+    an ASR (how often triggered images land in the target class without any backdoor). The figures go to
+    ``report.json`` (fractions in [0, 1]; ``clean_floor`` is null without a reference) and ``report.md`` in the
+    trainer's ``default_root_dir``, and are printed.
 
     Args:
+        defense: Name of the defense (see :data:`refine_pl.defenses.DEFENSES`), recorded in the report.
         filename: Name of the JSON file; the markdown file takes the same stem.
     """
 
-    def __init__(self, filename: str = "report.json") -> None:
+    def __init__(self, defense: str = "refine", filename: str = "report.json") -> None:
+        self.defense = defense
         self.filename = filename
         self.report: dict[str, Any] | None = None
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.report = defense_report(trainer, pl_module, self.filename)
+        self.report = defense_report(trainer, pl_module, self.filename, self.defense)
         self._write(Path(trainer.default_root_dir))
 
     @rank_zero_only

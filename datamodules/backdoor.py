@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from pytorch_lightning import LightningDataModule
 from pytorch_lightning.accelerators import CUDAAccelerator
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
@@ -268,6 +269,16 @@ def refine_augmentation(image_size: int, in_channels: int, horizontal_flip: bool
     return v2.Compose(steps)
 
 
+def uniform_fraction(num_samples: int, fraction: float, seed: int) -> Tensor:
+    """``round(fraction * num_samples)`` indices (at least 1) drawn uniformly without replacement from ``seed``, sorted.
+
+    The draw is the start of one seeded permutation, so with one seed a smaller fraction is a subset of a larger
+    one.
+    """
+    count = max(1, round(fraction * num_samples))
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+
+
 class RefineDataModule(BackdoorDataModule):
     """Data for REFINE: unlabeled benign training images, clean and poisoned evaluation images.
 
@@ -277,8 +288,9 @@ class RefineDataModule(BackdoorDataModule):
     ``attack`` only builds the poisoned evaluation loaders; when it is left unset,
     :meth:`use_recorded_attack` takes the attack a victim checkpoint records (the CLI calls it). A source that
     holds triggered test images (:meth:`~datamodules.sources.DatasetSource.triggered_test_set`) gives the poisoned
-    test loader instead of an attack. ``predict_root`` is the folder ``predict`` classifies: batches
-    ``(images, index)``, the index into :attr:`predict_paths`.
+    test loader instead of an attack. ``fraction`` trains on a share of the training split, drawn uniformly (the
+    defender has no labels to stratify by). ``predict_root`` is the folder ``predict`` classifies: batches are
+    :class:`~refine_pl.refine_module.IndexedImages`, the indices into :attr:`predict_paths`.
 
     Args:
         source: Where the images come from.
@@ -290,6 +302,8 @@ class RefineDataModule(BackdoorDataModule):
         augment: Apply the reference augmentation to the training images.
         horizontal_flip: Include the horizontal flip in that augmentation (off for digits and signs).
         predict_root: Folder of images to classify with ``predict`` (any nesting), or None.
+        fraction: Share of the training split given as unlabeled training images, in (0, 1], drawn uniformly
+            from ``split_seed`` (:func:`uniform_fraction`); validation and test images are not affected.
     """
 
     def __init__(
@@ -303,12 +317,27 @@ class RefineDataModule(BackdoorDataModule):
         augment: bool = True,
         horizontal_flip: bool = True,
         predict_root: str | None = None,
+        fraction: float = 1.0,
     ) -> None:
         super().__init__(source, attack, batch_size, val_fraction, split_seed, num_workers)
+        if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise ConfigError(
+                f"{cli_flag('data', 'fraction')} is the share of the training images to train on and must be in "
+                f"(0, 1], got {fraction!r}."
+            )
         self.augment = augment
         self.horizontal_flip = horizontal_flip
         self.predict_root = predict_root
         self.predict_paths: list[str] = []
+        self.fraction = fraction
+
+    def setup(self, stage: str | None = None) -> None:
+        already_set_up = self.train_set is not None
+        super().setup(stage)
+        if not already_set_up and self.fraction < 1:
+            self.train_set = self.train_set.subset(
+                uniform_fraction(len(self.train_set), self.fraction, self.split_seed)
+            )
 
     def use_recorded_attack(self, victim: VictimRecord) -> None:
         """Measures ASR with the attack ``victim`` was trained with, unless this datamodule was given one.

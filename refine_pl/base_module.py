@@ -1,8 +1,8 @@
-"""What the two LightningModules share: optimizer, BA / ASR, and the precision and layout of the training step."""
+"""What the LightningModules share: optimizer, BA / ASR / RA / DER, the precision and layout of the training step."""
 
 import contextlib
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pytorch_lightning import LightningModule
@@ -10,7 +10,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from refine_pl.internals import native_bf16
-from refine_pl.metrics import CLEAN_LOADER, BackdoorMetrics
+from refine_pl.metrics import POISONED_LOADER, BackdoorMetrics, DefenseEffectivenessRating
 
 STAGES = ("val", "test")
 
@@ -19,9 +19,11 @@ class BackdoorLitModule(LightningModule):
     """Base of :class:`~refine_pl.VictimLitModule` and :class:`~refine_pl.RefineLitModule`.
 
     Validation and test batches come from two loaders, clean (:data:`~refine_pl.metrics.CLEAN_LOADER`) and
-    poisoned; every classifier of :meth:`evaluated_classifiers` is measured on both, and its BA / ASR are
-    logged as ``<stage>/<prefix>ba`` and ``<stage>/<prefix>asr``. The optimizer is built from the parameters
-    of :meth:`trainable_parameters`, the scheduler (stepped every epoch) from the optimizer.
+    poisoned; every classifier of :meth:`evaluated_classifiers` is measured on both, and its BA / ASR / RA are
+    logged as ``<stage>/<prefix>ba``, ``<stage>/<prefix>asr`` and ``<stage>/<prefix>ra``. With an
+    ``undefended_prefix``, the first classifier's DER against that one is logged as ``<stage>/<prefix>der``
+    (when there is a poisoned loader: DER needs ASR). The optimizer is built from the parameters of
+    :meth:`trainable_parameters`, the scheduler (stepped every epoch) from the optimizer.
 
     The training step runs under :meth:`training_autocast` and, with ``channels_last``, on images and networks in
     channels-last memory layout (:meth:`training_layout`; subclasses convert their networks). Validation and test
@@ -37,7 +39,13 @@ class BackdoorLitModule(LightningModule):
             in the trainer's precision.
         channels_last: Train in channels-last memory layout (the same arithmetic in another order: results differ
             by float rounding only; faster convolutions on CPUs and tensor-core GPUs).
+        undefended_prefix: The prefix of the classifier without a defense, which the DER of the first classifier
+            is taken against (None: no DER).
     """
+
+    trains: ClassVar[bool] = True
+    """False for a module with nothing to train (a training-free defense): the CLI then tests it without
+    ``--ckpt_path`` and refuses ``fit``."""
 
     def __init__(
         self,
@@ -46,6 +54,7 @@ class BackdoorLitModule(LightningModule):
         metric_prefixes: tuple[str, ...],
         bf16: bool | None = None,
         channels_last: bool = True,
+        undefended_prefix: str | None = None,
     ) -> None:
         super().__init__()
         self.optimizer_factory = optimizer
@@ -53,8 +62,12 @@ class BackdoorLitModule(LightningModule):
         self.metric_prefixes = metric_prefixes
         self.bf16 = bf16
         self.channels_last = channels_last
+        self.undefended_prefix = undefended_prefix
         self.metrics = nn.ModuleDict(
             {f"{stage}_{prefix}": BackdoorMetrics() for stage in STAGES for prefix in metric_prefixes}
+        )
+        self.der_metrics = nn.ModuleDict(
+            {stage: DefenseEffectivenessRating() for stage in STAGES} if undefended_prefix is not None else {}
         )
 
     def uses_bf16(self) -> bool:
@@ -83,11 +96,28 @@ class BackdoorLitModule(LightningModule):
         raise NotImplementedError
 
     def _evaluate(self, stage: str, batch: tuple[Tensor, ...], dataloader_idx: int) -> None:
-        suffix = "ba" if dataloader_idx == CLEAN_LOADER else "asr"
-        for prefix, classifier in zip(self.metric_prefixes, self.evaluated_classifiers(), strict=True):
-            metric = self.metrics[f"{stage}_{prefix}"].update(classifier(batch[0]).argmax(1), batch, dataloader_idx)
-            show = prefix == self.metric_prefixes[0]
-            self.log(f"{stage}/{prefix}{suffix}", metric, prog_bar=show, add_dataloader_idx=False)
+        classifiers = zip(self.metric_prefixes, self.evaluated_classifiers(), strict=True)
+        preds = {prefix: classifier(batch[0]).argmax(1) for prefix, classifier in classifiers}
+        for prefix, predicted in preds.items():
+            for name, metric in self.metrics[f"{stage}_{prefix}"].update(predicted, batch, dataloader_idx).items():
+                show = prefix == self.metric_prefixes[0] and name != "ra"
+                self.log(f"{stage}/{prefix}{name}", metric, prog_bar=show, add_dataloader_idx=False)
+        if stage in self.der_metrics:
+            first, der = self.metric_prefixes[0], self.der_metrics[stage]
+            der.update(preds[first], preds[self.undefended_prefix], *batch[1:])
+            if dataloader_idx == POISONED_LOADER:  # logged once, where its last counts (ASR) come in
+                self.log(f"{stage}/{first}der", der, add_dataloader_idx=False)
+
+    def _reset_der(self, stage: str) -> None:
+        # Lightning resets a logged metric after the epoch; a DER never logged (no poisoned loader) is reset here.
+        if stage in self.der_metrics:
+            self.der_metrics[stage].reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_der("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_der("test")
 
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate("val", batch, dataloader_idx)

@@ -1,5 +1,6 @@
 """The LightningCLI of refine-pl (``refine-pl fit|validate|test|predict --config ...``, or ``python train.py ...``)."""
 
+import importlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ class RefineCLI(LightningCLI):
                 config.get("ckpt_path"),
                 Path(config["trainer"].get("default_root_dir") or "."),
                 weights_only=config.get("weights_only") is not False,
+                trains=model_trains(config["model"].get("class_path")),
             )
 
     def parse_arguments(self, parser: Any, args: ArgsType) -> None:
@@ -121,12 +123,27 @@ class RefineCLI(LightningCLI):
 NEEDS_TRAINED_WEIGHTS = ("validate", "test", "predict")
 
 
-def checked_ckpt_path(subcommand: str, ckpt_path: str | None, root: Path, weights_only: bool = True) -> str | None:
+def model_trains(class_path: str | None) -> bool:
+    """The ``trains`` attribute of the LightningModule class a config names (True when it has none).
+
+    Read from the class before anything is built, so that the checkpoint rules of :func:`checked_ckpt_path` can
+    depend on it.
+    """
+    if not class_path:
+        return True
+    module, _, name = class_path.rpartition(".")
+    return bool(getattr(getattr(importlib.import_module(module), name, None), "trains", True))
+
+
+def checked_ckpt_path(
+    subcommand: str, ckpt_path: str | None, root: Path, weights_only: bool = True, trains: bool = True
+) -> str | None:
     """The checkpoint a command uses, checked before anything is built or written.
 
     - ``fit`` without ``--ckpt_path`` in a folder that already holds checkpoints is refused (it would train
       over a finished or interrupted run); ``validate``, ``test`` and ``predict`` without one are refused (they
-      would evaluate and report untrained weights).
+      would evaluate and report untrained weights) unless the model has nothing to train (``trains`` False: a
+      training-free defense), which is what it is without a checkpoint and has no ``fit``.
     - ``last`` is the newest checkpoint of the run that reads completely (see
       :func:`~refine_pl.checkpoints.newest_complete_checkpoint`); a run with none is refused.
     - A named file must read as a training checkpoint; if it does not, the error offers the run's newest
@@ -139,8 +156,13 @@ def checked_ckpt_path(subcommand: str, ckpt_path: str | None, root: Path, weight
         ConfigError: In each refused case above, naming the file or folder and the flag that fixes it.
     """
     folder = root / CHECKPOINT_FOLDER
+    if not trains and subcommand == "fit":
+        raise ConfigError(
+            "This model has nothing to train (a training-free defense): run `test` (or `validate`) without "
+            "--ckpt_path instead of `fit`."
+        )
     if ckpt_path is None:
-        if subcommand in NEEDS_TRAINED_WEIGHTS:
+        if subcommand in NEEDS_TRAINED_WEIGHTS and trains:
             raise ConfigError(
                 f"`{subcommand}` without --ckpt_path would use untrained weights: pass --ckpt_path last (the newest "
                 f"checkpoint in {folder}) or --ckpt_path FILE."

@@ -101,6 +101,11 @@ def _description(
     num_classes = defended.remap.num_classes
     if class_names is not None and len(class_names) != num_classes:
         raise ConfigError(f"Export got {len(class_names)} class names for {num_classes} classes.")
+    if bool((defended.remap.permutation == torch.arange(num_classes)).any()):
+        raise ConfigError(
+            "Export writes REFINE's defended classifier, whose remap moves every class; this run's remap leaves "
+            "classes in place (the no-remap ablation): remove ExportDefendedClassifier from its callbacks."
+        )
     return {
         "format": FORMAT,
         "victim_arch": victim.arch,
@@ -134,7 +139,8 @@ def export_defended(
             centre-cropping (else by stretching), as the data source did; recorded for predictions.
 
     Raises:
-        ConfigError: The transform is not a UNet, or the victim does not record its architecture.
+        ConfigError: The transform is not a UNet, the victim does not record its architecture, or the remap is not a
+            derangement (what :func:`load_defended` accepts).
     """
     description = _description(defended, image_size, class_names, crop)
     state = defended.state_dict()

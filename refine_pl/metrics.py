@@ -1,7 +1,7 @@
-"""Benign accuracy (BA) and attack success rate (ASR) as torchmetrics metrics.
+"""Benign accuracy (BA), attack success rate (ASR), robust accuracy (RA) and defense effectiveness (DER) metrics.
 
 Each metric is a thin :class:`torchmetrics.Metric` that sums the counts of a pure function, so the counts
-are reduced across processes by torchmetrics (sum) and the ratio is taken once, at compute time.
+are reduced across processes by torchmetrics (sum) and the ratios are taken once, at compute time.
 """
 
 import torch
@@ -56,6 +56,51 @@ def attack_success_counts(preds: Tensor, labels: Tensor, target_labels: Tensor) 
     return (preds[counted] == target_labels[counted]).sum(), counted.sum()
 
 
+def robust_accuracy_counts(preds: Tensor, labels: Tensor, target_labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Counts of poisoned samples classified as their true class, over samples not of the target class.
+
+    The robust accuracy of BackdoorBench: how many poisoned images a defense gives back their own class, not
+    only takes away from the target (a defense that maps every poisoned image to some third class has ASR 0
+    and RA 0).
+
+    Args:
+        preds: ``[N]`` predicted classes on poisoned images.
+        labels: ``[N]`` true classes of the images before poisoning.
+        target_labels: ``[N]`` the class the attack wants for each image.
+
+    Returns:
+        ``(correct, total)`` as long scalars; samples whose true class is the target are not counted (as for ASR).
+    """
+    check_class_vectors(preds=preds, labels=labels, target_labels=target_labels)
+    counted = labels != target_labels
+    return (preds[counted] == labels[counted]).sum(), counted.sum()
+
+
+def defense_effectiveness_rating(
+    undefended_ba: Tensor, undefended_asr: Tensor, defended_ba: Tensor, defended_asr: Tensor
+) -> Tensor:
+    """BackdoorBench's DER: ``(max(0, dASR) - max(0, dBA) + 1) / 2``, in [0, 1].
+
+    ``dASR = undefended ASR - defended ASR`` is what the defense takes off the attack and ``dBA = undefended BA -
+    defended BA`` what it costs in accuracy: the signs of Zhu et al. (FT-SAM, ICCV 2023), who introduced DER, and
+    of ``defense_effectiveness_rate_simplied`` in BackdoorBench's ``utils/metric.py``, which its result plots
+    use. 1: the whole ASR removed at no cost; 0.5: nothing removed and nothing lost; 0: nothing removed and all
+    accuracy lost. A gain in BA or a rise in ASR counts as 0. NaN when a rate is NaN (not measured).
+
+    Args:
+        undefended_ba: BA of the model without the defense (scalar, in [0, 1]).
+        undefended_asr: ASR of the model without the defense.
+        defended_ba: BA with the defense.
+        defended_asr: ASR with the defense.
+
+    Returns:
+        The rating as a float scalar tensor.
+    """
+    asr_drop = (torch.as_tensor(undefended_asr, dtype=torch.float64) - defended_asr).clamp(min=0)
+    ba_drop = (torch.as_tensor(undefended_ba, dtype=torch.float64) - defended_ba).clamp(min=0)
+    return ((asr_drop - ba_drop + 1) / 2).float()
+
+
 class CountRatio(Metric):
     """``hits / total`` over every sample updated so far, both counts summed across processes.
 
@@ -100,6 +145,69 @@ class AttackSuccessRate(CountRatio):
         self._count(*attack_success_counts(preds, labels, target_labels))
 
 
+class RobustAccuracy(CountRatio):
+    """Fraction of poisoned non-target-class test images classified as their true class."""
+
+    higher_is_better = True
+
+    def update(self, preds: Tensor, labels: Tensor, target_labels: Tensor) -> None:
+        """Counts a batch: predictions on poisoned images, their true labels and the attack's targets, all ``[N]``."""
+        self._count(*robust_accuracy_counts(preds, labels, target_labels))
+
+
+def _ratio(hits: Tensor, total: Tensor) -> Tensor:
+    """``hits / total`` as a float, NaN when ``total`` is 0."""
+    return hits.double() / total if total > 0 else torch.tensor(float("nan"), dtype=torch.float64)
+
+
+class DefenseEffectivenessRating(Metric):
+    """DER (:func:`defense_effectiveness_rating`) of a defended classifier against the undefended one.
+
+    Both classifiers are measured on the same batches: the BA counts of each on clean batches, the ASR counts
+    of each on poisoned ones. The eight counts are summed across processes and the rates taken at compute time,
+    so several processes give the DER of one process that saw every image.
+    """
+
+    full_state_update = False
+    higher_is_better = True
+    _RATES = ("undefended_ba", "undefended_asr", "defended_ba", "defended_asr")
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for rate in self._RATES:
+            self.add_state(f"{rate}_hits", default=torch.tensor(0), dist_reduce_fx="sum")
+            self.add_state(f"{rate}_total", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(
+        self, preds: Tensor, undefended_preds: Tensor, labels: Tensor, target_labels: Tensor | None = None
+    ) -> None:
+        """Counts a batch: a clean one without ``target_labels``, a poisoned one with them.
+
+        Args:
+            preds: ``[N]`` classes the defended classifier predicts.
+            undefended_preds: ``[N]`` classes the undefended classifier predicts on the same images.
+            labels: ``[N]`` true classes (before poisoning).
+            target_labels: ``[N]`` the attack's target of each poisoned image; None for clean images.
+        """
+        if target_labels is None:
+            counts = {
+                "defended_ba": benign_accuracy_counts(preds, labels),
+                "undefended_ba": benign_accuracy_counts(undefended_preds, labels),
+            }
+        else:
+            counts = {
+                "defended_asr": attack_success_counts(preds, labels, target_labels),
+                "undefended_asr": attack_success_counts(undefended_preds, labels, target_labels),
+            }
+        for rate, (hits, total) in counts.items():
+            setattr(self, f"{rate}_hits", getattr(self, f"{rate}_hits") + hits)
+            setattr(self, f"{rate}_total", getattr(self, f"{rate}_total") + total)
+
+    def compute(self) -> Tensor:
+        rates = {rate: _ratio(getattr(self, f"{rate}_hits"), getattr(self, f"{rate}_total")) for rate in self._RATES}
+        return defense_effectiveness_rating(**rates)
+
+
 CLEAN_LOADER = 0
 """Index of the clean loader among a datamodule's validation / test loaders: ``(image, label)`` batches."""
 POISONED_LOADER = 1
@@ -107,17 +215,19 @@ POISONED_LOADER = 1
 
 
 class BackdoorMetrics(torch.nn.Module):
-    """BA on the clean loader and ASR on the poisoned loader, for one classifier in one stage."""
+    """BA on the clean loader, ASR and RA on the poisoned loader, for one classifier in one stage."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ba = BenignAccuracy()
         self.asr = AttackSuccessRate()
+        self.ra = RobustAccuracy()
 
-    def update(self, preds: Tensor, batch: tuple[Tensor, ...], dataloader_idx: int) -> Metric:
-        """Updates the metric of the loader ``dataloader_idx`` and returns it (for logging)."""
+    def update(self, preds: Tensor, batch: tuple[Tensor, ...], dataloader_idx: int) -> dict[str, Metric]:
+        """Updates the metrics of the loader ``dataloader_idx`` and returns them by name (for logging)."""
         if dataloader_idx == CLEAN_LOADER:
             self.ba.update(preds, batch[1])
-            return self.ba
+            return {"ba": self.ba}
         self.asr.update(preds, batch[1], batch[2])
-        return self.asr
+        self.ra.update(preds, batch[1], batch[2])
+        return {"asr": self.asr, "ra": self.ra}

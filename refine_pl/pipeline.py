@@ -22,8 +22,8 @@ def config_flags(configs: list[str]) -> list[str]:
     return [flag for config in configs for flag in ("--config", repository_config(config))]
 
 
-def _resume_flag(run_dir: Path) -> list[str]:
-    """Resumes the stage in ``run_dir`` from its newest complete checkpoint, if it has any."""
+def resume_flag(run_dir: Path) -> list[str]:
+    """``--ckpt_path last`` when ``run_dir`` holds checkpoints (a fit there resumes), else nothing."""
     return ["--ckpt_path", "last"] if run_checkpoints(run_dir) else []
 
 
@@ -41,7 +41,7 @@ def train_victim(victim_configs: list[str], victim_dir: str | Path, victim_args:
             *config_flags(victim_configs),
             "--trainer.default_root_dir", str(victim_dir),
             *(victim_args or []),
-            *_resume_flag(Path(victim_dir)),
+            *resume_flag(Path(victim_dir)),
         ]
     )  # fmt: skip
     checkpoint, _ = newest_complete_checkpoint(victim_dir)
@@ -107,7 +107,7 @@ def run_refine(
         *(["--model.init_args.clean_reference", str(clean_reference)] if clean_reference else []),
         *(refine_args or []),
     ]  # fmt: skip
-    cli_main(["fit", *refine_common, *_resume_flag(run_dir)])
+    cli_main(["fit", *refine_common, *resume_flag(run_dir)])
     cli_main(["test", *refine_common, "--ckpt_path", "last"])
     if predict_root is not None:
         cli_main(["predict", *refine_common, "--ckpt_path", "last", "--data.init_args.predict_root", str(predict_root)])

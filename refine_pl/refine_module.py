@@ -59,8 +59,9 @@ class RefineLitModule(BackdoorLitModule):
     Checkpoints hold the transform, the remap and the training state, not the victim: they record the victim
     file's sha256, and loading one checks that this module's victim is the same file's model.
 
-    Validation and test log BA / ASR of the defended classifier (``ba``, ``asr``) and of the victim
-    alone (``victim_ba``, ``victim_asr``) on the same images. ``predict`` gives both classifiers' classes for
+    Validation and test log BA / ASR / RA of the defended classifier (``ba``, ``asr``, ``ra``) and of the victim
+    alone (``victim_ba``, ``victim_asr``, ``victim_ra``) on the same images, and the defended classifier's DER
+    against the victim (``der``). ``predict`` gives both classifiers' classes for
     each image (:meth:`predict_step`).
 
     In a multi-process run the contrastive loss covers the global batch, the transform's batch norm uses the
@@ -80,6 +81,8 @@ class RefineLitModule(BackdoorLitModule):
             your own builder (``package.module:function``); a refine-pl victim checkpoint records its own.
         transform: Builds ``T`` from the channel count, e.g. ``UNet`` with its width set in the config.
         remap_seed: Seed of the output derangement.
+        derange: Put the derangement behind the victim; False puts the identity there (REFINE's ablation without
+            the remap: ``T`` is trained with the same losses, but no class has to move).
         global_batch_norm: In a multi-process run, make the transform's batch-norm layers normalise with the
             statistics of the global batch, so that training matches one process with the whole batch
             (false: per-process statistics, as plain DDP does).
@@ -114,6 +117,7 @@ class RefineLitModule(BackdoorLitModule):
         victim_arch: str | None = None,
         transform: Callable[[int], nn.Module] = UNet,
         remap_seed: int = 0,
+        derange: bool = True,
         global_batch_norm: bool = True,
         contrastive_weight: float = 0.1,
         temperature: float = 0.07,
@@ -126,7 +130,7 @@ class RefineLitModule(BackdoorLitModule):
         compile: bool = False,
     ) -> None:
         prefixes = ("", "victim_", "clean_")[: 3 if clean_reference else 2]
-        super().__init__(optimizer, scheduler, prefixes, bf16, channels_last)
+        super().__init__(optimizer, scheduler, prefixes, bf16, channels_last, undefended_prefix="victim_")
         self.save_hyperparameters(ignore=["transform", "optimizer", "scheduler"])
         victim, self.victim_record = load_victim(
             victim_checkpoint, num_classes, in_channels, image_size, mean, std, victim_arch
@@ -136,7 +140,8 @@ class RefineLitModule(BackdoorLitModule):
             self.clean_reference = load_victim(
                 clean_reference, num_classes, in_channels, image_size, mean, std
             ).classifier
-        self.defended = DefendedClassifier(transform(in_channels), victim, OutputRemap(num_classes, seed=remap_seed))
+        remap = OutputRemap(num_classes, seed=remap_seed, derange=derange)
+        self.defended = DefendedClassifier(transform(in_channels), victim, remap)
         self.utility_loss = UtilityLoss()
         self.contrastive_loss = SupConLoss(temperature=temperature)
         self.contrastive_weight = contrastive_weight

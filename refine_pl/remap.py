@@ -35,14 +35,18 @@ class OutputRemap(nn.Module):
     Args:
         num_classes: Number of classes of the victim.
         seed: Seed of the derangement.
+        derange: False keeps every class in place (the identity: REFINE's ablation without the remap).
     """
 
     permutation: Tensor
 
-    def __init__(self, num_classes: int, seed: int = 0) -> None:
+    def __init__(self, num_classes: int, seed: int = 0, derange: bool = True) -> None:
         super().__init__()
-        generator = torch.Generator().manual_seed(seed)
-        self.register_buffer("permutation", draw_derangement(num_classes, generator))
+        if derange:
+            permutation = draw_derangement(num_classes, torch.Generator().manual_seed(seed))
+        else:
+            permutation = torch.arange(num_classes)
+        self.register_buffer("permutation", permutation)
 
     @property
     def num_classes(self) -> int:

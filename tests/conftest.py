@@ -14,7 +14,7 @@ import pytest
 import torch
 from pytorch_lightning import Trainer
 
-from datamodules import DatasetSource, EmbeddedMNIST
+from datamodules import DatasetSource, EmbeddedMNIST, RefineDataModule
 from datamodules.datasets import ImageTensorDataset
 from refine_pl import RefineLitModule, VictimLitModule
 from refine_pl.cli import cli_main
@@ -118,6 +118,21 @@ def quiet_trainer(root: Path, **kwargs) -> Trainer:
 def tiny_refine_module(victim: Path, **kwargs) -> RefineLitModule:
     """REFINE with a U-Net of first width 4 (unless ``kwargs`` give a transform) in front of ``victim``."""
     return RefineLitModule(str(victim), **MNIST_FACTS, **{"transform": partial(UNet, base_width=4), **kwargs})
+
+
+def benign_data(shuffled_labels: bool) -> RefineDataModule:
+    """The embedded MNIST's REFINE data (batch 32, no flip), set up for fitting.
+
+    With ``shuffled_labels`` the training split's labels are permuted (seeded): a defense that learns from unlabeled
+    images only trains bit-identically on both.
+    """
+    datamodule = RefineDataModule(EmbeddedMNIST(), batch_size=32, horizontal_flip=False)
+    datamodule.setup("fit")
+    if shuffled_labels:
+        labels = datamodule.train_set.labels
+        datamodule.train_set.labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))]
+        assert not torch.equal(datamodule.train_set.labels, labels)
+    return datamodule
 
 
 @functools.cache

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from datamodules import EmbeddedMNIST, RefineDataModule, VictimDataModule
+from datamodules.backdoor import uniform_fraction
 from datamodules.datasets import PoisonedTestSet, stratified_split
 from refine_pl.attacks import Attack, BadNets
 from refine_pl.cli import cli_main
@@ -100,3 +101,31 @@ def test_a_poisoned_image_with_a_nan_pixel_stops_at_the_data_boundary() -> None:
     data, _ = EmbeddedMNIST().load()
     with pytest.raises(ConfigError, match=r"Sample \d+ poisoned by attack 'nan_pixel' has 1 NaN"):
         PoisonedTestSet(data, _NaNAttack())[0]
+
+
+def test_uniform_fraction_draws_nested_subsets_from_one_seed() -> None:
+    draws = {fraction: uniform_fraction(3600, fraction, seed=0) for fraction in (0.01, 0.05, 0.5, 1.0)}
+    for fraction, indices in draws.items():
+        assert len(indices) == round(fraction * 3600) and len(set(indices.tolist())) == len(indices)
+        assert torch.equal(indices, indices.sort().values)
+    assert set(draws[0.01].tolist()) <= set(draws[0.05].tolist()) <= set(draws[0.5].tolist())
+    assert torch.equal(draws[1.0], torch.arange(3600))
+    assert not torch.equal(uniform_fraction(3600, 0.05, seed=1), draws[0.05])
+    assert len(uniform_fraction(10, 0.01, seed=0)) == 1  # never an empty training set
+
+
+def test_refine_datamodule_trains_on_the_fraction_and_evaluates_on_everything() -> None:
+    full = RefineDataModule(EmbeddedMNIST(), batch_size=32)
+    full.setup("fit")
+    part = RefineDataModule(EmbeddedMNIST(), batch_size=32, fraction=0.05)
+    part.setup("fit")
+    part.setup("test")  # a second setup draws nothing more
+    assert len(part.train_set) == round(0.05 * len(full.train_set)) == 180
+    assert torch.equal(part.val_set.labels, full.val_set.labels) and len(part.test_set) == len(full.test_set)
+    images = torch.stack([image for image, _ in part.train_set])
+    chosen = uniform_fraction(len(full.train_set), 0.05, seed=0)
+    assert torch.equal(images, torch.stack([full.train_set[int(i)][0] for i in chosen]))
+    assert len(part.train_dataloader()) == 180 // 32
+    for fraction in (0.0, 1.5, -0.1):
+        with pytest.raises(ConfigError, match=r"--data.init_args.fraction .* must be in \(0, 1\]"):
+            RefineDataModule(EmbeddedMNIST(), fraction=fraction)

@@ -55,8 +55,8 @@ def test_refine_cuts_the_asr_of_a_real_backdoor(tmp_path: Path) -> None:
     # most of the accuracy. Measured with these settings for seeds 0-4: victim BA 0.956-0.969, ASR
     # >= 0.9977; REFINE BA 0.862-0.955, ASR 0.0033-0.0256. The thresholds hold for all five with margin.
     assert report["no_defense"]["ba"] >= 0.90 and report["no_defense"]["asr"] >= 0.95
-    assert report["refine"]["asr"] <= 0.10
-    assert report["refine"]["ba"] >= 0.70
+    assert report["defended"]["asr"] <= 0.10
+    assert report["defended"]["ba"] >= 0.70
     # A clean model trained the same way barely ever sends a patched digit to class 0 (measured, seed 0: BA 0.973,
     # ASR 0.0011, one image of 900): the floor under BadNets is near zero.
     assert report["clean_floor"]["ba"] >= 0.90 and report["clean_floor"]["asr"] <= 0.02

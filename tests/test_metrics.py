@@ -1,7 +1,21 @@
+import os
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from refine_pl.metrics import AttackSuccessRate, BenignAccuracy, attack_success_counts, benign_accuracy_counts
+from refine_pl.metrics import (
+    AttackSuccessRate,
+    BenignAccuracy,
+    DefenseEffectivenessRating,
+    RobustAccuracy,
+    attack_success_counts,
+    benign_accuracy_counts,
+    defense_effectiveness_rating,
+    robust_accuracy_counts,
+)
+from tests.conftest import free_port
 
 
 def test_benign_accuracy_agrees_with_hand_count() -> None:
@@ -56,3 +70,87 @@ def test_inputs_that_would_broadcast_or_are_not_classes_are_refused(preds, label
         BenignAccuracy().update(preds, labels)
     with pytest.raises(ValueError, match=message):
         AttackSuccessRate().update(preds, labels, torch.zeros_like(labels))
+
+
+def test_robust_accuracy_counts_true_classes_of_poisoned_non_target_images() -> None:
+    target = torch.full((6,), 2)
+    labels = torch.tensor([0, 1, 2, 3, 2, 1])  # two samples are class 2: not counted
+    preds = torch.tensor([0, 2, 2, 3, 1, 0])  # counted: 0 right, 1 -> target, 3 right, 1 wrong
+    correct, total = robust_accuracy_counts(preds, labels, target)
+    assert (correct.item(), total.item()) == (2, 4)
+
+
+@pytest.mark.parametrize(
+    ("rates", "expected"),
+    [
+        # (undefended BA, undefended ASR, defended BA, defended ASR): (max(0, dASR) - max(0, dBA) + 1) / 2
+        ((0.98, 1.00, 0.95, 0.05), (0.95 - 0.03 + 1) / 2),
+        ((0.90, 0.80, 0.95, 0.00), (0.80 - 0.00 + 1) / 2),  # a gain in BA counts as 0
+        ((0.98, 0.50, 0.88, 0.70), (0.00 - 0.10 + 1) / 2),  # a rise in ASR counts as 0
+        ((0.98, 1.00, 0.98, 1.00), 0.5),  # nothing removed, nothing lost
+        ((0.98, 1.00, 0.98, 0.00), 1.0),
+        ((0.98, 0.00, 0.00, 0.00), 0.01),
+    ],
+)
+def test_defense_effectiveness_rating_agrees_with_hand_values(rates: tuple[float, ...], expected: float) -> None:
+    assert defense_effectiveness_rating(*rates).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_defense_effectiveness_rating_is_nan_when_a_rate_was_not_measured() -> None:
+    assert defense_effectiveness_rating(0.98, float("nan"), 0.97, float("nan")).isnan()
+    der = DefenseEffectivenessRating()
+    der.update(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([0, 1]))  # clean images only: no ASR
+    assert der.compute().isnan()
+
+
+def test_der_metric_counts_both_classifiers_on_the_same_batches() -> None:
+    """Victim: BA 4/4, ASR 3/3; defended: BA 3/4, ASR 1/3; DER = (2/3 - 1/4 + 1) / 2."""
+    der = DefenseEffectivenessRating()
+    labels = torch.tensor([0, 1, 2, 3])
+    der.update(torch.tensor([0, 1, 2, 0]), labels, labels)
+    poisoned_labels, targets = torch.tensor([1, 2, 3, 0]), torch.zeros(4, dtype=torch.long)  # the 0 is not counted
+    der.update(torch.tensor([0, 2, 3, 0]), torch.zeros(4, dtype=torch.long), poisoned_labels, targets)
+    assert der.compute().item() == pytest.approx((2 / 3 - 1 / 4 + 1) / 2, abs=1e-6)
+
+
+def _batches(seed: int) -> list[tuple[torch.Tensor, ...]]:
+    """Three clean and three poisoned batches of (defended preds, victim preds, labels[, targets]), odd sizes."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for size in (7, 5, 9):
+        batches.append(tuple(torch.randint(0, 4, (size,), generator=generator) for _ in range(3)))
+    for size in (6, 11, 3):
+        preds, victim_preds, labels = (torch.randint(0, 4, (size,), generator=generator) for _ in range(3))
+        batches.append((preds, victim_preds, labels, torch.full((size,), 1)))
+    return batches
+
+
+def _rates(batches: list[tuple[torch.Tensor, ...]]) -> dict[str, float]:
+    """RA of the defended predictions and DER, from a fresh metric each, over ``batches``."""
+    ra, der = RobustAccuracy(), DefenseEffectivenessRating()
+    for batch in batches:
+        der.update(*batch)
+        if len(batch) == 4:
+            ra.update(batch[0], batch[2], batch[3])
+    return {"ra": ra.compute().item(), "der": der.compute().item()}
+
+
+def _metric_worker(rank: int, port: int, batches, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        results[rank] = _rates(batches[rank::2])  # each process sees every other batch
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_ra_and_der_of_one_process_that_saw_every_batch() -> None:
+    batches = _batches(seed=3)
+    single = _rates(batches)
+    results = mp.Manager().dict()
+    mp.spawn(_metric_worker, args=(free_port(), batches, results), nprocs=2, join=True)
+    for rank in range(2):
+        assert results[rank] == pytest.approx(single, abs=1e-6)
+    # The check has teeth: one process's half alone gives other rates.
+    assert _rates(batches[0::2]) != pytest.approx(single, abs=1e-6)

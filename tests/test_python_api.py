@@ -77,9 +77,9 @@ def test_a_job_built_from_python_objects_reports_and_exports_what_the_cli_job_do
 
     reports = [json.loads((tmp_path / job / "report.json").read_text()) for job in ("cli", "python")]
     for report in reports:
-        report.pop("refine_checkpoint")
+        report.pop("defense_checkpoint")
     assert reports[0] == reports[1]
-    assert reports[1]["attack"] == "badnets" and reports[1]["refine"]["asr"] is not None
+    assert reports[1]["attack"] == "badnets" and reports[1]["defended"]["asr"] is not None
     exported = [load_file(str(tmp_path / job / "defended.safetensors")) for job in ("cli", "python")]
     assert exported[0].keys() == exported[1].keys()
     for name, tensor in exported[0].items():

@@ -8,7 +8,7 @@ from pytorch_lightning import Trainer, seed_everything
 from datamodules import EmbeddedMNIST, RefineDataModule
 from refine_pl import ConfigError, RefineLitModule
 from refine_pl.transform import UNet
-from tests.conftest import quiet_trainer, tiny_refine_module
+from tests.conftest import benign_data, quiet_trainer, tiny_refine_module
 
 
 def _fit(module: RefineLitModule, datamodule: RefineDataModule, steps: int, root: Path) -> Trainer:
@@ -43,16 +43,9 @@ def test_training_changes_only_the_transform(untrained_victim: Path, tmp_path: P
 def test_benign_labels_never_influence_training(untrained_victim: Path, tmp_path: Path) -> None:
     """Two runs whose benign sets differ only in their labels end with bit-identical transforms."""
     weights = []
-    for shuffle_labels in (False, True):
+    for shuffled_labels in (False, True):
         seed_everything(0)
-        datamodule = _refine_data()
-        datamodule.setup("fit")
-        if shuffle_labels:
-            labels = datamodule.train_set.labels
-            datamodule.train_set.labels = labels[
-                torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))
-            ]
-            assert not torch.equal(datamodule.train_set.labels, labels)
+        datamodule = benign_data(shuffled_labels)
         module = tiny_refine_module(untrained_victim)
         _fit(module, datamodule, steps=2, root=tmp_path)
         weights.append(module.transform.state_dict())

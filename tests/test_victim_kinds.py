@@ -202,7 +202,7 @@ def test_a_victim_of_each_kind_is_defended_through_the_cli(kind: str, own_nets: 
     cli_main(["fit", *common])
     tested = cli_main(["test", *common, "--ckpt_path", "last"])
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["dataset"] == "mnist5k" and report["refine"]["ba"] is not None
+    assert report["dataset"] == "mnist5k" and report["defended"]["ba"] is not None
     assert f"Architecture: `{arch or 'pt2'}`" in (tmp_path / "run" / "MODEL_CARD.md").read_text()
     loaded = load_defended(tmp_path / "run" / "defended.safetensors", victim_arch=arch)  # the import path confirmed
     _same_outputs(loaded, tested.model.defended, (3, 1, 28, 28))

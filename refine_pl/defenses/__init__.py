@@ -1,0 +1,26 @@
+"""Backdoor defenses: one module per defense, all ``M(f(T(x)))`` around the frozen victim, registered by name."""
+
+# isort: off
+# The import order is the registry's order (REFINE and its ablations first, then the baselines), which the
+# benchmark's tables follow.
+import refine_pl.defenses.refine  # noqa: F401 (registers REFINE and its ablations)
+from refine_pl.defenses.autoencoder import AutoencoderDefense, ConvAutoencoder
+from refine_pl.defenses.shrinkpad import ShrinkPad
+from refine_pl.defenses.bit_depth import BitDepthReduction
+from refine_pl.defenses.median import MedianFilter
+from refine_pl.defenses.base import DEFENSES, Defense, TrainingFreeDefense, defense_named, register_defense
+
+# isort: on
+
+__all__ = [
+    "DEFENSES",
+    "AutoencoderDefense",
+    "BitDepthReduction",
+    "ConvAutoencoder",
+    "Defense",
+    "MedianFilter",
+    "ShrinkPad",
+    "TrainingFreeDefense",
+    "defense_named",
+    "register_defense",
+]
