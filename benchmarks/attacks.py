@@ -199,6 +199,17 @@ def plot_asr(summary: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
+def write_results(rows: list[dict[str, Any]], results_dir: Path, threads: int) -> list[dict[str, Any]]:
+    """Writes the per-seed csv, the summary csv and markdown and the chart of ``rows``; returns the summary."""
+    summary = aggregate(rows)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, SEED_COLUMNS, results_dir / "attacks_seeds.csv")
+    write_csv(summary, summary_columns(), results_dir / "attacks.csv")
+    (results_dir / "attacks.md").write_text(markdown_table(summary, threads) + "\n")
+    plot_asr(summary, results_dir / "attacks_asr.png")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Runs the benchmark with the command line ``argv``; returns the summary rows."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -225,21 +236,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     )  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = [
-        seed_row(attack, arch, recipe, seed, args.run_dir, args.victim_arg, args.refine_arg)
-        for seed in args.seeds
-        for arch in args.archs
-        for attack in args.attacks
-        for recipe in args.recipes
-    ]
-    summary = aggregate(rows)
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, SEED_COLUMNS, args.results_dir / "attacks_seeds.csv")
-    write_csv(summary, summary_columns(), args.results_dir / "attacks.csv")
-    table = markdown_table(summary, args.threads)
-    (args.results_dir / "attacks.md").write_text(table + "\n")
-    plot_asr(summary, args.results_dir / "attacks_asr.png")
-    print(table)
+    rows: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        for arch in args.archs:
+            for attack in args.attacks:
+                for recipe in args.recipes:
+                    rows.append(seed_row(attack, arch, recipe, seed, args.run_dir, args.victim_arg, args.refine_arg))
+                    # Written after every run, so an interrupted benchmark leaves the results of what it finished.
+                    summary = write_results(rows, args.results_dir, args.threads)
+    print((args.results_dir / "attacks.md").read_text())
     return summary
 
 

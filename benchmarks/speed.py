@@ -192,13 +192,8 @@ def write_victim(setting: Setting, folder: Path) -> Path:
 def project_module(setting: Setting, victim: Path, **options: Any) -> RefineLitModule:
     """``RefineLitModule`` of the setting, seeded, with ``options`` (bf16, channels_last, ...) over the defaults."""
     torch.manual_seed(0)
-    return RefineLitModule(
-        str(victim),
-        **setting.facts(),
-        victim_arch=setting.arch,
-        transform=partial(UNet, base_width=setting.unet_width),
-        **options,
-    )
+    options = {"transform": partial(UNet, base_width=setting.unet_width), **options}
+    return RefineLitModule(str(victim), **setting.facts(), victim_arch=setting.arch, **options)
 
 
 class ProjectStep:
@@ -316,6 +311,9 @@ class Row:
 
 def measure_steps(setting: Setting, device: torch.device, folder: Path, args: argparse.Namespace) -> list[Row]:
     """The step table of one setting on one device: every variant, interleaved round by round."""
+    # Each setting compiles from scratch, as a user's job does: after another setting's shapes, dynamo would
+    # recompile with dynamic image sizes instead (and inductor of torch 2.14 fails on the U-Net's padding then).
+    torch._dynamo.reset()
     victim = write_victim(setting, folder)
     generator = torch.Generator().manual_seed(0)
     shape = (setting.batch, setting.in_channels, setting.image_size, setting.image_size)

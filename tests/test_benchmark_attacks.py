@@ -71,3 +71,12 @@ def test_a_tiny_two_seed_run_seeds_every_choice_and_aggregates_its_rows(tmp_path
         for s in (0, 1)
     ]
     assert not torch.equal(*remaps)
+
+
+def test_the_committed_summary_is_the_committed_per_seed_rows_aggregated() -> None:
+    results = Path(attacks.__file__).parent / "results"
+    seed_rows, summary = read_csv(results / "attacks_seeds.csv"), read_csv(results / "attacks.csv")
+    assert summary and {(r["attack"], r["arch"], r["recipe"]) for r in seed_rows} == {
+        (r["attack"], r["arch"], r["recipe"]) for r in summary
+    }
+    check_summary_aggregates_seed_rows(seed_rows, summary)

@@ -6,7 +6,6 @@ model / dataset item or one ConfigError line, never another exception, and stays
 The runs are derandomized (the same examples on every run) and small, so the whole file takes seconds.
 """
 
-import inspect
 import io
 import json
 import resource
@@ -27,6 +26,7 @@ from safetensors.torch import save_file
 from datamodules.datasets import ImageFileDataset, ImageTensorDataset, PoisonedTestSet, PoisonedTrainingSet
 from refine_pl.architectures import build_architecture
 from refine_pl.attacks import ATTACKS, Blended, LabelConsistent, attack_from_spec, attack_record
+from refine_pl.attacks.base import constructor_parameters
 from refine_pl.checkpoints import read_training_checkpoint
 from refine_pl.classifier import DefendedClassifier, NormalizedClassifier
 from refine_pl.errors import ConfigError
@@ -629,9 +629,7 @@ def _check_poisoned_items(spec: object, channels: int) -> None:
 
 
 ATTACK_ARGUMENTS = [
-    (name, argument)
-    for name in sorted(ATTACKS)
-    for argument in sorted(inspect.signature(ATTACKS[name].__init__).parameters.keys() - {"self"})
+    (name, argument) for name in sorted(ATTACKS) for argument in sorted(constructor_parameters(ATTACKS[name]))
 ]
 
 

@@ -1,6 +1,6 @@
 """BadNets (Gu et al., 2017): a fixed patch stamped on the image."""
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -20,28 +20,24 @@ class BadNets(Attack):
     ``image * (1 - mask) + pattern * mask``, so pixels outside the patch are untouched.
 
     Args:
-        target_label: The class the trigger should force.
-        poison_rate: Fraction of the training set that is poisoned.
-        seed: Seed of the choice of poisoned samples.
         patch_size: Side of the square patch in pixels.
         location: Corner of the patch.
         margin: Pixels between the patch and the image border.
         pattern: ``"white"`` (all ones) or ``"checkerboard"`` (alternating ones and zeros).
+        **kwargs: The target label, poison rate and seed of every attack (:class:`~refine_pl.attacks.base.Attack`).
     """
 
     name = "badnets"
 
     def __init__(
         self,
-        target_label: int = 0,
-        poison_rate: float = 0.1,
-        seed: int = 0,
         patch_size: int = 3,
         location: Corner = "bottom_right",
         margin: int = 0,
         pattern: Pattern = "white",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(target_label=target_label, poison_rate=poison_rate, seed=seed)
+        super().__init__(**kwargs)
         if patch_size < 1 or margin < 0:
             raise ConfigError(f"BadNets needs patch_size >= 1 and margin >= 0, got {patch_size}, {margin}.")
         if location not in ("bottom_right", "bottom_left", "top_right", "top_left"):

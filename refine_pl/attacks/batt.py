@@ -1,6 +1,6 @@
 """BATT (Xu et al., 2023): a fixed spatial transformation of the whole image as the trigger."""
 
-from typing import Literal
+from typing import Any, Literal
 
 from torch import Tensor
 from torchvision.transforms.v2 import InterpolationMode
@@ -19,28 +19,24 @@ class BATT(Attack):
     image: the trigger is the transformation itself.
 
     Args:
-        target_label: The class the trigger should force.
-        poison_rate: Fraction of the training set that is poisoned.
-        seed: Seed of the choice of poisoned samples.
         transformation: ``"rotation"`` or ``"translation"``.
         angle: Rotation angle in degrees, counter-clockwise.
         shift_x: Horizontal shift in pixels (positive: right).
         shift_y: Vertical shift in pixels (positive: down).
+        **kwargs: The target label, poison rate and seed of every attack (:class:`~refine_pl.attacks.base.Attack`).
     """
 
     name = "batt"
 
     def __init__(
         self,
-        target_label: int = 0,
-        poison_rate: float = 0.1,
-        seed: int = 0,
         transformation: Literal["rotation", "translation"] = "rotation",
         angle: float = 16.0,
         shift_x: int = 3,
         shift_y: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(target_label=target_label, poison_rate=poison_rate, seed=seed)
+        super().__init__(**kwargs)
         if transformation not in ("rotation", "translation"):
             raise ConfigError(f"Unknown BATT transformation {transformation!r}; use 'rotation' or 'translation'.")
         if (transformation == "rotation" and angle % 360 == 0) or (

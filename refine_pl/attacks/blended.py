@@ -23,24 +23,21 @@ class Blended(Attack):
     rebuild the poisoned test set.
 
     Args:
-        target_label: The class the trigger should force.
-        poison_rate: Fraction of the training set that is poisoned.
-        seed: Seed of the choice of poisoned samples and of the noise pattern.
         alpha: Opacity of the pattern (0.1-0.2 in the literature).
         pattern_path: Image file of the pattern; None for seeded noise.
+        **kwargs: The target label, poison rate and seed of every attack (:class:`~refine_pl.attacks.base.Attack`).
+            The seed also draws the noise pattern.
     """
 
     name = "blended"
 
     def __init__(
         self,
-        target_label: int = 0,
-        poison_rate: float = 0.1,
-        seed: int = 0,
         alpha: float = 0.2,
         pattern_path: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(target_label=target_label, poison_rate=poison_rate, seed=seed)
+        super().__init__(**kwargs)
         if not 0.0 < alpha <= 1.0:
             raise ConfigError(f"Blended alpha must be in (0, 1], got {alpha}.")
         self.alpha = alpha

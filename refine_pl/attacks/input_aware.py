@@ -66,9 +66,6 @@ class InputAwareDynamic(TrainingControlledAttack):
     attack's state, stored in the victim checkpoint.
 
     Args:
-        target_label: The class the trigger should force.
-        poison_rate: Share of every training batch poisoned with its own trigger.
-        seed: Seed of the networks' initialisation and of the mask network's training.
         cross_rate: Share of every training batch given another image's trigger and its true label.
         generator_lr: Learning rate of the pattern network (its own parameter group).
         diversity_weight: Weight of the diversity losses.
@@ -77,15 +74,15 @@ class InputAwareDynamic(TrainingControlledAttack):
         mask_epochs: Training epochs of the mask network.
         mask_lr: Learning rate of the mask network.
         width: Channels of the first stage of both networks.
+        **kwargs: The target label, poison rate and seed of every attack (:class:`~refine_pl.attacks.base.Attack`).
+            ``poison_rate`` is the share of every training batch poisoned with its own trigger; the seed also
+            initialises the networks and orders the mask network's training.
     """
 
     name = "iad"
 
     def __init__(
         self,
-        target_label: int = 0,
-        poison_rate: float = 0.1,
-        seed: int = 0,
         cross_rate: float = 0.1,
         generator_lr: float = 0.01,
         diversity_weight: float = 1.0,
@@ -94,9 +91,10 @@ class InputAwareDynamic(TrainingControlledAttack):
         mask_epochs: int = 10,
         mask_lr: float = 0.01,
         width: int = 16,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(target_label=target_label, poison_rate=poison_rate, seed=seed)
-        if not 0 <= cross_rate < 1 or poison_rate + cross_rate >= 1:
+        super().__init__(**kwargs)
+        if not 0 <= cross_rate < 1 or self.poison_rate + cross_rate >= 1:
             raise ConfigError(f"IAD needs 0 <= cross_rate and poison_rate + cross_rate < 1, got {cross_rate}.")
         if mask_epochs < 0 or width < 1 or not 0 < mask_density < 1:
             raise ConfigError(

@@ -1,5 +1,7 @@
 """WaNet (Nguyen & Tran, 2021): a small, smooth warp of the image as the trigger."""
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -20,28 +22,25 @@ class WaNet(Attack):
     a pixel and keep their true label, so the victim learns the exact warp rather than warping in general.
 
     Args:
-        target_label: The class the trigger should force.
-        poison_rate: Fraction of the training set that is poisoned.
-        seed: Seed of the choice of samples, of the warp field and of the noise of the noise-mode samples.
         grid_size: ``k``, the side of the control grid of the warp.
         strength: ``s``, the warp's strength.
         grid_rescale: Scale of the warped grid (1 keeps it).
         cross_ratio: Noise-mode samples per poisoned sample (0 disables noise mode).
+        **kwargs: The target label, poison rate and seed of every attack (:class:`~refine_pl.attacks.base.Attack`).
+            The seed also draws the warp field and the noise of the noise-mode samples.
     """
 
     name = "wanet"
 
     def __init__(
         self,
-        target_label: int = 0,
-        poison_rate: float = 0.1,
-        seed: int = 0,
         grid_size: int = 4,
         strength: float = 0.5,
         grid_rescale: float = 1.0,
         cross_ratio: float = 2.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(target_label=target_label, poison_rate=poison_rate, seed=seed)
+        super().__init__(**kwargs)
         if grid_size < 2 or strength <= 0 or grid_rescale <= 0 or cross_ratio < 0:
             raise ConfigError(
                 "WaNet needs grid_size >= 2, strength > 0, grid_rescale > 0 and cross_ratio >= 0, got "
