@@ -11,6 +11,8 @@ that noise from other jobs hits every variant alike):
   reference augmentation, so no pseudo-label cache), ``mnist`` (the main job's: small CNN + U-Net 16, 28 px,
   batch 64, no augmentation) and, when asked, ``imagenet50`` (ResNet-18 + U-Net 32, 224 px). Random images
   already on the device: data loading is not timed. Each setting's row also projects the full 150-epoch run.
+- ``profile``: where the default step's time goes in each setting, the operators with the most self time
+  (``torch.profiler``), to show what is left to gain.
 - ``fit``: the whole ``Trainer.fit`` loop of the main job's REFINE stage (embedded MNIST, data loading and
   logging included) with the project's defaults against every speed option off, interleaved run by run; with
   ``--processes 1 2`` also 2 CPU processes (gloo, ``ddp_spawn``) with the same global batch.
@@ -59,6 +61,8 @@ from refine_pl.internals import native_bf16
 from refine_pl.transform import UNet
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PROFILE_TOP = 8
+"""How many operators the profile table lists per setting."""
 OPTIONS_OFF = {"bf16": False, "channels_last": False, "pseudo_label_cache": False}
 
 
@@ -351,6 +355,39 @@ def measure_steps(setting: Setting, device: torch.device, folder: Path, args: ar
     return rows
 
 
+def profile_default_step(setting: Setting, device: torch.device, folder: Path, args: argparse.Namespace) -> list[dict]:
+    """Where the default step's time goes: the operators with the most self time over ``--rounds`` profiled steps.
+
+    Returns one dict per operator (``setting, device, operator, share, calls_per_step``), the largest shares first
+    (the top :data:`PROFILE_TOP`), ``share`` of the self time of all operators (CPU time, or CUDA time on a GPU).
+    """
+    torch._dynamo.reset()
+    step = ProjectStep(setting, write_victim(setting, folder), device)
+    images = torch.rand(
+        (setting.batch, setting.in_channels, setting.image_size, setting.image_size),
+        generator=torch.Generator().manual_seed(0),
+    ).to(device)
+    for _ in range(1 + args.warmup):  # the first step fills the pseudo-label cache (un-augmented settings)
+        step(images)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(args.rounds):
+            step(images)
+        synchronize(device)
+    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [event for event in profiler.key_averages() if getattr(event, attribute) > 0]
+    total = sum(getattr(event, attribute) for event in events)
+    events.sort(key=lambda event: getattr(event, attribute), reverse=True)
+    print(f"  profiled {setting.name}: {args.rounds} default steps", flush=True)
+    return [
+        {"setting": setting.name, "device": device_label(device), "operator": event.key,
+         "share": getattr(event, attribute) / total, "calls_per_step": event.count / args.rounds}
+        for event in events[:PROFILE_TOP]
+    ]  # fmt: skip
+
+
 # --- the fit loop -----------------------------------------------------------------------------------------------
 
 
@@ -495,8 +532,10 @@ def ratio_text(row: Row) -> str:
     return "" if row.ratio is None else f"{row.ratio:.2f}x"
 
 
-def write_results(rows: list[Row], args: argparse.Namespace, argv: list[str], loads: tuple[float, float]) -> None:
-    """Writes ``speed.md`` (tables with the conditions) and ``speed.csv`` (one line per row) to ``--output-dir``."""
+def write_results(
+    rows: list[Row], profiles: list[dict], args: argparse.Namespace, argv: list[str], loads: tuple[float, float]
+) -> None:
+    """Writes ``speed.md`` (tables and conditions) and ``speed.csv`` (one line per timed row) to ``--output-dir``."""
     args.output_dir.mkdir(parents=True, exist_ok=True)
     with (args.output_dir / "speed.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -586,6 +625,21 @@ def write_results(rows: list[Row], args: argparse.Namespace, argv: list[str], lo
             "ResNet-18 (CIFAR layout) victim with random weights, float32, `torch.inference_mode()`; the bare victim "
             "is the loaded classifier's own `f` (with its normalisation).",
         ]
+    if profiles:
+        lines += [
+            "",
+            "## Where the default step's time goes (torch.profiler, operators by self time)",
+            "",
+            "| setting | device | operator | share of the step | calls per step |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {p['setting']} | {p['device']} | `{p['operator']}` | {p['share']:.1%} | {p['calls_per_step']:.0f} |"
+                for p in profiles
+            ),
+            "",
+            f"The project's default step, {args.rounds} steps profiled after the warm-up; the {PROFILE_TOP} operators "
+            "with the most self time (time in the operator itself, not in the operators it calls).",
+        ]
     if not any(device == "cuda" for device in args.devices):
         lines += ["", "No GPU was available for this run: no GPU row was measured."]
     (args.output_dir / "speed.md").write_text("\n".join(lines) + "\n")
@@ -596,7 +650,7 @@ def write_results(rows: list[Row], args: argparse.Namespace, argv: list[str], lo
 def main(argv: list[str]) -> None:
     """Command line; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parts = ["steps", "fit", "inference"]
+    parts = ["steps", "profile", "fit", "inference"]
     parser.add_argument("--parts", nargs="+", choices=parts, default=parts)
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=["cifar10", "mnist"])
     parser.add_argument("--devices", nargs="+", choices=["cpu", "cuda"], help="default: cpu, and cuda if available")
@@ -626,6 +680,7 @@ def main(argv: list[str]) -> None:
 
     load_start = os.getloadavg()[0]
     rows: list[Row] = []
+    profiles: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for name in args.devices:
@@ -633,11 +688,14 @@ def main(argv: list[str]) -> None:
             if "steps" in args.parts:
                 for setting in args.settings:
                     rows += measure_steps(SETTINGS[setting], device, folder, args)
+            if "profile" in args.parts:
+                for setting in args.settings:
+                    profiles += profile_default_step(SETTINGS[setting], device, folder, args)
             if "fit" in args.parts:
                 rows += measure_fit(device, folder, args)
             if "inference" in args.parts:
                 rows += measure_inference(device, folder, args)
-    write_results(rows, args, argv, (load_start, os.getloadavg()[0]))
+    write_results(rows, profiles, args, argv, (load_start, os.getloadavg()[0]))
 
 
 if __name__ == "__main__":
