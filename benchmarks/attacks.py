@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 from benchmarks.victims import ATTACKS, DEFAULT_ARCH, RECIPES, REPO, clean_model, defended_report, victim
 from refine_pl.architectures import ARCHITECTURES
+from refine_pl.pipeline import add_job_arguments
 
 FIGURES = ("victim_ba", "victim_asr", "clean_floor_asr", "refine_ba", "refine_asr")
 WORST_IS_HIGHEST = {"clean_floor_asr", "refine_asr"}
@@ -226,14 +227,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "attacks", help="output folder of the runs")
     parser.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
-    parser.add_argument(
-        "--victim-arg", action="append", default=[], metavar="ARG",
-        help="extra train.py argument of the victims and clean models (repeat; write --victim-arg=--flag)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--refine-arg", action="append", default=[], metavar="ARG",
-        help="extra train.py argument of the REFINE jobs (repeat; write --refine-arg=--flag)",
-    )  # fmt: skip
+    add_job_arguments(parser, "victim", "the victims and clean models")
+    add_job_arguments(parser, "refine", "the REFINE jobs")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []

@@ -48,7 +48,7 @@ from benchmarks.victims import ATTACKS, QUIET, RECIPES, REPO, clean_model, defen
 from refine_pl.cli import cli_main
 from refine_pl.defenses import DEFENSES, defense_named
 from refine_pl.errors import ConfigError
-from refine_pl.pipeline import config_flags, resume_flag
+from refine_pl.pipeline import add_job_arguments, config_flags, resume_flag
 
 REFINE_JOB = RECIPES["refine"]
 """The MNIST REFINE job (the attacks benchmark's recipe ``refine``), which every defense's overlay is merged after."""
@@ -341,14 +341,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="folder of the runs: victims, clean model and REFINE shared with benchmarks/attacks.py",
     )  # fmt: skip
     parser.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results")
-    parser.add_argument(
-        "--victim-arg", action="append", default=[], metavar="ARG",
-        help="extra train.py argument of every victim job (repeat; write --victim-arg=--flag)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--defense-arg", action="append", default=[], metavar="ARG",
-        help="extra train.py argument of every defense job (repeat; write --defense-arg=--flag)",
-    )  # fmt: skip
+    add_job_arguments(parser, "victim", "every victim job")
+    add_job_arguments(parser, "defense", "every defense job")
     parser.add_argument(
         "--rerun", nargs="*", default=[], metavar="FOLDER",
         help="delete these run folders (under --run-dir) first, e.g. badnets_s0/shrinkpad or badnets_s0/refine_f0.1",

@@ -114,6 +114,14 @@ def run_refine(
     return json.loads((run_dir / "report.json").read_text())
 
 
+def add_job_arguments(parser: argparse.ArgumentParser, name: str, jobs: str) -> None:
+    """Adds ``--<name>-arg ARG`` to ``parser``: extra train.py arguments of ``jobs``, repeated, kept in order."""
+    parser.add_argument(
+        f"--{name}-arg", action="append", default=[], metavar="ARG",
+        help=f"extra train.py argument of {jobs} (repeat; write --{name}-arg=--flag)",
+    )  # fmt: skip
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses the command line of the main job (``sys.argv[1:]`` when None); see ``python pipeline.py --help``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -135,14 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--predict-dir", default=None, metavar="FOLDER",
         help="classify the images of this folder with the defended model at the end (RUN_DIR/predictions.csv)",
     )  # fmt: skip
-    parser.add_argument(
-        "--victim-arg", action="append", default=[], metavar="ARG",
-        help="extra train.py argument of the victim job (repeat; write --victim-arg=--flag)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--refine-arg", action="append", default=[], metavar="ARG",
-        help="extra train.py argument of the REFINE job (repeat; write --refine-arg=--flag)",
-    )  # fmt: skip
+    add_job_arguments(parser, "victim", "the victim job")
+    add_job_arguments(parser, "refine", "the REFINE job")
     return parser.parse_args(argv)
 
 
