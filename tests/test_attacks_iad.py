@@ -93,7 +93,7 @@ def test_victim_training_with_iad_and_refine_rebuilding_its_poisoned_test_set(tm
     victim = cli_main(["fit", "--config", VICTIM_CONFIG, "--config", IAD_CONFIG, *short])
     attack = victim.datamodule.attack
     generator_group = victim.trainer.optimizers[0].param_groups[1]  # the victim optimised the pattern network
-    assert generator_group["lr"] == attack.generator_lr
+    assert generator_group["initial_lr"] == attack.generator_lr  # before the config's cosine schedule steps it
     assert all(victim.trainer.optimizers[0].state[p]["step"] == 3 for p in generator_group["params"])
     assert victim.model.attack_networks is attack.networks()
     checkpoint = tmp_path / "victim" / "checkpoints" / "last.ckpt"

@@ -138,7 +138,7 @@ def test_a_user_defends_their_own_torchvision_model_with_the_readme_section(tmp_
     # test: BA on the labeled test folder and ASR on the triggered one, for the victim alone and defended.
     report = json.loads((run / "report.json").read_text())
     assert report["dataset"] == "unlabeled_folder" and report["attack"] is None
-    for row in ("no_defense", "refine"):
+    for row in ("no_defense", "defended"):
         assert 0 <= report[row]["ba"] <= 1 and 0 <= report[row]["asr"] <= 1
 
     # predict: one row per image of the folder, named classes; the exported file alone predicts the same.

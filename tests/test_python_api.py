@@ -61,6 +61,7 @@ def test_a_job_built_from_python_objects_reports_and_exports_what_the_cli_job_do
         accelerator="cpu",
         default_root_dir=root,
         max_steps=STEPS,
+        gradient_clip_val=5.0,
         limit_val_batches=0,
         limit_test_batches=TEST_BATCHES,
         logger=False,
