@@ -231,28 +231,30 @@ def write_csv(rows: list[dict[str, Any]], columns: tuple[str, ...], path: Path) 
             )
 
 
-def is_full(args: argparse.Namespace) -> bool:
-    """Whether ``args`` ask for the whole benchmark with its own settings (not a subset or shortened runs)."""
+def is_full(args: argparse.Namespace, part: str) -> bool:
+    """Whether ``args`` ask for the whole ``part`` (``"matrix"`` or ``"curve"``) with its own settings."""
+    full_runs = not args.victim_arg and not args.defense_arg
+    if part == "matrix":
+        return full_runs and list(args.attacks) == list(ATTACKS) and list(args.defenses) == list(DEFENSES)
     return (
-        list(args.attacks) == list(ATTACKS)
-        and list(args.defenses) == list(DEFENSES)
-        and list(args.efficiency_attacks) == list(EFFICIENCY_ATTACKS)
-        and tuple(args.fractions) == FRACTIONS
-        and not args.victim_arg
-        and not args.defense_arg
+        full_runs and list(args.efficiency_attacks) == list(EFFICIENCY_ATTACKS) and tuple(args.fractions) == FRACTIONS
     )
 
 
-def run_description(args: argparse.Namespace) -> str:
-    """What was run, saying REDUCED when it is less than the full benchmark."""
-    settings = (
-        f"attacks {', '.join(args.attacks)}; defenses {', '.join(args.defenses)}; data efficiency on "
-        f"{', '.join(args.efficiency_attacks) or 'no attack'} at fractions "
-        f"{', '.join(f'{f:g}' for f in args.fractions)}; extra victim arguments {args.victim_arg or 'none'}; "
-        f"extra defense arguments {args.defense_arg or 'none'}"
+def run_description(args: argparse.Namespace, part: str) -> str:
+    """What was run for ``part`` (``"matrix"`` or ``"curve"``), saying REDUCED when it is less than the full part."""
+    if part == "matrix":
+        settings = f"attacks {', '.join(args.attacks)}; defenses {', '.join(args.defenses)}"
+    else:
+        settings = (
+            f"data efficiency on {', '.join(args.efficiency_attacks) or 'no attack'} at fractions "
+            f"{', '.join(f'{f:g}' for f in args.fractions)}"
+        )
+    settings += (
+        f"; extra victim arguments {args.victim_arg or 'none'}; extra defense arguments {args.defense_arg or 'none'}"
     )
-    if is_full(args):
-        return f"Full benchmark, seed {SEED}: {settings}."
+    if is_full(args, part):
+        return f"Full {part}, seed {SEED}: {settings}."
     return f"**REDUCED RUN** (not the benchmark's figures), seed {SEED}: {settings}."
 
 
@@ -364,11 +366,11 @@ def main(argv: list[str] | None = None) -> None:
     }
     rows = [row for attack in args.attacks for row in matrix_rows(attack, suspects[attack], clean, args)]
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    description = run_description(args)
+    description = run_description(args, "matrix")
     write_csv(rows, ("attack", "defense", *RATES, "seconds"), args.results_dir / "defenses.csv")
     matrix = matrix_markdown(rows, args.attacks, args.defenses)
     (args.results_dir / "defenses.md").write_text(f"{description}\n\n{matrix}")
-    note = "" if is_full(args) else "; REDUCED RUN"
+    note = "" if is_full(args, "matrix") else "; REDUCED RUN"
     plot_heatmap(rows, args.attacks, args.defenses, note, args.results_dir / "defenses_heatmap.png")
     print(f"{description}\n\n{matrix}")
     if args.efficiency_attacks:
@@ -376,7 +378,9 @@ def main(argv: list[str] | None = None) -> None:
         columns = ("attack", "fraction", "images", "batch_size", "epochs", "cosine_epochs", "steps", *RATES, "seconds")
         write_csv(curve, columns, args.results_dir / "data_efficiency.csv")
         table = efficiency_markdown(curve)
+        description = run_description(args, "curve")
         (args.results_dir / "data_efficiency.md").write_text(f"{description}\n\n{table}\n")
+        note = "" if is_full(args, "curve") else "; REDUCED RUN"
         plot_efficiency(curve, note, args.results_dir / "data_efficiency.png")
         print(f"\n{table}")
 
