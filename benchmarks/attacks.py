@@ -19,8 +19,12 @@ Writes to ``--results-dir``:
 Runs go to ``--run-dir`` (see :mod:`benchmarks.victims`); finished runs are reused, so an interrupted benchmark
 continues where it stopped.
 
-    python benchmarks/attacks.py --seeds 0 1 2                 # every attack (hours on a 2-core CPU)
+    python benchmarks/attacks.py --seeds 0 1 2                 # every attack, and the zoo rows (about an hour here)
     python benchmarks/attacks.py --attacks wanet iad --seeds 0  # a subset
+    python benchmarks/attacks.py --zoo-archs                   # the small CNN only
+
+The victim zoo: besides ``--archs`` (every attack), ``--zoo-archs`` victims (default: the CIFAR-layout ResNet-18 of
+width 16) are trained and defended for the ``--zoo-attacks`` (default: BadNets, Blended, WaNet) that are run.
 """
 
 import argparse
@@ -42,6 +46,9 @@ from benchmarks.victims import ATTACKS, DEFAULT_ARCH, RECIPES, REPO, clean_model
 from refine_pl.architectures import ARCHITECTURES
 from refine_pl.pipeline import add_job_arguments
 
+ZOO_ARCHS = ("resnet18_cifar_narrow",)
+ZOO_ATTACKS = ("badnets", "blended", "wanet")
+"""The victim zoo's default: a second architecture, defended for the three poison-only attacks of the paper."""
 FIGURES = ("victim_ba", "victim_asr", "clean_floor_asr", "refine_ba", "refine_asr")
 WORST_IS_HIGHEST = {"clean_floor_asr", "refine_asr"}
 """Figures whose worst seed is the highest (the others' is the lowest)."""
@@ -56,6 +63,20 @@ FLOOR_MARGIN = 0.005
 MAX_BA_DROP = 0.005  # REFINE BA at least victim BA - 0.005 on the mean
 MAX_SEED_ASR = 0.02  # and no seed above ASR 0.02 ...
 MAX_SEED_BA_DROP = 0.01  # ... or a 1-point BA drop
+
+
+def victim_combinations(
+    archs: list[str], attacks: list[str], zoo_archs: list[str], zoo_attacks: list[str]
+) -> list[tuple[str, str]]:
+    """``(architecture, attack)`` of every victim to run, in order.
+
+    Each of ``archs`` with every attack, then each zoo architecture not among them with the ``attacks`` that are also
+    ``zoo_attacks``.
+    """
+    zoo = [arch for arch in dict.fromkeys(zoo_archs) if arch not in archs]
+    return [(arch, attack) for arch in archs for attack in attacks] + [
+        (arch, attack) for arch in zoo for attack in attacks if attack in zoo_attacks
+    ]
 
 
 def seed_row(
@@ -193,7 +214,7 @@ def plot_asr(summary: list[dict[str, Any]], path: Path) -> None:
     axes.set_xticks(list(positions), labels, rotation=30, ha="right", fontsize="small")
     axes.set_ylim(0, 1.05)
     axes.set_ylabel("attack success rate")
-    axes.set_title("ASR before / after REFINE over seeds (MNIST-5k, small CNN); error bars: std")
+    axes.set_title("ASR before / after REFINE over seeds (MNIST-5k); error bars: std")
     axes.legend(loc="upper right", fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -218,7 +239,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: %(default)s)")
     parser.add_argument(
         "--archs", nargs="+", choices=sorted(ARCHITECTURES), default=[DEFAULT_ARCH],
-        help="victim architectures (default: %(default)s)",
+        help="victim architectures of every attack (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--zoo-archs", nargs="*", choices=sorted(ARCHITECTURES), default=list(ZOO_ARCHS),
+        help="more victim architectures, for the --zoo-attacks only; none to leave the zoo out (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--zoo-attacks", nargs="+", choices=ATTACKS, default=list(ZOO_ATTACKS),
+        help="the attacks of the zoo architectures, among --attacks (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--recipes", nargs="+", choices=RECIPES, default=["refine"],
@@ -233,12 +262,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
-        for arch in args.archs:
-            for attack in args.attacks:
-                for recipe in args.recipes:
-                    rows.append(seed_row(attack, arch, recipe, seed, args.run_dir, args.victim_arg, args.refine_arg))
-                    # Written after every run, so an interrupted benchmark leaves the results of what it finished.
-                    summary = write_results(rows, args.results_dir, args.threads)
+        for arch, attack in victim_combinations(args.archs, args.attacks, args.zoo_archs, args.zoo_attacks):
+            for recipe in args.recipes:
+                rows.append(seed_row(attack, arch, recipe, seed, args.run_dir, args.victim_arg, args.refine_arg))
+                # Written after every run, so an interrupted benchmark leaves the results of what it finished.
+                summary = write_results(rows, args.results_dir, args.threads)
     print((args.results_dir / "attacks.md").read_text())
     return summary
 

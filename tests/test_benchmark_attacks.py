@@ -48,9 +48,13 @@ def test_a_tiny_two_seed_run_seeds_every_choice_and_aggregates_its_rows(tmp_path
          *TINY_VICTIM, *TINY_REFINE]
     )  # fmt: skip
     seed_rows, summary = read_csv(results / "attacks_seeds.csv"), read_csv(results / "attacks.csv")
-    assert [(r["attack"], r["seed"]) for r in seed_rows] == [("blended", "0"), ("blended", "1")]
+    zoo = attacks.ZOO_ARCHS[0]  # blended is a zoo attack: its victims of the zoo architecture are run too
+    assert [(r["attack"], r["arch"], r["seed"]) for r in seed_rows] == [
+        ("blended", "small_cnn", "0"), ("blended", zoo, "0"), ("blended", "small_cnn", "1"), ("blended", zoo, "1")
+    ]  # fmt: skip
     check_summary_aggregates_seed_rows(seed_rows, summary)
-    assert (results / "attacks.md").read_text().count("| blended | small_cnn | refine |") == 1
+    for arch in ("small_cnn", zoo):
+        assert (results / "attacks.md").read_text().count(f"| blended | {arch} | refine |") == 1
     assert (results / "attacks_asr.png").stat().st_size > 0
 
     # The seed changes the attack's choices (its recorded seed, hence the poisoned samples and the noise pattern),
@@ -71,6 +75,18 @@ def test_a_tiny_two_seed_run_seeds_every_choice_and_aggregates_its_rows(tmp_path
         for s in (0, 1)
     ]
     assert not torch.equal(*remaps)
+
+
+def test_the_zoo_architectures_run_only_their_attacks_and_can_be_left_out() -> None:
+    archs, zoo = ["small_cnn"], ["resnet18_cifar_narrow"]
+    assert attacks.victim_combinations(archs, ["badnets", "iad", "wanet"], zoo, ["badnets", "wanet"]) == [
+        ("small_cnn", "badnets"), ("small_cnn", "iad"), ("small_cnn", "wanet"),
+        ("resnet18_cifar_narrow", "badnets"), ("resnet18_cifar_narrow", "wanet"),
+    ]  # fmt: skip
+    assert attacks.victim_combinations(archs, ["iad"], zoo, ["badnets"]) == [("small_cnn", "iad")]
+    assert attacks.victim_combinations(archs, ["badnets"], [], ["badnets"]) == [("small_cnn", "badnets")]
+    # an architecture asked for every attack is not run twice as a zoo architecture
+    assert attacks.victim_combinations(zoo, ["badnets"], zoo, ["badnets"]) == [("resnet18_cifar_narrow", "badnets")]
 
 
 def test_the_committed_summary_is_the_committed_per_seed_rows_aggregated() -> None:
