@@ -292,6 +292,36 @@ def test_lc_perturbs_within_epsilon_then_stamps_the_corner_checkerboards() -> No
         LabelConsistent(target_label=1).apply_training(clean, poison)
 
 
+def test_lc_blends_its_training_trigger_at_the_amplitude_and_stamps_the_full_one_at_test() -> None:
+    data = _dataset()
+    attack = _prepared_lc(data, epsilon=1 / 255, trigger_amplitude=0.4)
+    poison = attack.select_poison_indices(data.labels)
+    clean = torch.stack([data[int(i)][0] for i in poison])
+    perturbed = (clean + attack._perturbations.float() / 255).clamp(0, 1)
+    checker = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    trained = attack.apply_training(clean, poison)[..., :3, :3]
+    assert torch.allclose(trained, 0.6 * perturbed[..., :3, :3] + 0.4 * checker, atol=1e-6)
+    assert torch.equal(attack.apply(clean)[..., :3, :3], checker.expand(len(poison), 1, 3, 3))
+    with pytest.raises(ConfigError, match="trigger_amplitude"):
+        LabelConsistent(trigger_amplitude=0.0)
+    with pytest.raises(ConfigError, match="surrogate_epsilon"):
+        LabelConsistent(surrogate_epsilon=-0.1)
+
+
+def test_lc_trains_its_surrogate_on_one_step_attacks_when_asked() -> None:
+    data = _dataset()
+    torch.manual_seed(0)  # the same initialisation and order in both: only the training images differ
+    standard = LabelConsistent(target_label=1, surrogate_epochs=1).train_surrogate(data, 4)
+    robust = LabelConsistent(target_label=1, surrogate_epochs=1, surrogate_epsilon=0.1).train_surrogate(data, 4)
+    assert not all(
+        torch.equal(a, b) for a, b in zip(standard.state_dict().values(), robust.state_dict().values(), strict=True)
+    )
+    # the attacked batches stay inside the radius and the image range
+    images, labels = torch.stack([data[i][0] for i in range(8)]), data.labels[:8]
+    attacked = LabelConsistent(surrogate_epsilon=0.1)._fgsm(standard.train(), images, labels)
+    assert (attacked - images).abs().max() <= 0.1 + 1e-6 and attacked.min() >= 0 and attacked.max() <= 1
+
+
 def _tinted(n: int, seed: int) -> ImageTensorDataset:
     """Tiny RGB data: 8x8 grey images (class 0) or tinted in one channel (classes 1-3), with strong noise."""
     generator = torch.Generator().manual_seed(seed)

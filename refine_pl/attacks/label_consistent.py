@@ -22,11 +22,13 @@ class LabelConsistent(Attack):
 
     A clean label would let the victim learn the target class from its content and ignore the trigger, so
     each poisoned image is first made hard to classify: :meth:`prepare` trains a clean surrogate model
-    (``surrogate_arch``, ``surrogate_epochs`` epochs of Adam on the clean training set) and runs an
+    (``surrogate_arch``, ``surrogate_epochs`` epochs of Adam on the clean training set; adversarially, against
+    one-step attacks of radius ``surrogate_epsilon`` with a random start, when that is above 0) and runs an
     untargeted L-infinity PGD attack (``pgd_steps`` steps of size ``pgd_step_size``, radius ``epsilon``,
     random start) against it on every poisoned image. The perturbations are rounded to whole 8-bit steps
     inside the epsilon ball; then the trigger, a ``trigger_size`` checkerboard in each of the four
-    corners, is stamped. At test the trigger alone is stamped on the clean image.
+    corners, is blended in at opacity ``trigger_amplitude``. At test the trigger alone is stamped on the clean
+    image, at full amplitude: a victim that learned the faint training trigger responds the more to the full one.
 
     The perturbations are the attack's state (int16, in units of 1/255, with the indices they belong to),
     so a victim checkpoint holds everything needed to rebuild its poisoned training set.
@@ -40,7 +42,9 @@ class LabelConsistent(Attack):
         pgd_step_size: PGD step; None for ``2.5 * epsilon / pgd_steps``.
         surrogate_arch: Registered architecture of the clean surrogate model.
         surrogate_epochs: Training epochs of the surrogate.
+        surrogate_epsilon: L-infinity radius of the surrogate's adversarial training (0: standard training).
         trigger_size: Side of each corner checkerboard in pixels.
+        trigger_amplitude: Opacity of the trigger on the poisoned training images, in (0, 1].
     """
 
     name = "lc"
@@ -55,7 +59,9 @@ class LabelConsistent(Attack):
         pgd_step_size: float | None = None,
         surrogate_arch: str = "small_cnn",
         surrogate_epochs: int = 5,
+        surrogate_epsilon: float = 0.0,
         trigger_size: int = 3,
+        trigger_amplitude: float = 1.0,
     ) -> None:
         super().__init__(target_label=target_label, poison_rate=poison_rate, seed=seed)
         if not 0 < epsilon <= 1 or pgd_steps < 1 or surrogate_epochs < 1 or trigger_size < 1:
@@ -63,12 +69,18 @@ class LabelConsistent(Attack):
                 "LC needs 0 < epsilon <= 1, pgd_steps >= 1, surrogate_epochs >= 1 and trigger_size >= 1, got "
                 f"{epsilon}, {pgd_steps}, {surrogate_epochs}, {trigger_size}."
             )
+        if not 0 < trigger_amplitude <= 1:
+            raise ConfigError(f"LC needs trigger_amplitude in (0, 1], got {trigger_amplitude}.")
+        if not 0 <= surrogate_epsilon < 1:
+            raise ConfigError(f"LC needs surrogate_epsilon in [0, 1) (0: standard training), got {surrogate_epsilon}.")
         self.epsilon = epsilon
         self.pgd_steps = pgd_steps
         self.pgd_step_size = pgd_step_size
         self.surrogate_arch = surrogate_arch
         self.surrogate_epochs = surrogate_epochs
+        self.surrogate_epsilon = surrogate_epsilon
         self.trigger_size = trigger_size
+        self.trigger_amplitude = trigger_amplitude
         self._rows: dict[int, int] = {}  # training-set index -> row of self._perturbations
         self._poison_indices: Tensor | None = None
         self._perturbations: Tensor | None = None  # int16 [P, C, H, W], units of 1/255
@@ -96,8 +108,12 @@ class LabelConsistent(Attack):
         return torch.stack([p for p, _ in parts]).amax(0), torch.stack([m for _, m in parts]).amax(0)
 
     def apply(self, images: Tensor, indices: Tensor | None = None) -> Tensor:
+        return self._stamp(images, 1.0)
+
+    def _stamp(self, images: Tensor, amplitude: float) -> Tensor:
         pattern, mask = self.trigger(*images.shape[1:])
-        return images * (1 - mask.to(images)) + pattern.to(images) * mask.to(images)
+        mask = mask.to(images) * amplitude
+        return images * (1 - mask) + pattern.to(images) * mask
 
     def apply_training(self, images: Tensor, indices: Tensor | None = None) -> Tensor:
         indices = require_indices(self, images, indices)
@@ -114,7 +130,7 @@ class LabelConsistent(Attack):
             )
         rows = torch.tensor([self._rows[int(i)] for i in indices])
         perturbed = (images + self._perturbations[rows].to(images) / 255.0).clamp(0, 1)
-        return self.apply(perturbed)
+        return self._stamp(perturbed, self.trigger_amplitude)
 
     def prepare(self, train_set: Dataset, labels: Tensor, num_classes: int) -> None:
         """Trains the clean surrogate and computes the PGD perturbation of every poisoned sample."""
@@ -140,10 +156,20 @@ class LabelConsistent(Attack):
             model.train()
             for _ in range(self.surrogate_epochs):
                 for batch_images, batch_labels in loader:
+                    if self.surrogate_epsilon > 0:
+                        batch_images = self._fgsm(model, batch_images, batch_labels)
                     optimizer.zero_grad()
                     F.cross_entropy(model(batch_images), batch_labels).backward()
                     optimizer.step()
         return model.eval().requires_grad_(False)
+
+    def _fgsm(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
+        radius = self.surrogate_epsilon
+        delta = ((torch.rand_like(images) * 2 - 1) * radius).requires_grad_(True)
+        loss = F.cross_entropy(model((images + delta).clamp(0, 1)), labels)
+        (grad,) = torch.autograd.grad(loss, delta)
+        delta = (delta.detach() + 1.25 * radius * grad.sign()).clamp(-radius, radius)
+        return (images + delta).clamp(0, 1)
 
     def _pgd(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
         step = self.pgd_step_size if self.pgd_step_size is not None else 2.5 * self.epsilon / self.pgd_steps
