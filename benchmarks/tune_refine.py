@@ -45,8 +45,21 @@ TUNING_VICTIMS: dict[str, tuple[str, list[str]]] = {
     "adaptive_patch_t4": ("adaptive_patch", ["--data.init_args.attack.init_args.target_label=4"]),
 }  # fmt: skip
 
+D = "--data.init_args."
 CANDIDATES: dict[str, list[str]] = {
     "config": [],  # configs/refine/mnist.yaml as it is
+    # the reference augmentation (random resized crop 0.8-1, no flip for digits), each view labelled by the victim's
+    # class of its original
+    "consistency": [f"{D}augment=true", f"{D}horizontal_flip=false", f"{D}consistency=true"],
+    # the same with a random rotation of up to 15 degrees first
+    "consistency_rot15": [
+        f"{D}augment=true",
+        f"{D}horizontal_flip=false",
+        f"{D}consistency=true",
+        f"{D}max_rotation=15",
+    ],
+    # twice the epochs
+    "e40": ["--trainer.max_epochs=40", "--model.init_args.scheduler.init_args.T_max=40"],
 }
 """Candidate configs: overrides of the REFINE job (``train.py`` arguments) on top of the MNIST config."""
 

@@ -22,6 +22,7 @@ from datamodules.datasets import (
     AugmentedImages,
     ImageAugmentation,
     ImageFileDataset,
+    IndexedAugmentedViews,
     IndexedUnlabeledImages,
     LabeledImageDataset,
     PoisonedTestSet,
@@ -256,12 +257,18 @@ class VictimDataModule(BackdoorDataModule):
         return self._loader(dataset, shuffle=True)
 
 
-def refine_augmentation(image_size: int, in_channels: int, horizontal_flip: bool) -> ImageAugmentation:
-    """The REFINE reference augmentation.
+def refine_augmentation(
+    image_size: int, in_channels: int, horizontal_flip: bool, max_rotation: float = 0.0
+) -> ImageAugmentation:
+    """The REFINE reference augmentation, with an optional random rotation first.
 
-    Random resized crop (scale 0.8-1), horizontal flip, and random grayscale (p=0.2, colour images only).
+    A rotation by up to ``max_rotation`` degrees either way (bilinear, zero fill; none at 0), random resized crop
+    (scale 0.8-1), horizontal flip, and random grayscale (p=0.2, colour images only).
     """
-    steps: list[v2.Transform] = [v2.RandomResizedCrop(image_size, scale=(0.8, 1.0), antialias=True)]
+    steps: list[v2.Transform] = []
+    if max_rotation > 0:
+        steps.append(v2.RandomRotation(max_rotation, interpolation=v2.InterpolationMode.BILINEAR))
+    steps.append(v2.RandomResizedCrop(image_size, scale=(0.8, 1.0), antialias=True))
     if horizontal_flip:
         steps.append(v2.RandomHorizontalFlip())
     if in_channels == 3:
@@ -284,7 +291,9 @@ class RefineDataModule(BackdoorDataModule):
 
     Training batches carry no label of the benign set, so none can reach the REFINE loss: augmented images
     are image tensors, un-augmented ones (``augment=False``) come with their dataset indices
-    (:class:`~refine_pl.refine_module.IndexedImages`), so that their pseudo-labels can be computed once.
+    (:class:`~refine_pl.refine_module.IndexedImages`), so that their pseudo-labels can be computed once, and with
+    ``consistency`` augmented images come with their originals and indices
+    (:class:`~refine_pl.refine_module.AugmentedViews`).
     ``attack`` only builds the poisoned evaluation loaders; when it is left unset,
     :meth:`use_recorded_attack` takes the attack a victim checkpoint records (the CLI calls it). A source that
     holds triggered test images (:meth:`~datamodules.sources.DatasetSource.triggered_test_set`) gives the poisoned
@@ -301,6 +310,10 @@ class RefineDataModule(BackdoorDataModule):
         num_workers: DataLoader worker processes.
         augment: Apply the reference augmentation to the training images.
         horizontal_flip: Include the horizontal flip in that augmentation (off for digits and signs).
+        max_rotation: Rotate augmented images by up to this many degrees either way first (0: no rotation).
+        consistency: Give each augmented image the pseudo-label of its un-augmented original (batches of
+            :class:`~refine_pl.refine_module.AugmentedViews`) instead of the victim's prediction on the augmented
+            image itself, so that ``T`` learns to map every view of an image to the victim's class of the image.
         predict_root: Folder of images to classify with ``predict`` (any nesting), or None.
         fraction: Share of the training split given as unlabeled training images, in (0, 1], drawn uniformly
             from ``split_seed`` (:func:`uniform_fraction`); validation and test images are not affected.
@@ -318,8 +331,20 @@ class RefineDataModule(BackdoorDataModule):
         horizontal_flip: bool = True,
         predict_root: str | None = None,
         fraction: float = 1.0,
+        max_rotation: float = 0.0,
+        consistency: bool = False,
     ) -> None:
         super().__init__(source, attack, batch_size, val_fraction, split_seed, num_workers)
+        if not isinstance(max_rotation, (int, float)) or not 0 <= max_rotation <= 180:
+            raise ConfigError(
+                f"{cli_flag('data', 'max_rotation')} is the largest rotation of the augmentation in degrees and must "
+                f"be in [0, 180], got {max_rotation!r}."
+            )
+        if consistency and not augment:
+            raise ConfigError(
+                f"{cli_flag('data', 'consistency')} gives augmented images the pseudo-labels of their originals, but "
+                f"{cli_flag('data', 'augment')} is false: turn augmentation on, or consistency off."
+            )
         if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise ConfigError(
                 f"{cli_flag('data', 'fraction')} is the share of the training images to train on and must be in "
@@ -330,6 +355,8 @@ class RefineDataModule(BackdoorDataModule):
         self.predict_root = predict_root
         self.predict_paths: list[str] = []
         self.fraction = fraction
+        self.max_rotation = max_rotation
+        self.consistency = consistency
 
     def setup(self, stage: str | None = None) -> None:
         already_set_up = self.train_set is not None
@@ -350,7 +377,9 @@ class RefineDataModule(BackdoorDataModule):
     def train_dataloader(self) -> DataLoader:
         if not self.augment:
             return self._loader(IndexedUnlabeledImages(self.train_set), shuffle=True)
-        augmentation = refine_augmentation(self.image_size, self.in_channels, self.horizontal_flip)
+        augmentation = refine_augmentation(self.image_size, self.in_channels, self.horizontal_flip, self.max_rotation)
+        if self.consistency:
+            return self._loader(IndexedAugmentedViews(self.train_set, augmentation), shuffle=True)
         return self._loader(UnlabeledImages(self.train_set, augmentation), shuffle=True)
 
     def val_dataloader(self) -> list[DataLoader]:

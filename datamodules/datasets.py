@@ -14,7 +14,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from refine_pl.attacks import Attack
 from refine_pl.classifier import check_images
 from refine_pl.errors import ConfigError
-from refine_pl.refine_module import IndexedImages
+from refine_pl.refine_module import AugmentedViews, IndexedImages
 
 ImageAugmentation = Callable[[Tensor], Tensor]
 
@@ -346,6 +346,25 @@ class IndexedUnlabeledImages(Dataset):
     def __getitem__(self, index: int) -> IndexedImages:
         image, _ = self.base[index]
         return IndexedImages(image, index)
+
+
+class IndexedAugmentedViews(Dataset):
+    """Augmented images of a labeled dataset with the labels dropped, each with its original and its index.
+
+    Items are :class:`~refine_pl.refine_module.AugmentedViews` ``(augmented image, image, index)``: REFINE trains
+    the transform on the augmented view and takes its pseudo-label from the victim's prediction on the original.
+    """
+
+    def __init__(self, base: LabeledImageDataset, augmentation: ImageAugmentation) -> None:
+        self.base = base
+        self.augmentation = augmentation
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> AugmentedViews:
+        image, _ = self.base[index]
+        return AugmentedViews(self.augmentation(image), image, index)
 
 
 class AugmentedImages(Dataset):

@@ -40,6 +40,24 @@ class IndexedImages(NamedTuple):
     indices: Tensor
 
 
+class AugmentedViews(NamedTuple):
+    """A training batch of augmented images, each with the un-augmented image and the dataset index it comes from.
+
+    The transform trains on ``views``; each view's pseudo-label is the victim's prediction on its un-augmented
+    image (computed once per index, as for :class:`IndexedImages`), so an augmentation never changes the class a
+    view has to be mapped to. Never labels.
+
+    Attributes:
+        views: ``[B, C, H, W]`` augmented images in [0, 1].
+        images: ``[B, C, H, W]`` the un-augmented images they were made from.
+        indices: ``[B]`` long positions of the images in the training set.
+    """
+
+    views: Tensor
+    images: Tensor
+    indices: Tensor
+
+
 def reference_sgd(params: Any) -> torch.optim.Optimizer:
     """The REFINE reference optimizer: SGD, lr 0.01, momentum 0.9, weight decay 5e-4."""
     return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -246,20 +264,26 @@ class RefineLitModule(BackdoorLitModule):
         cache[shared[:, 0]] = shared[:, 1]
         return labels
 
-    def refine_loss(self, images: Tensor, indices: Tensor | None = None) -> dict[str, Tensor]:
+    def refine_loss(
+        self, images: Tensor, indices: Tensor | None = None, originals: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """The REFINE losses on a batch of unlabeled images ``[B, C, H, W]``, in the training step's precision.
 
         Args:
-            images: The batch.
-            indices: ``[B]`` dataset positions when the images are un-augmented (see :class:`IndexedImages`),
-                which lets their pseudo-labels come from the cache; None for augmented images.
+            images: The batch the transform trains on.
+            indices: ``[B]`` dataset positions of the images whose pseudo-labels are taken (``originals``, else
+                ``images``) when those are un-augmented (see :class:`IndexedImages`), which lets the pseudo-labels
+                come from the cache; None for augmented images.
+            originals: ``[B, C, H, W]`` un-augmented images whose victim predictions are the pseudo-labels of the
+                augmented ``images`` (see :class:`AugmentedViews`); None: the pseudo-labels of ``images`` themselves.
 
         Returns:
             ``{"loss", "utility", "contrastive"}`` scalars, ``loss = utility + weight * contrastive``.
         """
         images = self.training_layout(images)
+        labelled = images if originals is None else self.training_layout(originals)
         with self.training_autocast():
-            pseudo_labels = self.pseudo_labels(images, indices)
+            pseudo_labels = self.pseudo_labels(labelled, indices)
             transformed = self.transform(images)
             utility = self.utility_loss(self.remap(self.victim(transformed)), pseudo_labels)
             features = F.normalize(transformed.flatten(1).float(), dim=1)
@@ -270,15 +294,18 @@ class RefineLitModule(BackdoorLitModule):
             "contrastive": contrastive,
         }
 
-    def training_step(self, batch: Tensor | IndexedImages, batch_idx: int) -> Tensor:
-        if isinstance(batch, IndexedImages):
+    def training_step(self, batch: Tensor | IndexedImages | AugmentedViews, batch_idx: int) -> Tensor:
+        if isinstance(batch, AugmentedViews):
+            losses = self.refine_loss(batch.views, batch.indices, batch.images)
+        elif isinstance(batch, IndexedImages):
             losses = self.refine_loss(batch.images, batch.indices)
         elif isinstance(batch, Tensor):
             losses = self.refine_loss(batch)
         else:
             raise ConfigError(
                 f"REFINE trains on unlabeled images, but a training batch is a {type(batch).__name__}: give a "
-                "DataLoader of image tensors (or IndexedImages), never (images, labels), e.g. RefineDataModule."
+                "DataLoader of image tensors (or IndexedImages, AugmentedViews), never (images, labels), e.g. "
+                "RefineDataModule."
             )
         for name, value in losses.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", sync_dist=True)

@@ -12,10 +12,10 @@ from pytorch_lightning.accelerators import CUDAAccelerator
 from torch import Tensor
 
 from datamodules import RefineDataModule
-from datamodules.datasets import IndexedUnlabeledImages, UnlabeledImages
+from datamodules.datasets import IndexedAugmentedViews, IndexedUnlabeledImages, UnlabeledImages
 from refine_pl import ConfigError, RefineLitModule
 from refine_pl.internals import native_bf16
-from refine_pl.refine_module import IndexedImages
+from refine_pl.refine_module import AugmentedViews, IndexedImages
 from refine_pl.transform import UNet
 from tests.conftest import SmallDigits, quiet_trainer, tiny_refine_module
 
@@ -86,11 +86,15 @@ class _VictimCalls(Callback):
         self.per_step.append(0)
 
 
-def _fit(victim: Path, root: Path, augment: bool, steps: int, **options) -> tuple[RefineLitModule, _VictimCalls]:
+def _fit(
+    victim: Path, root: Path, augment: bool, steps: int, consistency: bool = False, **options
+) -> tuple[RefineLitModule, _VictimCalls]:
     seed_everything(0)
     module = tiny_refine_module(victim, **options)
     # 90 training images, batch 18: 5 steps an epoch, each image once per epoch
-    data = RefineDataModule(SmallDigits(), batch_size=18, augment=augment, horizontal_flip=False)
+    data = RefineDataModule(
+        SmallDigits(), batch_size=18, augment=augment, horizontal_flip=False, consistency=consistency
+    )
     calls = _VictimCalls()
     trainer = quiet_trainer(root, max_steps=steps, limit_val_batches=0, enable_checkpointing=False, callbacks=[calls])
     trainer.fit(module, datamodule=data)
@@ -137,6 +141,57 @@ def test_indexed_images_are_the_training_images_at_their_indices() -> None:
     assert isinstance(batch, IndexedImages) and batch.indices.dtype == torch.long
     for image, index in zip(batch.images, batch.indices, strict=True):
         assert torch.equal(image, data.train_set[int(index)][0])
+
+
+def test_consistency_batches_are_augmented_views_of_the_training_images_at_their_indices() -> None:
+    data = RefineDataModule(
+        SmallDigits(), batch_size=16, augment=True, horizontal_flip=False, consistency=True, max_rotation=15
+    )
+    data.setup("fit")
+    loader = data.train_dataloader()
+    assert isinstance(loader.dataset.base, IndexedAugmentedViews)
+    batch = next(iter(loader))
+    assert isinstance(batch, AugmentedViews) and batch.indices.dtype == torch.long
+    for view, image, index in zip(batch.views, batch.images, batch.indices, strict=True):
+        assert torch.equal(image, data.train_set[int(index)][0])
+        assert view.shape == image.shape and view.min() >= 0 and view.max() <= 1
+    assert not torch.equal(batch.views, batch.images)
+
+
+def test_consistency_views_are_trained_to_the_pseudo_labels_of_their_originals(victim_checkpoint: Path) -> None:
+    images = _digits()
+    views = images.rot90(1, dims=(-2, -1))  # a view the victim classifies differently
+    module = tiny_refine_module(victim_checkpoint, **PLAIN).train()
+    with torch.no_grad():
+        labels = module.victim(images).argmax(1)
+        assert not torch.equal(labels, module.victim(views).argmax(1))
+    torch.manual_seed(0)
+    losses = module.refine_loss(views, originals=images)
+    transformed = module.transform(views)
+    utility = module.utility_loss(module.remap(module.victim(transformed)), labels)
+    contrastive = module.contrastive_loss(F.normalize(transformed.flatten(1), dim=1), labels)
+    assert losses["utility"].item() == pytest.approx(utility.item(), rel=1e-6)
+    assert losses["contrastive"].item() == pytest.approx(contrastive.item(), rel=1e-6)
+
+
+def test_consistency_labels_each_original_once_through_the_cache(victim_checkpoint: Path, tmp_path: Path) -> None:
+    module, calls = _fit(victim_checkpoint, tmp_path, augment=True, steps=12, consistency=True)
+    assert calls.per_step == [1] * 5 + [0] * 7  # the originals' labels are computed in the first epoch, then read
+    data = RefineDataModule(SmallDigits(), batch_size=16, augment=False)
+    data.setup("fit")
+    images = torch.stack([data.train_set[i][0] for i in range(len(data.train_set))])
+    with module.training_autocast():
+        expected = module.pseudo_labels(images.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(module._cached_labels[: len(expected)], expected)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"augment": False, "consistency": True}, "turn augmentation on"), ({"max_rotation": 200}, "max_rotation")],
+)
+def test_consistency_and_rotation_settings_are_checked(options: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        RefineDataModule(SmallDigits(), **options)
 
 
 def test_a_labeled_batch_is_refused(untrained_victim: Path) -> None:

@@ -13,7 +13,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from refine_pl.defenses.base import check_transform_input, register_defense
-from refine_pl.refine_module import IndexedImages, RefineLitModule
+from refine_pl.refine_module import AugmentedViews, IndexedImages, RefineLitModule
 
 
 class ConvAutoencoder(nn.Module):
@@ -108,9 +108,11 @@ class AutoencoderDefense(RefineLitModule):
         with torch.autocast(images.device.type, enabled=False):  # BCE is not autocast-safe
             return F.binary_cross_entropy(reconstruction.float(), images.float())
 
-    def training_step(self, batch: Tensor | IndexedImages, batch_idx: int) -> Tensor:
-        # Un-augmented batches come with their dataset indices (for REFINE's pseudo-label cache); the autoencoder
-        # needs the images only.
+    def training_step(self, batch: Tensor | IndexedImages | AugmentedViews, batch_idx: int) -> Tensor:
+        # Batches may come with dataset indices and originals (for REFINE's pseudo-labels); the autoencoder needs the
+        # images it trains on only.
+        if isinstance(batch, AugmentedViews):
+            batch = batch.views
         loss = self.reconstruction_loss(batch.images if isinstance(batch, IndexedImages) else batch)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
