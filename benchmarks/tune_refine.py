@@ -58,6 +58,15 @@ CANDIDATES: dict[str, list[str]] = {
         f"{D}consistency=true",
         f"{D}max_rotation=15",
     ],
+    # the same over 30 epochs
+    "consistency_rot15_e30": [
+        f"{D}augment=true",
+        f"{D}horizontal_flip=false",
+        f"{D}consistency=true",
+        f"{D}max_rotation=15",
+        "--trainer.max_epochs=30",
+        "--model.init_args.scheduler.init_args.T_max=30",
+    ],
     # twice the epochs
     "e40": ["--trainer.max_epochs=40", "--model.init_args.scheduler.init_args.T_max=40"],
 }
