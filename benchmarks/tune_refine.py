@@ -46,29 +46,13 @@ TUNING_VICTIMS: dict[str, tuple[str, list[str]]] = {
 }  # fmt: skip
 
 D = "--data.init_args."
+E20 = ["--trainer.max_epochs=20", "--model.init_args.scheduler.init_args.T_max=20"]
 CANDIDATES: dict[str, list[str]] = {
-    "config": [],  # configs/refine/mnist.yaml as it is
-    # the reference augmentation (random resized crop 0.8-1, no flip for digits), each view labelled by the victim's
-    # class of its original
-    "consistency": [f"{D}augment=true", f"{D}horizontal_flip=false", f"{D}consistency=true"],
-    # the same with a random rotation of up to 15 degrees first
-    "consistency_rot15": [
-        f"{D}augment=true",
-        f"{D}horizontal_flip=false",
-        f"{D}consistency=true",
-        f"{D}max_rotation=15",
-    ],
-    # the same over 30 epochs
-    "consistency_rot15_e30": [
-        f"{D}augment=true",
-        f"{D}horizontal_flip=false",
-        f"{D}consistency=true",
-        f"{D}max_rotation=15",
-        "--trainer.max_epochs=30",
-        "--model.init_args.scheduler.init_args.T_max=30",
-    ],
-    # twice the epochs
-    "e40": ["--trainer.max_epochs=40", "--model.init_args.scheduler.init_args.T_max=40"],
+    "config": [],  # configs/refine/mnist.yaml as it is: consistency views rotated up to 15 degrees, 30 epochs
+    "e20": E20,  # the same over 20 epochs
+    "no_rotation_e20": [f"{D}max_rotation=0", *E20],  # random resized crops only, 20 epochs
+    # the config before this tuning: no augmentation, 20 epochs
+    "previous_config": [f"{D}augment=false", f"{D}consistency=false", f"{D}max_rotation=0", *E20],
 }
 """Candidate configs: overrides of the REFINE job (``train.py`` arguments) on top of the MNIST config."""
 
