@@ -7,7 +7,7 @@ attack: a defender does not know the attack) and test them on the held-out image
 everything seeded: victim training and data order, the attack's choices (poisoned samples, patterns,
 per-sample transformations), the remap and REFINE's training.
 
-Writes to ``--results-dir``:
+Writes to ``--results-dir`` (the names start with ``--results-name``, ``attacks`` by default):
 
 - ``attacks_seeds.csv``: one row per attack, recipe and seed (``attack, recipe, seed, victim_ba, victim_asr,
   clean_floor_asr, refine_ba, refine_asr, seconds``; seconds: wall clock of the REFINE stage, fit and test);
@@ -22,6 +22,7 @@ continues where it stopped.
     python benchmarks/attacks.py --seeds 0 1 2                 # every attack, and the zoo rows (about an hour here)
     python benchmarks/attacks.py --attacks wanet iad --seeds 0  # a subset
     python benchmarks/attacks.py --zoo-archs                   # the small CNN only
+    python benchmarks/attacks.py --recipes reference --seeds 0 --zoo-archs --results-name attacks_reference
 
 The victim zoo: besides ``--archs`` (every attack), ``--zoo-archs`` victims (default: the CIFAR-layout ResNet-18 of
 width 16) are trained and defended for the ``--zoo-attacks`` (default: BadNets, Blended, WaNet) that are run.
@@ -165,14 +166,14 @@ def markdown_table(summary: list[dict[str, Any]], threads: int) -> str:
         return f"{entry[name]:.4f} ± {entry[name + '_std']:.4f} ({entry[name + '_worst']:.4f})"
 
     lines = [
-        "| attack | victim | recipe | victim BA | victim ASR | clean floor ASR | REFINE BA | REFINE ASR | REFINE s "
-        "| real backdoor | gate |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| attack | victim | recipe | seeds | victim BA | victim ASR | clean floor ASR | REFINE BA | REFINE ASR "
+        "| REFINE s | real backdoor | gate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in summary:
         backdoor, defended = gate(entry)
         lines.append(
-            f"| {entry['attack']} | {entry['arch']} | {entry['recipe']} | "
+            f"| {entry['attack']} | {entry['arch']} | {entry['recipe']} | {entry['seeds']} | "
             + " | ".join(figure(entry, name) for name in FIGURES)
             + f" | {entry['seconds']:.0f} | {'yes' if backdoor else 'no'} | {'yes' if defended else 'no'} |"
         )
@@ -181,7 +182,8 @@ def markdown_table(summary: list[dict[str, Any]], threads: int) -> str:
         [
             *lines,
             "",
-            f"Mean ± standard deviation over seeds {', '.join(map(str, seeds))} (worst seed in parentheses). "
+            f"Mean ± standard deviation over the seeds of the row (worst seed in parentheses; all seeds: "
+            f"{', '.join(map(str, seeds))}). "
             f"REFINE s: mean wall clock of the REFINE stage (fit and test), {threads} torch thread(s).",
             f"real backdoor: in every seed, victim ASR >= {DEFAULT_MIN_VICTIM_ASR:.2f} (>= 0.80 for lc) and victim BA "
             f"at most {MAX_VICTIM_BA_GAP * 100:.0f} points below the clean model's. gate: mean REFINE ASR <= "
@@ -221,14 +223,19 @@ def plot_asr(summary: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
-def write_results(rows: list[dict[str, Any]], results_dir: Path, threads: int) -> list[dict[str, Any]]:
-    """Writes the per-seed csv, the summary csv and markdown and the chart of ``rows``; returns the summary."""
+def write_results(
+    rows: list[dict[str, Any]], results_dir: Path, threads: int, name: str = "attacks"
+) -> list[dict[str, Any]]:
+    """Writes the per-seed csv, the summary csv and markdown and the chart of ``rows``; returns the summary.
+
+    The files are ``<name>_seeds.csv``, ``<name>.csv``, ``<name>.md`` and ``<name>_asr.png`` in ``results_dir``.
+    """
     summary = aggregate(rows)
     results_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, SEED_COLUMNS, results_dir / "attacks_seeds.csv")
-    write_csv(summary, summary_columns(), results_dir / "attacks.csv")
-    (results_dir / "attacks.md").write_text(markdown_table(summary, threads) + "\n")
-    plot_asr(summary, results_dir / "attacks_asr.png")
+    write_csv(rows, SEED_COLUMNS, results_dir / f"{name}_seeds.csv")
+    write_csv(summary, summary_columns(), results_dir / f"{name}.csv")
+    (results_dir / f"{name}.md").write_text(markdown_table(summary, threads) + "\n")
+    plot_asr(summary, results_dir / f"{name}_asr.png")
     return summary
 
 
@@ -255,6 +262,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     )  # fmt: skip
     parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "attacks", help="output folder of the runs")
     parser.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument(
+        "--results-name", default="attacks",
+        help="file name stem of the results (default: %(default)s): another keeps a partial table apart",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     add_job_arguments(parser, "victim", "the victims and clean models")
     add_job_arguments(parser, "refine", "the REFINE jobs")
@@ -266,8 +277,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             for recipe in args.recipes:
                 rows.append(seed_row(attack, arch, recipe, seed, args.run_dir, args.victim_arg, args.refine_arg))
                 # Written after every run, so an interrupted benchmark leaves the results of what it finished.
-                summary = write_results(rows, args.results_dir, args.threads)
-    print((args.results_dir / "attacks.md").read_text())
+                summary = write_results(rows, args.results_dir, args.threads, args.results_name)
+    print((args.results_dir / f"{args.results_name}.md").read_text())
     return summary
 
 

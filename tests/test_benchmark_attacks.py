@@ -54,7 +54,7 @@ def test_a_tiny_two_seed_run_seeds_every_choice_and_aggregates_its_rows(tmp_path
     ]  # fmt: skip
     check_summary_aggregates_seed_rows(seed_rows, summary)
     for arch in ("small_cnn", zoo):
-        assert (results / "attacks.md").read_text().count(f"| blended | {arch} | refine |") == 1
+        assert (results / "attacks.md").read_text().count(f"| blended | {arch} | refine | 0 1 |") == 1
     assert (results / "attacks_asr.png").stat().st_size > 0
 
     # The seed changes the attack's choices (its recorded seed, hence the poisoned samples and the noise pattern),
