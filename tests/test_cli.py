@@ -62,18 +62,21 @@ def test_print_config_shows_the_overlay_on_top_of_the_reference_recipe(capsys: p
     config = _printed_config(["fit", *REFINE_JOB], capsys)
     model, data = config["model"]["init_args"], config["data"]["init_args"]
     # From the MNIST overlay:
-    assert model["transform"]["init_args"]["base_width"] == 16 and config["trainer"]["max_epochs"] == 20
+    assert model["transform"]["init_args"]["base_width"] == 16 and config["trainer"]["max_epochs"] == 30
     assert model["scheduler"] == {
-        "class_path": "torch.optim.lr_scheduler.CosineAnnealingLR",
-        "init_args": {"T_max": 20, "eta_min": 0.0, "last_epoch": -1},
+        "class_path": "refine_pl.schedules.WarmupCosineLR",
+        "init_args": {"T_max": 30, "warmup_epochs": 1, "warmup_factor": 0.1, "last_epoch": -1},
     }
     assert data["source"]["class_path"] == "datamodules.EmbeddedMNIST" and data["batch_size"] == 64
+    assert {k: data[k] for k in ("augment", "horizontal_flip", "consistency", "max_rotation")} == {
+        "augment": True, "horizontal_flip": False, "consistency": True, "max_rotation": 15.0,
+    }  # fmt: skip
     # From the reference recipe, untouched by the overlay:
     assert model["optimizer"]["class_path"] == "torch.optim.SGD"
     assert {k: model["optimizer"]["init_args"][k] for k in ("lr", "momentum", "weight_decay")} == {
         "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0005,
     }  # fmt: skip
-    assert (model["contrastive_weight"], model["temperature"], data["horizontal_flip"]) == (0.1, 0.07, True)
+    assert (model["contrastive_weight"], model["temperature"]) == (0.1, 0.07)
     callbacks = [callback["class_path"] for callback in config["trainer"]["callbacks"]]
     assert callbacks == [
         "callbacks.RunCheckpoint", "callbacks.DefenseReport", "callbacks.ExportDefendedClassifier",

@@ -16,6 +16,7 @@ from callbacks import DefenseReport, ExportDefendedClassifier
 from datamodules import EmbeddedMNIST, RefineDataModule
 from refine_pl import RefineLitModule
 from refine_pl.cli import cli_main
+from refine_pl.schedules import WarmupCosineLR
 from refine_pl.transform import UNet
 from tests.conftest import QUIET, REFINE_JOB
 
@@ -43,7 +44,9 @@ def test_a_job_built_from_python_objects_reports_and_exports_what_the_cli_job_do
 
     # The same job as a Python user writes it: the MNIST config's values, no config file, no CLI.
     seed_everything(0)
-    data = RefineDataModule(EmbeddedMNIST(), batch_size=64, augment=False)
+    data = RefineDataModule(
+        EmbeddedMNIST(), batch_size=64, augment=True, horizontal_flip=False, consistency=True, max_rotation=15.0
+    )
     module = RefineLitModule(
         str(victim_checkpoint),
         data.num_classes,
@@ -53,7 +56,7 @@ def test_a_job_built_from_python_objects_reports_and_exports_what_the_cli_job_do
         data.std,
         transform=partial(UNet, base_width=WIDTH),
         optimizer=partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
-        scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=20),
+        scheduler=partial(WarmupCosineLR, T_max=30),
     )
     data.use_recorded_attack(module.victim_record)  # what the CLI does: ASR with the attack the victim records
     root = tmp_path / "python"
