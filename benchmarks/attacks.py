@@ -22,6 +22,7 @@ continues where it stopped.
     python benchmarks/attacks.py --seeds 0 1 2                 # every attack, and the zoo rows (about an hour here)
     python benchmarks/attacks.py --attacks wanet iad --seeds 0  # a subset
     python benchmarks/attacks.py --zoo-archs                   # the small CNN only
+    python benchmarks/attacks.py --seeds 0 1 2 --zoo-seeds 0   # the zoo rows on seed 0 only
     python benchmarks/attacks.py --recipes reference --seeds 0 --zoo-archs --results-name attacks_reference
 
 The victim zoo: besides ``--archs`` (every attack), ``--zoo-archs`` victims (default: the CIFAR-layout ResNet-18 of
@@ -257,6 +258,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         help="the attacks of the zoo architectures, among --attacks (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
+        "--zoo-seeds", nargs="+", type=int,
+        help="the seeds of the zoo rows, among --seeds (default: every one; fewer to save time)",
+    )  # fmt: skip
+    parser.add_argument(
         "--recipes", nargs="+", choices=RECIPES, default=["refine"],
         help="REFINE recipes: refine (the MNIST config), reference (the reference recipe unchanged)",
     )  # fmt: skip
@@ -272,8 +277,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
+    zoo_seeds = args.seeds if args.zoo_seeds is None else args.zoo_seeds
     for seed in args.seeds:
-        for arch, attack in victim_combinations(args.archs, args.attacks, args.zoo_archs, args.zoo_attacks):
+        zoo_archs = args.zoo_archs if seed in zoo_seeds else []
+        for arch, attack in victim_combinations(args.archs, args.attacks, zoo_archs, args.zoo_attacks):
             for recipe in args.recipes:
                 rows.append(seed_row(attack, arch, recipe, seed, args.run_dir, args.victim_arg, args.refine_arg))
                 # Written after every run, so an interrupted benchmark leaves the results of what it finished.
