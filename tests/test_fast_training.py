@@ -112,13 +112,17 @@ def test_pseudo_label_cache_is_exact_and_runs_the_victim_on_each_image_once(
     assert uncached_calls.per_step == [1] * 12
     for name, value in uncached.transform.state_dict().items():
         assert torch.equal(cached.transform.state_dict()[name], value), name
-    # The cache holds the victim's prediction on every training image, by its index in the training set.
+    assert_cache_holds_the_victims_class_of_every_training_image(cached)
+
+
+def assert_cache_holds_the_victims_class_of_every_training_image(module: RefineLitModule) -> None:
+    """The label cache holds the victim's prediction on every (un-augmented) training image, by its index."""
     data = RefineDataModule(SmallDigits(), batch_size=16, augment=False)
     data.setup("fit")
     images = torch.stack([data.train_set[i][0] for i in range(len(data.train_set))])
-    with cached.training_autocast():
-        expected = cached.pseudo_labels(images.contiguous(memory_format=torch.channels_last))
-    assert torch.equal(cached._cached_labels[: len(expected)], expected)
+    with module.training_autocast():
+        expected = module.pseudo_labels(images.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(module._cached_labels[: len(expected)], expected)
 
 
 def test_pseudo_label_cache_is_never_used_for_augmented_images(victim_checkpoint: Path, tmp_path: Path) -> None:
@@ -177,12 +181,7 @@ def test_consistency_views_are_trained_to_the_pseudo_labels_of_their_originals(v
 def test_consistency_labels_each_original_once_through_the_cache(victim_checkpoint: Path, tmp_path: Path) -> None:
     module, calls = _fit(victim_checkpoint, tmp_path, augment=True, steps=12, consistency=True)
     assert calls.per_step == [1] * 5 + [0] * 7  # the originals' labels are computed in the first epoch, then read
-    data = RefineDataModule(SmallDigits(), batch_size=16, augment=False)
-    data.setup("fit")
-    images = torch.stack([data.train_set[i][0] for i in range(len(data.train_set))])
-    with module.training_autocast():
-        expected = module.pseudo_labels(images.contiguous(memory_format=torch.channels_last))
-    assert torch.equal(module._cached_labels[: len(expected)], expected)
+    assert_cache_holds_the_victims_class_of_every_training_image(module)
 
 
 @pytest.mark.parametrize(
