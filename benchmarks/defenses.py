@@ -17,7 +17,8 @@ full run's point is the matrix's REFINE run.
 
 Writes to ``--results-dir``: ``defenses.csv`` (``attack,defense,ba,asr,ra,der,seconds``; defense ``none`` is the
 victim, ``clean_floor`` the clean model), ``defenses.md`` (the matrix per metric), ``defenses_heatmap.png`` (ASR and
-BA), ``data_efficiency.csv`` (``attack,fraction,images,batch_size,epochs,cosine_epochs,steps,ba,asr,ra,der,seconds``),
+BA), ``data_efficiency.csv``
+(``attack,fraction,images,batch_size,epochs,cosine_epochs,warmup_epochs,steps,ba,asr,ra,der,seconds``),
 ``data_efficiency.md`` and ``data_efficiency.png``. Runs go to ``--run-dir/<attack>_s0/<defense>``
 (``refine_f<fraction>`` for the curve); a run whose folder holds its result is not run again, an interrupted one
 resumes from its last checkpoint, so a killed benchmark continues where it stopped when started again with the
@@ -110,11 +111,14 @@ def run_defense(defense: str, suspect: Path, clean: Path, run_dir: Path, args: l
     return {**json.loads((run_dir / "report.json").read_text()), **record}
 
 
+STRETCHABLE_SCHEDULES = ("torch.optim.lr_scheduler.CosineAnnealingLR", "refine_pl.schedules.WarmupCosineLR")
+
+
 def training_plan(suspect: Path, run_dir: Path, args: list[str]) -> dict[str, int]:
-    """The training images, batch size, epochs and cosine period of the REFINE job with ``args``, from its config.
+    """The training images, batch size, epochs, cosine period and warmup epochs of the REFINE job with ``args``.
 
     Raises:
-        ConfigError: The job's schedule is not a cosine (the one schedule the curve stretches).
+        ConfigError: The job's schedule is not a cosine, with or without warmup (the schedules the curve stretches).
     """
     cli = cli_main(
         [*config_flags(REFINE_JOB), "--model.init_args.victim_checkpoint", str(suspect),
@@ -123,22 +127,25 @@ def training_plan(suspect: Path, run_dir: Path, args: list[str]) -> dict[str, in
     )  # fmt: skip
     cli.datamodule.setup("fit")
     scheduler = cli.config["model"]["init_args"].get("scheduler")
-    if scheduler is None or scheduler["class_path"] != "torch.optim.lr_scheduler.CosineAnnealingLR":
-        raise ConfigError(f"The data-efficiency curve stretches a cosine schedule; this REFINE job has {scheduler}.")
+    if scheduler is None or scheduler["class_path"] not in STRETCHABLE_SCHEDULES:
+        raise ConfigError(
+            f"The data-efficiency curve stretches one of {STRETCHABLE_SCHEDULES}; this REFINE job has {scheduler}."
+        )
     return {
         "images": len(cli.datamodule.train_set),
         "batch_size": cli.datamodule.batch_size,
         "epochs": cli.trainer.max_epochs,
         "cosine_epochs": scheduler["init_args"]["T_max"],
+        "warmup_epochs": scheduler["init_args"].get("warmup_epochs", 0),
     }
 
 
 def fraction_settings(fraction: float, plan: dict[str, int]) -> dict[str, int]:
-    """The images, batch size, epochs, cosine period and steps of the run on ``fraction`` of the full ``plan``.
+    """The images, batch size, epochs, cosine period, warmup epochs and steps of the run on ``fraction`` of ``plan``.
 
     Steps are those of the full run (its epochs of ``images // batch_size`` batches); the batch size is the full
-    run's unless fewer images are drawn; epochs and cosine period grow by the full run's batches per epoch over
-    this run's, so the learning rate follows the same curve over the steps.
+    run's unless fewer images are drawn; epochs, cosine period and warmup grow by the full run's batches per epoch
+    over this run's, so the learning rate follows the same curve over the steps.
     """
     drawn = max(1, round(fraction * plan["images"]))
     batch = min(plan["batch_size"], drawn)
@@ -148,6 +155,7 @@ def fraction_settings(fraction: float, plan: dict[str, int]) -> dict[str, int]:
         "batch_size": batch,
         "epochs": math.ceil(plan["epochs"] * stretch),
         "cosine_epochs": round(plan["cosine_epochs"] * stretch),
+        "warmup_epochs": round(plan["warmup_epochs"] * stretch),
         "steps": plan["epochs"] * (plan["images"] // plan["batch_size"]),
     }
 
@@ -155,7 +163,7 @@ def fraction_settings(fraction: float, plan: dict[str, int]) -> dict[str, int]:
 def fraction_args(fraction: float, settings: dict[str, int]) -> list[str]:
     """The REFINE job's arguments for ``fraction`` with ``settings`` (see :func:`fraction_settings`)."""
     epochs = str(settings["epochs"])
-    return [
+    args = [
         "--data.init_args.fraction", str(fraction),
         "--data.init_args.batch_size", str(settings["batch_size"]),
         "--trainer.max_steps", str(settings["steps"]),
@@ -163,6 +171,9 @@ def fraction_args(fraction: float, settings: dict[str, int]) -> list[str]:
         "--model.init_args.scheduler.init_args.T_max", str(settings["cosine_epochs"]),
         "--trainer.check_val_every_n_epoch", epochs,
     ]  # fmt: skip
+    if settings["warmup_epochs"]:  # a plain cosine has no warmup argument
+        args += ["--model.init_args.scheduler.init_args.warmup_epochs", str(settings["warmup_epochs"])]
+    return args
 
 
 def attack_folder(args: argparse.Namespace, attack: str) -> Path:
@@ -375,7 +386,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{description}\n\n{matrix}")
     if args.efficiency_attacks:
         curve = [row for a in args.efficiency_attacks for row in efficiency_rows(a, suspects[a], clean, args)]
-        columns = ("attack", "fraction", "images", "batch_size", "epochs", "cosine_epochs", "steps", *RATES, "seconds")
+        columns = (
+            "attack",
+            "fraction",
+            "images",
+            "batch_size",
+            "epochs",
+            "cosine_epochs",
+            "warmup_epochs",
+            "steps",
+            *RATES,
+            "seconds",
+        )
         write_csv(curve, columns, args.results_dir / "data_efficiency.csv")
         table = efficiency_markdown(curve)
         description = run_description(args, "curve")
