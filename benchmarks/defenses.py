@@ -135,7 +135,8 @@ def training_plan(suspect: Path, run_dir: Path, args: list[str]) -> dict[str, in
         "images": len(cli.datamodule.train_set),
         "batch_size": cli.datamodule.batch_size,
         "epochs": cli.trainer.max_epochs,
-        "cosine_epochs": scheduler["init_args"]["T_max"],
+        # WarmupCosineLR without T_max ends with the training
+        "cosine_epochs": scheduler["init_args"].get("T_max") or cli.trainer.max_epochs,
         "warmup_epochs": scheduler["init_args"].get("warmup_epochs", 0),
     }
 

@@ -9,7 +9,7 @@ REFINE stage's seconds; the candidate with the best worst-case margin that fits 
 adopt. Results: ``tuning.csv`` and ``tuning.md`` in ``--results-dir``.
 
     python benchmarks/tune_refine.py                         # every candidate on every tuning victim
-    python benchmarks/tune_refine.py --candidates config e40   # a subset
+    python benchmarks/tune_refine.py --candidates config no_warmup   # a subset
 """
 
 import argparse
@@ -52,8 +52,8 @@ TUNING_VICTIMS: dict[str, tuple[str, list[str]]] = {
 }  # fmt: skip
 
 D = "--data.init_args."
-E20 = ["--trainer.max_epochs=20", "--model.init_args.scheduler.init_args.T_max=20"]
-COSINE = ["--model.init_args.scheduler.class_path=torch.optim.lr_scheduler.CosineAnnealingLR"]  # no warmup
+E20 = ["--trainer.max_epochs=20"]  # the cosine ends with the training
+COSINE = ["--model.init_args.scheduler.init_args.warmup_epochs=0"]  # the full rate from the first step, no warmup
 CANDIDATES: dict[str, list[str]] = {
     # configs/refine/mnist.yaml as it is: consistency views rotated up to 15 degrees, 30 epochs, the first epoch at a
     # tenth of the rate

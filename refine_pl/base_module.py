@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from refine_pl.internals import native_bf16
 from refine_pl.metrics import POISONED_LOADER, BackdoorMetrics, DefenseEffectivenessRating
+from refine_pl.schedules import WarmupCosineLR
 
 STAGES = ("val", "test")
 
@@ -129,4 +130,7 @@ class BackdoorLitModule(LightningModule):
         optimizer = self.optimizer_factory(self.trainable_parameters())
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+        scheduler = self.scheduler_factory(optimizer)
+        if isinstance(scheduler, WarmupCosineLR):  # without T_max the decay ends with the training
+            scheduler.end_with_training(self.trainer.max_epochs)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -16,8 +16,12 @@ MNIST_PLAN = {"images": 3600, "batch_size": 64, "epochs": 30, "cosine_epochs": 3
 
 def test_the_plan_is_read_from_the_mnist_refine_config(victim_checkpoint: Path, tmp_path: Path) -> None:
     assert training_plan(victim_checkpoint, tmp_path, []) == MNIST_PLAN
-    plain_cosine = ["--model.init_args.scheduler.class_path=torch.optim.lr_scheduler.CosineAnnealingLR"]
-    assert training_plan(victim_checkpoint, tmp_path, plain_cosine)["warmup_epochs"] == 0
+    plain_cosine = [
+        "--model.init_args.scheduler.class_path=torch.optim.lr_scheduler.CosineAnnealingLR",
+        "--model.init_args.scheduler.init_args.T_max=25",
+    ]
+    plan = training_plan(victim_checkpoint, tmp_path, plain_cosine)
+    assert (plan["epochs"], plan["cosine_epochs"], plan["warmup_epochs"]) == (30, 25, 0)
     step_lr = [
         "--model.init_args.scheduler.class_path=torch.optim.lr_scheduler.StepLR",
         "--model.init_args.scheduler.init_args.step_size=5",

@@ -65,7 +65,7 @@ def test_print_config_shows_the_overlay_on_top_of_the_reference_recipe(capsys: p
     assert model["transform"]["init_args"]["base_width"] == 16 and config["trainer"]["max_epochs"] == 30
     assert model["scheduler"] == {
         "class_path": "refine_pl.schedules.WarmupCosineLR",
-        "init_args": {"T_max": 30, "warmup_epochs": 1, "warmup_factor": 0.1, "last_epoch": -1},
+        "init_args": {"T_max": None, "warmup_epochs": 1, "warmup_factor": 0.1, "last_epoch": -1},
     }
     assert data["source"]["class_path"] == "datamodules.EmbeddedMNIST" and data["batch_size"] == 64
     assert {k: data[k] for k in ("augment", "horizontal_flip", "consistency", "max_rotation")} == {
