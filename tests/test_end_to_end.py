@@ -14,8 +14,8 @@ from tests.conftest import BADNETS_CONFIG, QUIET, REFINE_CONFIGS, VICTIM_CONFIG
 
 SHORT_VICTIM = ["--trainer.max_epochs", "3", *QUIET]
 SHORT_REFINE = [
-    "--trainer.max_epochs", "3",
-    "--trainer.check_val_every_n_epoch", "3",
+    "--trainer.max_epochs", "6",  # the config's schedule (one warmup epoch, then the cosine) over 6 epochs
+    "--trainer.check_val_every_n_epoch", "6",
     "--model.init_args.transform.init_args.base_width", "8",
     "--data.init_args.batch_size", "64",
     *QUIET,
@@ -51,12 +51,15 @@ def test_refine_cuts_the_asr_of_a_real_backdoor(tmp_path: Path) -> None:
     configs = [VICTIM_CONFIG, BADNETS_CONFIG]
     report = run_pipeline(configs, REFINE_CONFIGS, tmp_path, SHORT_VICTIM, SHORT_REFINE, clean, tmp_path / "digits")
 
-    # The victim really is backdoored, and 3 short REFINE epochs remove nearly all of it while keeping
-    # most of the accuracy. Measured with these settings for seeds 0-4: victim BA 0.956-0.969, ASR
-    # >= 0.9977; REFINE BA 0.862-0.955, ASR 0.0033-0.0256. The thresholds hold for all five with margin.
+    # The victim really is backdoored, and 6 short REFINE epochs remove nearly all of it while keeping
+    # most of the accuracy. Measured with these settings for seeds 0-4: victim BA 0.943-0.961, ASR
+    # >= 0.9977; REFINE BA 0.944-0.966, ASR 0-0.018. The thresholds leave a wide margin because another CPU
+    # rounds differently and short runs are chaotic: 3 REFINE epochs on the 30-epoch schedule gave ASR 0.113 for
+    # seed 0 on CI's machine and 0.0 on this one; 3 epochs on their own schedule gave BA 0.445-0.915 and ASR
+    # 0-0.058 over seeds 0-4 here.
     assert report["no_defense"]["ba"] >= 0.90 and report["no_defense"]["asr"] >= 0.95
-    assert report["defended"]["asr"] <= 0.10
-    assert report["defended"]["ba"] >= 0.70
+    assert report["defended"]["asr"] <= 0.08
+    assert report["defended"]["ba"] >= 0.88
     # A clean model trained the same way barely ever sends a patched digit to class 0 (measured, seed 0: BA 0.973,
     # ASR 0.0011, one image of 900): the floor under BadNets is near zero.
     assert report["clean_floor"]["ba"] >= 0.90 and report["clean_floor"]["asr"] <= 0.02
