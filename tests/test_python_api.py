@@ -56,13 +56,14 @@ def test_a_job_built_from_python_objects_reports_and_exports_what_the_cli_job_do
         data.std,
         transform=partial(UNet, base_width=WIDTH),
         optimizer=partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
-        scheduler=partial(WarmupCosineLR, T_max=30),
+        scheduler=WarmupCosineLR,  # a warmup epoch, then a cosine that ends at the trainer's max_epochs
     )
     data.use_recorded_attack(module.victim_record)  # what the CLI does: ASR with the attack the victim records
     root = tmp_path / "python"
     trainer = Trainer(
         accelerator="cpu",
         default_root_dir=root,
+        max_epochs=30,
         max_steps=STEPS,
         gradient_clip_val=5.0,
         limit_val_batches=0,
