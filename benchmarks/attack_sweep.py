@@ -1,39 +1,74 @@
-"""The sweep that chose the label-consistent attack's settings on the embedded MNIST-5k (``configs/attacks/lc.yaml``).
+"""The sweeps that chose an attack's settings on the embedded MNIST-5k where the paper's did not plant a real backdoor.
 
-Every variant is a victim trained with ``configs/victim/mnist.yaml`` and the LC attack at the variant's settings
-(written out in full here, so a variant means the same whatever the config file says), tested on the 1,000
-held-out images; a clean model of the same seed gives the BA to compare with. The seeds are tuning seeds (100 and
-up), not the seeds of the attacks table. A real backdoor needs victim ASR >= 0.80 and victim BA at most 2 points
-below the clean model's, in every seed. Results: ``lc_sweep.csv`` (a row per variant and seed) and ``lc_sweep.md``
-in ``--results-dir``. Finished runs are reused after checking that they were trained with the variant's settings.
+Two attacks needed one: label-consistent (``configs/attacks/lc.yaml``) and input-aware dynamic
+(``configs/attacks/iad.yaml``). Every variant is a victim trained with ``configs/victim/mnist.yaml`` and the
+attack's config at the variant's settings (the attack's arguments written out in full here, so a variant means
+the same whatever the config file says; the victim's epochs too where the variant sets them), tested on the
+1,000 held-out images; a clean model of the same seed gives the BA to compare with. The seeds are tuning seeds
+(100 and up), not the seeds of the attacks table. A real backdoor is the attacks table's: victim ASR at least the
+attack's minimum (``benchmarks.attacks.MIN_VICTIM_ASR``) and victim BA at most 2 points below the clean model's,
+in every seed. Results: ``<attack>_sweep.csv`` (a row per variant and seed) and ``<attack>_sweep.md`` in
+``--results-dir``. Finished runs are reused after checking that they were trained with the variant's settings.
 
-    python benchmarks/lc_sweep.py                      # every variant (about an hour here)
-    python benchmarks/lc_sweep.py --variants config e16_r095_a05
+    python benchmarks/attack_sweep.py lc                      # every LC variant (about an hour here)
+    python benchmarks/attack_sweep.py iad --variants before sharp
 """
 
 import argparse
 import csv
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/lc_sweep.py` from the root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/attack_sweep.py` from the root
 
+from benchmarks.attacks import DEFAULT_MIN_VICTIM_ASR, MAX_VICTIM_BA_GAP, MIN_VICTIM_ASR
 from benchmarks.victims import QUIET, REPO, VICTIM_CONFIG, attack_config
-from refine_pl.attacks import LabelConsistent
+from refine_pl.attacks import ATTACKS, Attack
 from refine_pl.cli import cli_main
 from refine_pl.pipeline import config_flags, resume_flag
 
-MIN_ASR, MAX_BA_GAP = 0.80, 0.02
-BASE = {"poison_rate": 0.09, "epsilon": 0.3, "pgd_steps": 20, "surrogate_epochs": 5, "trigger_size": 4}
-"""The settings before the sweep: 90 % of the target class, PGD radius 0.3, the trigger at full amplitude."""
-NO_PERTURBATION = 0.004  # rounds to a perturbation of at most 1/255
-VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
-    # name: (settings that differ from BASE, seeds)
+
+@dataclass(frozen=True)
+class Variant:
+    """One setting of a sweep: the attack arguments that differ from the sweep's base, its seeds, its epochs.
+
+    Attributes:
+        settings: Attack constructor arguments replacing the base's.
+        seeds: Tuning seeds to train it with.
+        epochs: Victim training epochs; None: those of the configs.
+    """
+
+    settings: dict[str, Any]
+    seeds: tuple[int, ...]
+    epochs: int | None = None
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The variants tried for one attack, in the order they were tried.
+
+    Attributes:
+        base: The attack's arguments before the sweep (besides the target class 0), which each variant changes.
+        base_note: What the base is, in words, for the results' legend.
+        variants: Variants by name.
+        chosen: The variant that is the attack's config now.
+    """
+
+    base: dict[str, Any]
+    base_note: str
+    variants: dict[str, Variant]
+    chosen: str
+
+
+NO_PERTURBATION = 0.004  # LC: rounds to a perturbation of at most 1/255
+_LC_BASE = {"poison_rate": 0.09, "epsilon": 0.3, "pgd_steps": 20, "surrogate_epochs": 5, "trigger_size": 4}
+_LC_VARIANTS = {
     "config": ({}, (100, 101)),
     "nopert": ({"epsilon": NO_PERTURBATION}, (100,)),
     "ts6": ({"trigger_size": 6}, (100, 101)),
@@ -63,23 +98,44 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
     "e16_r095_a04": ({"epsilon": 0.0627, "poison_rate": 0.095, "trigger_amplitude": 0.4}, (100, 101, 102)),
     "e16_r095_a05": ({"epsilon": 0.0627, "poison_rate": 0.095, "trigger_amplitude": 0.5}, (100, 101, 102, 103, 104)),
 }  # fmt: skip
-"""The variants in the order they were tried; ``e16_r095_a05`` is configs/attacks/lc.yaml."""
+_IAD_BASE = {"poison_rate": 0.3, "cross_rate": 0.1, "sharp_mask": False}
+_IAD_VARIANTS = {
+    "before": Variant({}, (100, 101, 102), 20),
+    "p40": Variant({"poison_rate": 0.4}, (100, 101), 20),
+    "sharp": Variant({"sharp_mask": True}, (100, 101, 102), 20),
+    "sharp_p10": Variant({"sharp_mask": True, "poison_rate": 0.1}, (100, 101, 102), 20),
+    "sharp_e30": Variant({"sharp_mask": True}, (100, 101, 102), 30),
+}
+SWEEPS: dict[str, Sweep] = {
+    "lc": Sweep(
+        _LC_BASE,
+        f"trigger_amplitude=1.0, a standard surrogate; epsilon={NO_PERTURBATION} is no perturbation (at most 1/255)",
+        {name: Variant(settings, seeds) for name, (settings, seeds) in _LC_VARIANTS.items()},
+        "e16_r095_a05",
+    ),
+    "iad": Sweep(
+        _IAD_BASE, "the raw mask (no step), 20 victim epochs on a cosine learning rate", _IAD_VARIANTS, "sharp"
+    ),
+}
+"""The sweeps by attack; each ``chosen`` variant is the attack's config (a test checks it)."""
 
 
-def variant_arguments(name: str) -> dict[str, Any]:
-    """The LC constructor arguments of variant ``name`` (target class 0), every one written out."""
-    attack = LabelConsistent(target_label=0, **{**BASE, **VARIANTS[name][0]})
-    return {key: value for key, value in attack.spec()["init_args"].items() if key != "seed"}
+def variant_arguments(attack: str, name: str) -> dict[str, Any]:
+    """The constructor arguments of ``attack``'s variant ``name`` (target class 0), every one written out."""
+    sweep = SWEEPS[attack]
+    instance: Attack = ATTACKS[attack](target_label=0, **{**sweep.base, **sweep.variants[name].settings})
+    return {key: value for key, value in instance.spec()["init_args"].items() if key != "seed"}
 
 
-def recorded_arguments(folder: Path) -> dict[str, Any] | None:
-    """The LC arguments a finished run in ``folder`` was trained with (defaults for arguments it predates)."""
+def recorded_arguments(attack: str, folder: Path) -> tuple[dict[str, Any], int] | None:
+    """The attack arguments and epochs a run in ``folder`` was trained with (defaults for arguments it predates)."""
     config = folder / "config.yaml"
     if not config.is_file():
         return None
-    recorded = yaml.safe_load(config.read_text())["data"]["init_args"]["attack"]["init_args"]
-    full = {**LabelConsistent(target_label=0).spec()["init_args"], **recorded}
-    return {key: value for key, value in full.items() if key != "seed"}
+    content = yaml.safe_load(config.read_text())
+    recorded = content["data"]["init_args"]["attack"]["init_args"]
+    full = {**ATTACKS[attack](target_label=0).spec()["init_args"], **recorded}
+    return {key: value for key, value in full.items() if key != "seed"}, content["trainer"]["max_epochs"]
 
 
 def victim_figures(folder: Path, configs: list[str], seed: int, arguments: list[str]) -> dict[str, float]:
@@ -99,25 +155,38 @@ def victim_figures(folder: Path, configs: list[str], seed: int, arguments: list[
     return json.loads(result.read_text())
 
 
-def variant_row(run_dir: Path, name: str, seed: int) -> dict[str, Any]:
-    """Clean BA, victim BA and ASR of variant ``name`` at ``seed``."""
-    folder = run_dir / f"lc_{name}_s{seed}"
-    expected = variant_arguments(name)
-    recorded = recorded_arguments(folder)
-    if recorded is not None and recorded != expected:
-        raise SystemExit(f"{folder} was trained with other LC settings ({recorded}); move it away or use --run-dir.")
-    attack = [f"--data.init_args.attack.init_args.{key}={json.dumps(value)}" for key, value in expected.items()]
-    attack.append(f"--data.init_args.attack.init_args.seed={seed}")
+def variant_row(run_dir: Path, attack: str, name: str, seed: int) -> dict[str, Any]:
+    """Clean BA, victim BA and ASR of ``attack``'s variant ``name`` at ``seed``."""
+    folder = run_dir / f"{attack}_{name}_s{seed}"
+    configs = [VICTIM_CONFIG, attack_config(attack)]
+    variant = SWEEPS[attack].variants[name]
+    arguments = [
+        f"--data.init_args.attack.init_args.{key}={json.dumps(value)}"
+        for key, value in variant_arguments(attack, name).items()
+    ]
+    arguments.append(f"--data.init_args.attack.init_args.seed={seed}")
+    if variant.epochs is not None:
+        arguments.append(f"--trainer.max_epochs={variant.epochs}")
+    recorded = recorded_arguments(attack, folder)
+    if recorded is not None and (
+        recorded[0] != variant_arguments(attack, name) or variant.epochs not in (None, recorded[1])
+    ):
+        raise SystemExit(
+            f"{folder} was trained with other {attack} settings ({recorded[0]}, {recorded[1]} epochs); move it away "
+            "or use --run-dir."
+        )
     clean = victim_figures(run_dir / f"clean_s{seed}", [VICTIM_CONFIG], seed, [])
-    victim = victim_figures(folder, [VICTIM_CONFIG, attack_config("lc")], seed, attack)
+    victim = victim_figures(folder, configs, seed, arguments)
     return {
         "variant": name, "seed": seed, "clean_ba": clean["test_ba"], "victim_ba": victim["test_ba"],
         "victim_asr": victim["test_asr"],
     }  # fmt: skip
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
+def markdown_table(attack: str, rows: list[dict[str, Any]]) -> str:
     """Per variant: its settings, the seeds, the victim ASR and BA gap to the clean model of each seed, the verdict."""
+    sweep = SWEEPS[attack]
+    min_asr = MIN_VICTIM_ASR.get(attack, DEFAULT_MIN_VICTIM_ASR)
     lines = [
         "| variant | settings (besides the base) | seeds | victim ASR per seed | BA gap to clean per seed "
         "| real backdoor |",
@@ -126,23 +195,26 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for name in dict.fromkeys(r["variant"] for r in rows):
         group = [r for r in rows if r["variant"] == name]
         gaps = [r["clean_ba"] - r["victim_ba"] for r in group]
-        real = all(r["victim_asr"] >= MIN_ASR for r in group) and max(gaps) <= MAX_BA_GAP
-        settings = ", ".join(f"{k}={v}" for k, v in VARIANTS[name][0].items()) or "(the base)"
+        real = all(r["victim_asr"] >= min_asr for r in group) and max(gaps) <= MAX_VICTIM_BA_GAP
+        variant = sweep.variants[name]
+        settings = [f"{k}={v}" for k, v in variant.settings.items()]
+        if variant.epochs is not None:
+            settings.append(f"{variant.epochs} victim epochs")
         seeds = " ".join(str(r["seed"]) for r in group)
         asrs = " / ".join(f"{r['victim_asr']:.3f}" for r in group)
         lines.append(
-            f"| {name} | {settings} | {seeds} | {asrs} | {' / '.join(f'{g:+.3f}' for g in gaps)} | "
-            f"{'yes' if real else 'no'} |"
+            f"| {name} | {', '.join(settings) or '(the base)'} | {seeds} | {asrs} | "
+            f"{' / '.join(f'{g:+.3f}' for g in gaps)} | {'yes' if real else 'no'} |"
         )
-    base = ", ".join(f"{k}={v}" for k, v in BASE.items())
+    base = ", ".join(f"{k}={v}" for k, v in sweep.base.items())
     return "\n".join(
         [
             *lines,
             "",
-            f"Base: LC with target class 0, {base}, trigger_amplitude=1.0, a standard surrogate; epsilon="
-            f"{NO_PERTURBATION} is no perturbation (at most 1/255). Victim: configs/victim/mnist.yaml (small CNN, 12 "
-            "epochs). Test BA / ASR on the 1,000 held-out images; BA gap: clean model of the same seed minus victim. "
-            f"real backdoor: victim ASR >= {MIN_ASR} and BA gap <= {MAX_BA_GAP} in every seed.",
+            f"Base: {attack} with target class 0, {base}, {sweep.base_note}. Victim: configs/victim/mnist.yaml (small "
+            "CNN) with the attack's config. Test BA / ASR on the 1,000 held-out images; BA gap: clean model of the "
+            f"same seed minus victim. real backdoor: victim ASR >= {min_asr} and BA gap <= {MAX_VICTIM_BA_GAP} in "
+            f"every seed. Chosen (the config): {sweep.chosen}.",
         ]
     )
 
@@ -150,20 +222,27 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Runs the sweep with the command line ``argv``; returns the rows."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "lc_sweep")
+    parser.add_argument("attack", choices=SWEEPS)
+    parser.add_argument("--variants", nargs="+", help="variants to run (default: every one)")
+    parser.add_argument("--run-dir", type=Path, help="output folder of the runs (default: runs/<attack>_sweep)")
     parser.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     args = parser.parse_args(argv)
+    sweep = SWEEPS[args.attack]
+    names = args.variants or list(sweep.variants)
+    unknown = [name for name in names if name not in sweep.variants]
+    if unknown:
+        parser.error(f"{args.attack} has no variants {unknown}; it has {list(sweep.variants)}")
+    run_dir = args.run_dir or REPO / "runs" / f"{args.attack}_sweep"
     torch.set_num_threads(args.threads)
-    rows = [variant_row(args.run_dir, name, seed) for name in args.variants for seed in VARIANTS[name][1]]
+    rows = [variant_row(run_dir, args.attack, name, seed) for name in names for seed in sweep.variants[name].seeds]
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    with (args.results_dir / "lc_sweep.csv").open("w", newline="") as handle:
+    with (args.results_dir / f"{args.attack}_sweep.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in row.items()} for row in rows)
-    table = markdown_table(rows)
-    (args.results_dir / "lc_sweep.md").write_text(table + "\n")
+    table = markdown_table(args.attack, rows)
+    (args.results_dir / f"{args.attack}_sweep.md").write_text(table + "\n")
     print(table)
     return rows
 

@@ -7,6 +7,7 @@ import torch
 
 from datamodules.datasets import ImageTensorDataset, PoisonedTestSet
 from refine_pl.attacks import InputAwareDynamic, attack_from_spec, attack_record
+from refine_pl.attacks.input_aware import sharpen
 from refine_pl.cli import cli_main
 from refine_pl.errors import ConfigError
 from refine_pl.weights import read_weights_file
@@ -24,9 +25,9 @@ def _prepared(channels: int = 1, **overrides) -> tuple[InputAwareDynamic, ImageT
     return attack, data
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_every_image_gets_its_own_trigger_inside_its_mask(channels: int) -> None:
-    attack, data = _prepared(channels)
+@pytest.mark.parametrize(("channels", "sharp_mask"), [(1, True), (3, True), (1, False)])
+def test_every_image_gets_its_own_trigger_inside_its_mask(channels: int, sharp_mask: bool) -> None:
+    attack, data = _prepared(channels, sharp_mask=sharp_mask)
     images = torch.stack([data[i][0] for i in range(16)])
     networks = attack.networks()
     optimizer = torch.optim.Adam(networks["pattern"].parameters(), lr=0.01)
@@ -36,12 +37,21 @@ def test_every_image_gets_its_own_trigger_inside_its_mask(channels: int) -> None
         optimizer.step()
     with torch.no_grad():
         patterns, masks = networks["pattern"](images), networks["mask"](images)
+    if sharp_mask:
+        masks = sharpen(masks)
     poisoned = attack.apply(images)
     assert torch.allclose(poisoned, images + masks * (patterns - images))
     assert ((poisoned - images).abs() <= masks * 1.0 + 1e-6).all()  # changes only where the mask allows
     assert ((patterns[0] - patterns[1]).abs().mean() > 1e-3) and ((masks[0] - masks[1]).abs().mean() > 1e-4)
     assert masks.mean() < 0.5  # the norm loss pulled the masks down from their initial ~0.5
     assert torch.equal(attack.apply(images), poisoned)  # deterministic
+
+
+def test_the_sharp_mask_is_a_steep_step_at_one_half() -> None:
+    # The authors' form: a mask pixel either takes the pattern's value or keeps the image's (the blends of the test
+    # above use the sharpened masks).
+    values = sharpen(torch.tensor([0.0, 0.4, 0.45, 0.5, 0.55, 0.6, 1.0]))
+    assert values.tolist() == pytest.approx([0.0, 0.018, 0.1192, 0.5, 0.8808, 0.982, 1.0], abs=1e-4)
 
 
 def test_same_seed_same_networks_and_training_controlled_flag() -> None:
@@ -66,7 +76,7 @@ def test_training_batch_mixes_own_trigger_cross_trigger_and_clean_samples() -> N
         assert torch.allclose(inputs[:4], attack.apply(images[:4]), atol=1e-6)
         networks = attack.networks()
         others = images.roll(1, 0)[4:8]
-        cross = images[4:8] + networks["mask"](others) * (networks["pattern"](others) - images[4:8])
+        cross = images[4:8] + sharpen(networks["mask"](others)) * (networks["pattern"](others) - images[4:8])
         assert torch.allclose(inputs[4:8], cross, atol=1e-6)
     loss.backward()
     assert all(p.grad is not None for p in networks["pattern"].parameters())

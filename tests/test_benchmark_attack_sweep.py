@@ -1,26 +1,43 @@
-"""benchmarks/lc_sweep.py: its chosen variant is configs/attacks/lc.yaml; it never reuses a run of other settings."""
+"""benchmarks/attack_sweep.py: each chosen variant is its attack's config; it never reuses a run of other settings."""
 
 from pathlib import Path
 
 import pytest
 import yaml
 
-from benchmarks import lc_sweep
+from benchmarks import attack_sweep
 from benchmarks.victims import attack_config
 
 
-def test_the_chosen_variant_is_the_attack_config() -> None:
-    config = yaml.safe_load(Path(attack_config("lc")).read_text())["data"]["init_args"]["attack"]["init_args"]
-    chosen = lc_sweep.variant_arguments("e16_r095_a05")
+@pytest.mark.parametrize("attack", sorted(attack_sweep.SWEEPS))
+def test_the_chosen_variant_is_the_attack_config(attack: str) -> None:
+    content = yaml.safe_load(Path(attack_config(attack)).read_text())
+    config = content["data"]["init_args"]["attack"]["init_args"]
+    sweep = attack_sweep.SWEEPS[attack]
+    chosen = attack_sweep.variant_arguments(attack, sweep.chosen)
     assert {key: chosen[key] for key in config} == config
-    assert all(value == lc_sweep.variant_arguments("config")[key] for key, value in chosen.items() if key not in config)
+    # every argument the config leaves out is the constructor's default
+    defaults = attack_sweep.ATTACKS[attack](target_label=0).spec()["init_args"]
+    assert all(value == defaults[key] for key, value in chosen.items() if key not in config)
+    epochs = sweep.variants[sweep.chosen].epochs
+    assert epochs is None or content["trainer"]["max_epochs"] == epochs
+
+
+def _record(folder: Path, arguments: dict, epochs: int) -> None:
+    folder.mkdir()
+    content = {"trainer": {"max_epochs": epochs}, "data": {"init_args": {"attack": {"init_args": arguments}}}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(content))
 
 
 def test_a_finished_run_of_other_settings_is_refused(tmp_path: Path) -> None:
     folder = tmp_path / "lc_ts6_s100"
-    folder.mkdir()
-    recorded = {**lc_sweep.variant_arguments("config"), "seed": 100}  # the base, not ts6
-    (folder / "config.yaml").write_text(yaml.safe_dump({"data": {"init_args": {"attack": {"init_args": recorded}}}}))
-    with pytest.raises(SystemExit, match="other LC settings"):
-        lc_sweep.variant_row(tmp_path, "ts6", 100)
-    assert lc_sweep.recorded_arguments(folder) == lc_sweep.variant_arguments("config")
+    _record(folder, {**attack_sweep.variant_arguments("lc", "config"), "seed": 100}, 12)  # the base, not ts6
+    with pytest.raises(SystemExit, match="other lc settings"):
+        attack_sweep.variant_row(tmp_path, "lc", "ts6", 100)
+    assert attack_sweep.recorded_arguments("lc", folder) == (attack_sweep.variant_arguments("lc", "config"), 12)
+
+
+def test_a_finished_run_of_other_epochs_is_refused(tmp_path: Path) -> None:
+    _record(tmp_path / "iad_sharp_s100", {**attack_sweep.variant_arguments("iad", "sharp"), "seed": 100}, 30)
+    with pytest.raises(SystemExit, match="other iad settings .*30 epochs"):
+        attack_sweep.variant_row(tmp_path, "iad", "sharp", 100)

@@ -46,6 +46,11 @@ def _distance(a: Tensor, b: Tensor) -> Tensor:
     return (a - b).pow(2).flatten(1).mean(1).sqrt()
 
 
+def sharpen(masks: Tensor) -> Tensor:
+    """A steep step at 0.5 from [0, 1] to [0, 1]: ``(tanh(20 m - 10) + 1) / 2`` (0.0000454 at 0, 0.99995 at 1)."""
+    return (torch.tanh(masks * 20 - 10) + 1) / 2
+
+
 def diversity_loss(images: Tensor, others: Tensor, outputs: Tensor, other_outputs: Tensor) -> Tensor:
     """IAD's diversity loss ``mean(d(x, x') / d(g(x), g(x')))``: small when different images get different outputs."""
     return (_distance(images, others) / (_distance(outputs, other_outputs) + 1e-7)).mean()
@@ -58,15 +63,19 @@ class InputAwareDynamic(TrainingControlledAttack):
     Training-controlled. :meth:`prepare` first trains the mask network alone (``mask_epochs`` epochs of
     Adam on the clean training set): a diversity loss makes different images get different masks and a
     norm loss (weight ``mask_norm_weight``) pushes every mask value below ``mask_density``; then the mask
-    network is frozen. During victim training the pattern network learns jointly with the victim: in
-    every batch, a ``poison_rate`` share of the images carries its own trigger and the target label, a
-    ``cross_rate`` share carries the trigger computed from another image and keeps its label (so triggers
+    network is frozen. With ``sharp_mask`` (the authors' form) the mask network's output passes through a steep
+    step at 0.5 (:func:`sharpen`) wherever a mask is used, so the norm loss makes masks sparse and nearly binary:
+    a few pixels take the pattern's value outright. Without it every mask value stays below ``mask_density``, and
+    the trigger is a faint blend over the whole image. During victim training the pattern network learns jointly
+    with the victim: in every batch, a ``poison_rate`` share of the images carries its own trigger and the target
+    label, a ``cross_rate`` share carries the trigger computed from another image and keeps its label (so triggers
     do not transfer between images), and the diversity loss on the patterns (weight
     ``diversity_weight``) is added to the victim's loss. The networks (and ``in_channels``) are the
     attack's state, stored in the victim checkpoint.
 
     Args:
         cross_rate: Share of every training batch given another image's trigger and its true label.
+        sharp_mask: Pass the mask network's output through :func:`sharpen` (the authors' form).
         generator_lr: Learning rate of the pattern network (its own parameter group).
         diversity_weight: Weight of the diversity losses.
         mask_density: Mask value above which the norm loss penalises.
@@ -84,6 +93,7 @@ class InputAwareDynamic(TrainingControlledAttack):
     def __init__(
         self,
         cross_rate: float = 0.1,
+        sharp_mask: bool = True,
         generator_lr: float = 0.01,
         diversity_weight: float = 1.0,
         mask_density: float = 0.032,
@@ -102,6 +112,7 @@ class InputAwareDynamic(TrainingControlledAttack):
                 f"{mask_density}."
             )
         self.cross_rate = cross_rate
+        self.sharp_mask = sharp_mask
         self.generator_lr = generator_lr
         self.diversity_weight = diversity_weight
         self.mask_density = mask_density
@@ -132,6 +143,10 @@ class InputAwareDynamic(TrainingControlledAttack):
             )
         return self._networks
 
+    def _masks(self, images: Tensor) -> Tensor:
+        masks = self.networks()["mask"](images)
+        return sharpen(masks) if self.sharp_mask else masks
+
     def parameter_groups(self) -> list[dict[str, Any]]:
         return [{"params": list(self.networks()["pattern"].parameters()), "lr": self.generator_lr}]
 
@@ -146,7 +161,7 @@ class InputAwareDynamic(TrainingControlledAttack):
             for _ in range(self.mask_epochs):
                 for images, _ in loader:
                     others = images.roll(1, 0)
-                    masks, other_masks = mask_net(images), mask_net(others)
+                    masks, other_masks = self._masks(images), self._masks(others)
                     norm = F.relu(masks - self.mask_density).mean()
                     loss = self.mask_norm_weight * norm + self.diversity_weight * diversity_loss(
                         images, others, masks, other_masks
@@ -166,7 +181,7 @@ class InputAwareDynamic(TrainingControlledAttack):
         device = next(networks.parameters()).device
         with torch.no_grad():
             inputs = images.to(device)
-            poisoned = self._blend(inputs, networks["pattern"](inputs), networks["mask"](inputs))
+            poisoned = self._blend(inputs, networks["pattern"](inputs), self._masks(inputs))
         return poisoned.to(images)
 
     def training_batch(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -181,7 +196,7 @@ class InputAwareDynamic(TrainingControlledAttack):
         others = images.roll(1, 0)[num_poisoned:head]  # the images whose triggers the cross samples get
         patterns = networks["pattern"](images[:head])
         other_patterns = networks["pattern"](others)
-        masks, other_masks = networks["mask"](images[:head]), networks["mask"](others)
+        masks, other_masks = self._masks(images[:head]), self._masks(others)
         poisoned = self._blend(images[:num_poisoned], patterns[:num_poisoned], masks[:num_poisoned])
         cross = self._blend(images[num_poisoned:head], other_patterns, other_masks)
         inputs = torch.cat([poisoned, cross, images[head:]])
