@@ -114,7 +114,7 @@ SWEEPS: dict[str, Sweep] = {
         "e16_r095_a05",
     ),
     "iad": Sweep(
-        _IAD_BASE, "the raw mask (no step), 20 victim epochs on a cosine learning rate", _IAD_VARIANTS, "sharp"
+        _IAD_BASE, "the raw mask (no step), 20 victim epochs on a cosine learning rate", _IAD_VARIANTS, "sharp_e30"
     ),
 }
 """The sweeps by attack; each ``chosen`` variant is the attack's config (a test checks it)."""
