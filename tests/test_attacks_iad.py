@@ -7,7 +7,7 @@ import torch
 
 from datamodules.datasets import ImageTensorDataset, PoisonedTestSet
 from refine_pl.attacks import InputAwareDynamic, attack_from_spec, attack_record
-from refine_pl.attacks.input_aware import sharpen
+from refine_pl.attacks.input_aware import diversity_loss, sharpen
 from refine_pl.cli import cli_main
 from refine_pl.errors import ConfigError
 from refine_pl.weights import read_weights_file
@@ -52,6 +52,15 @@ def test_the_sharp_mask_is_a_steep_step_at_one_half() -> None:
     # above use the sharpened masks).
     values = sharpen(torch.tensor([0.0, 0.4, 0.45, 0.5, 0.55, 0.6, 1.0]))
     assert values.tolist() == pytest.approx([0.0, 0.018, 0.1192, 0.5, 0.8808, 0.982, 1.0], abs=1e-4)
+
+
+def test_the_diversity_loss_has_finite_gradients_where_two_masks_are_equal() -> None:
+    images = torch.rand(2, 1, 8, 8)
+    raw = torch.zeros(2, 1, 8, 8, requires_grad=True)
+    masks = sharpen(raw)  # both exactly 0 after the step
+    loss = diversity_loss(images[:1], images[1:], masks[:1], masks[1:])
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(raw.grad).all()
 
 
 def test_same_seed_same_networks_and_training_controlled_flag() -> None:

@@ -42,8 +42,13 @@ class TriggerNet(nn.Module):
 
 
 def _distance(a: Tensor, b: Tensor) -> Tensor:
-    """Per-sample root mean squared difference ``[B]``."""
-    return (a - b).pow(2).flatten(1).mean(1).sqrt()
+    """Per-sample root mean squared difference ``[B]``.
+
+    A 1e-12 under the root keeps the gradient finite where two samples are equal: sharp masks are often exactly
+    0 everywhere for two images, and the root's gradient at 0 turned the mask network's weights into NaN (victims
+    of seeds 1 and 2 of the attacks table, the first time the sharp mask ran).
+    """
+    return ((a - b).pow(2).flatten(1).mean(1) + 1e-12).sqrt()
 
 
 def sharpen(masks: Tensor) -> Tensor:
