@@ -31,7 +31,7 @@ from benchmarks.attacks import DEFAULT_MIN_VICTIM_ASR, MAX_VICTIM_BA_GAP, MIN_VI
 from benchmarks.victims import QUIET, REPO, VICTIM_CONFIG, attack_config
 from refine_pl.attacks import ATTACKS, Attack
 from refine_pl.cli import cli_main
-from refine_pl.pipeline import config_flags, resume_flag
+from refine_pl.pipeline import config_flags, train_victim
 
 
 @dataclass(frozen=True)
@@ -145,12 +145,10 @@ def victim_figures(folder: Path, configs: list[str], seed: int, arguments: list[
     """Test BA (and ASR when there is an attack) of the victim job in ``folder`` (trained now or found finished)."""
     result = folder / "result.json"
     if not result.is_file():
-        common = [
-            *config_flags(configs), "--trainer.default_root_dir", str(folder), *QUIET, "--seed_everything", str(seed),
-            *arguments,
-        ]  # fmt: skip
-        cli_main(["fit", *common, *resume_flag(folder)])
-        metrics = cli_main(["test", *common, "--ckpt_path", "last"]).trainer.callback_metrics
+        job_arguments = [*QUIET, "--seed_everything", str(seed), *arguments]
+        train_victim(configs, folder, job_arguments)
+        test = ["test", *config_flags(configs), "--trainer.default_root_dir", str(folder), *job_arguments]
+        metrics = cli_main([*test, "--ckpt_path", "last"]).trainer.callback_metrics
         figures = {"test_ba": float(metrics["test/ba"])}
         if "test/asr" in metrics:
             figures["test_asr"] = float(metrics["test/asr"])
