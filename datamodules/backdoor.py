@@ -31,9 +31,10 @@ from datamodules.datasets import (
     stratified_split,
 )
 from datamodules.sampling import ResumableDataLoader, ResumableSampler
-from datamodules.sources import DatasetSource, image_files
+from datamodules.sources import DatasetSource
 from refine_pl.attacks import Attack
 from refine_pl.errors import ConfigError, cli_flag
+from refine_pl.images import image_files
 from refine_pl.internals import global_seed, unrepeated_sampler
 from refine_pl.weights import VictimRecord
 

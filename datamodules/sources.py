@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision
-from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.datasets.utils import download_and_extract_archive
 
 from datamodules.datasets import (
@@ -25,6 +24,7 @@ from datamodules.datasets import (
     stratified_split,
 )
 from refine_pl.errors import ConfigError, cli_flag
+from refine_pl.images import image_files
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -256,11 +256,6 @@ class CIFAR10(DownloadableSource):
             if labels.min() < 0 or labels.max() >= self.num_classes:
                 raise ConfigError(f"{self._folder / name} has labels outside 0..9: replace it with a fresh copy.")
         return ImageTensorDataset(train_images, train_labels), ImageTensorDataset(test_images, test_labels)
-
-
-def image_files(folder: Path) -> list[Path]:
-    """Image files anywhere below ``folder``, sorted (extensions as torchvision's, any case)."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
 
 
 def _labeled_images(folders: dict[str, Path], class_index: dict[str, int], image_size: int) -> ImageFileDataset:

@@ -16,7 +16,8 @@ from refine_pl.checkpoints import (
     read_training_checkpoint,
     run_checkpoints,
 )
-from refine_pl.errors import ConfigError, exit_on_config_error
+from refine_pl.console import exit_on_config_error
+from refine_pl.errors import ConfigError
 from refine_pl.internals import config_error_cause
 from refine_pl.refine_module import RefineLitModule
 

@@ -1,8 +1,6 @@
-"""The one exception type for bad user input, and how entry points report it."""
+"""The one exception type for bad user input, and how its messages name a command-line flag."""
 
 import re
-import sys
-from collections.abc import Callable
 
 
 def cli_flag(section: str, *names: str) -> str:
@@ -29,13 +27,3 @@ class ConfigError(ValueError):
     The message names the problem and the fix. ``train.py`` prints it as a single line instead of a
     traceback, so every check that guards user input raises this type.
     """
-
-
-def exit_on_config_error(main: Callable[[], object]) -> None:
-    """Runs a command-line entry point; a :class:`ConfigError` ends it with one line and exit status 1."""
-    try:
-        main()
-    except ConfigError as error:
-        from refine_pl.internals import message_without_worker_traceback  # internals import this module
-
-        sys.exit(f"refine-pl: error: {message_without_worker_traceback(str(error))}")

@@ -39,8 +39,9 @@ from refine_pl.classifier import DefendedClassifier, NormalizedClassifier, check
 from refine_pl.errors import ConfigError
 from refine_pl.internals import archive_records
 from refine_pl.remap import OutputRemap
+from refine_pl.state_dicts import describe_key_mismatch
 from refine_pl.transform import UNet
-from refine_pl.weights import check_victim_accepts, describe_key_mismatch
+from refine_pl.weights import check_victim_accepts
 
 FORMAT = "refine-pl-defended-classifier/2"
 """Value of the ``format`` metadata key, versioned so that a later layout can still read this one."""

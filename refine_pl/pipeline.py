@@ -11,7 +11,8 @@ from typing import Any
 
 from refine_pl.checkpoints import newest_complete_checkpoint, run_checkpoints
 from refine_pl.cli import cli_main, repository_config
-from refine_pl.errors import ConfigError, exit_on_config_error
+from refine_pl.console import exit_on_config_error
+from refine_pl.errors import ConfigError
 
 DEFAULT_VICTIM_CONFIGS = ["configs/victim/mnist.yaml", "configs/attacks/badnets.yaml"]
 DEFAULT_REFINE_CONFIGS = ["configs/refine/reference.yaml", "configs/refine/mnist.yaml"]

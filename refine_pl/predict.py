@@ -20,10 +20,12 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from refine_pl.classifier import DefendedClassifier
-from refine_pl.errors import ConfigError, exit_on_config_error
+from refine_pl.console import exit_on_config_error
+from refine_pl.errors import ConfigError
+from refine_pl.export import load_defended, read_description
+from refine_pl.images import image_files, load_image_file
 
 
 def predict_batch(defended: DefendedClassifier, images: Tensor) -> dict[str, Tensor]:
@@ -79,24 +81,17 @@ def predict_folder(
     Raises:
         ConfigError: The file is refused by :func:`~refine_pl.export.load_defended`, or the folder has no images.
     """
-    # The image reader of the data sources, imported here because datamodules imports refine_pl.
-    from datamodules.datasets import UNLABELED, ImageFileDataset
-    from datamodules.sources import image_files
-    from refine_pl.export import load_defended, read_description
-
     description = read_description(defended_file)
     defended = load_defended(defended_file, victim_arch=victim_arch)
     paths = [str(p) for p in image_files(Path(folder))] if Path(folder).is_dir() else []
     if not paths:
         raise ConfigError(f"No image files under {folder} (jpg, png, ppm, bmp, pgm, tif, webp): check the folder.")
-    images = ImageFileDataset(
-        paths,
-        torch.full((len(paths),), UNLABELED),
-        description["image_size"],
-        description["crop"],
-        description["in_channels"],
+    size, crop, channels = description["image_size"], description["crop"], description["in_channels"]
+    images = (
+        torch.stack([load_image_file(path, size, crop, channels) for path in paths[start : start + batch_size]])
+        for start in range(0, len(paths), batch_size)
     )
-    batches = [predict_batch(defended, batch) for batch, _ in DataLoader(images, batch_size=batch_size)]
+    batches = [predict_batch(defended, batch) for batch in images]
     predictions = {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}
     return prediction_rows(paths, predictions, description["class_names"])
 

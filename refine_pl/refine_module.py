@@ -1,7 +1,7 @@
 """LightningModule that trains REFINE's input transformation in front of a frozen victim."""
 
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -11,51 +11,20 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from refine_pl.base_module import BackdoorLitModule
+from refine_pl.batches import AugmentedViews, IndexedImages
 from refine_pl.classifier import DefendedClassifier, NormalizedClassifier
 from refine_pl.distributed import gather_no_grad, use_global_batch_norm
 from refine_pl.errors import ConfigError, cli_flag
 from refine_pl.losses import SupConLoss, UtilityLoss
 from refine_pl.predict import predict_batch
 from refine_pl.remap import OutputRemap
+from refine_pl.state_dicts import describe_key_mismatch
 from refine_pl.transform import UNet
-from refine_pl.weights import describe_key_mismatch, load_victim
+from refine_pl.weights import load_victim
 
 VICTIM_KEY = "victim"
 """Key under which a REFINE checkpoint identifies its victim (the weights file's sha256 and path) instead of
 holding a copy of the victim's weights."""
-
-
-class IndexedImages(NamedTuple):
-    """A training batch of un-augmented images with their dataset indices (never labels).
-
-    The index lets :class:`RefineLitModule` compute each image's pseudo-label once: the victim is frozen, so its
-    prediction on an un-augmented image never changes. Augmented batches are plain image tensors instead.
-
-    Attributes:
-        images: ``[B, C, H, W]`` images in [0, 1] (``[C, H, W]`` for one dataset item).
-        indices: ``[B]`` long positions of the images in the training set (an int for one dataset item).
-    """
-
-    images: Tensor
-    indices: Tensor
-
-
-class AugmentedViews(NamedTuple):
-    """A training batch of augmented images, each with the un-augmented image and the dataset index it comes from.
-
-    The transform trains on ``views``; each view's pseudo-label is the victim's prediction on its un-augmented
-    image (computed once per index, as for :class:`IndexedImages`), so an augmentation never changes the class a
-    view has to be mapped to. Never labels.
-
-    Attributes:
-        views: ``[B, C, H, W]`` augmented images in [0, 1].
-        images: ``[B, C, H, W]`` the un-augmented images they were made from.
-        indices: ``[B]`` long positions of the images in the training set.
-    """
-
-    views: Tensor
-    images: Tensor
-    indices: Tensor
 
 
 def reference_sgd(params: Any) -> torch.optim.Optimizer:

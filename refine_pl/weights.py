@@ -25,11 +25,10 @@ from refine_pl.attacks import Attack, attack_from_spec
 from refine_pl.classifier import NormalizedClassifier, check_normalisation
 from refine_pl.errors import ConfigError, cli_flag, first_sentence
 from refine_pl.internals import archive_records
+from refine_pl.state_dicts import describe_key_mismatch, strip_prefixes
 
 ATTACK_KEY = "backdoor_attack"
 """Key under which a victim checkpoint stores the spec of the attack it was trained with."""
-
-_KEY_PREFIXES = ("net.", "module.", "model.")
 
 
 @dataclass
@@ -80,51 +79,6 @@ class LoadedVictim(NamedTuple):
 
     classifier: NormalizedClassifier
     record: VictimRecord
-
-
-def _strip_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Removes wrapper prefixes shared by every key (``net.`` of refine-pl, ``module.`` of DDP, ...)."""
-    stripped = True
-    while stripped and state_dict:
-        stripped = False
-        for prefix in _KEY_PREFIXES:
-            if all(key.startswith(prefix) for key in state_dict):
-                state_dict = {key[len(prefix) :]: value for key, value in state_dict.items()}
-                stripped = True
-    return state_dict
-
-
-def _some(keys: list[str], limit: int = 3) -> str:
-    return ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "")
-
-
-def describe_key_mismatch(expected: dict[str, Tensor], found: dict[str, Tensor]) -> str | None:
-    """Says how the keys and shapes of a state_dict differ from a network's, or None when they agree.
-
-    Names a few of the missing and unexpected keys with their counts, the first shape differences, and,
-    when every key of the file carries one extra leading component (``backbone.``, ``1.``, ...), that prefix.
-    """
-    missing = [key for key in expected if key not in found]
-    unexpected = [key for key in found if key not in expected]
-    resized = [
-        f"size mismatch for {key}: file {list(found[key].shape)}, model {list(expected[key].shape)}"
-        for key in expected
-        if key in found and found[key].shape != expected[key].shape
-    ]
-    if not (missing or unexpected or resized):
-        return None
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} keys missing from the file ({_some(missing)})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys in the file ({_some(unexpected)})")
-    parts += resized[:3]
-    prefixes = {key.split(".", 1)[0] for key in found}
-    if len(prefixes) == 1 and all("." in key for key in found):
-        prefix = f"{prefixes.pop()}."
-        if {key[len(prefix) :] for key in found} == set(expected):
-            parts.append(f"every key in the file starts with {prefix!r}: save the inner network's state_dict")
-    return "; ".join(parts)
 
 
 _TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
@@ -256,7 +210,7 @@ def read_weights_file(path: str | Path) -> WeightsFile:
                 f"{path} is a safetensors file that cannot be read ({first_sentence(error)}): it is truncated or "
                 "damaged; get the file again."
             ) from error
-        return WeightsFile(state_dict=_strip_prefixes(_checked_state_dict(path, tensors)), sha256=sha256)
+        return WeightsFile(state_dict=strip_prefixes(_checked_state_dict(path, tensors)), sha256=sha256)
     if kind == "torch-legacy":
         # torch's legacy loader allocates every storage at the size the pickle declares before it compares that
         # size with the data (a 400-byte file can ask for gigabytes); the zip format checks first.
@@ -289,12 +243,12 @@ def read_weights_file(path: str | Path) -> WeightsFile:
                 f"victim checkpoint: {_SAVE_ADVICE}."
             )
         return WeightsFile(
-            state_dict=_strip_prefixes(_checked_state_dict(path, content["state_dict"])),
+            state_dict=strip_prefixes(_checked_state_dict(path, content["state_dict"])),
             hparams=dict(hparams),
             attack_spec=attack_spec,
             sha256=sha256,
         )
-    return WeightsFile(state_dict=_strip_prefixes(_checked_state_dict(path, content)), sha256=sha256)
+    return WeightsFile(state_dict=strip_prefixes(_checked_state_dict(path, content)), sha256=sha256)
 
 
 def _check_agrees(path: Path, hparams: dict[str, Any], key: str, data_value: int) -> None:

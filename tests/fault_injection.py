@@ -20,7 +20,7 @@ from lightning_fabric.plugins.io import torch_io
 from callbacks import RunCheckpoint
 from refine_pl import RefineLitModule
 from refine_pl.cli import cli_main
-from refine_pl.errors import exit_on_config_error
+from refine_pl.console import exit_on_config_error
 
 KILLED = 137
 

@@ -14,8 +14,8 @@ from torch import Tensor
 from datamodules import RefineDataModule
 from datamodules.datasets import IndexedAugmentedViews, IndexedUnlabeledImages, UnlabeledImages
 from refine_pl import ConfigError, RefineLitModule
+from refine_pl.batches import AugmentedViews, IndexedImages
 from refine_pl.internals import native_bf16
-from refine_pl.refine_module import AugmentedViews, IndexedImages
 from refine_pl.transform import UNet
 from tests.conftest import SmallDigits, quiet_trainer, tiny_refine_module
 

@@ -9,7 +9,8 @@ import torch
 
 from refine_pl.architectures import build_architecture
 from refine_pl.cli import cli_main
-from refine_pl.errors import ConfigError, exit_on_config_error
+from refine_pl.console import exit_on_config_error
+from refine_pl.errors import ConfigError
 from refine_pl.export import load_defended
 from refine_pl.pipeline import config_flags
 from tests.conftest import BADNETS_CONFIG, QUIET, REPO, WITHOUT_DEPLOYMENT_FORMATS

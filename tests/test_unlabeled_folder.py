@@ -12,10 +12,10 @@ from PIL import Image
 from datamodules import RefineDataModule, UnlabeledFolder
 from datamodules.datasets import UNLABELED
 from refine_pl.attacks import BadNets
+from refine_pl.batches import IndexedImages
 from refine_pl.errors import ConfigError
 from refine_pl.metrics import attack_success_counts
 from refine_pl.predict import prediction_rows, write_predictions_csv
-from refine_pl.refine_module import IndexedImages
 
 MODES = {"RGB": 3, "L": 1, "RGBA": 4, "I;16": 1}
 

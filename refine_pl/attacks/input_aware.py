@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from refine_pl.attacks.base import TrainingControlledAttack, register_attack
 from refine_pl.errors import ConfigError
+from refine_pl.state_dicts import describe_key_mismatch
 
 
 class TriggerNet(nn.Module):
@@ -230,8 +231,6 @@ class InputAwareDynamic(TrainingControlledAttack):
                 "iad state needs in_channels (an integer >= 1) and networks (a dict of tensors), got "
                 f"{ {key: type(value).__name__ for key, value in state.items()} }."
             )
-        from refine_pl.weights import describe_key_mismatch  # refine_pl.weights imports the attacks
-
         # The networks are first built on the meta device (no memory) and compared with the state, so a damaged
         # checkpoint cannot make refine-pl allocate networks of any size.
         try:

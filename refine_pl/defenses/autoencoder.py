@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from refine_pl.batches import AugmentedViews, IndexedImages
 from refine_pl.defenses.base import check_transform_input, register_defense
-from refine_pl.refine_module import AugmentedViews, IndexedImages, RefineLitModule
+from refine_pl.refine_module import RefineLitModule
 
 
 class ConvAutoencoder(nn.Module):
