@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 from benchmarks.victims import ATTACKS, QUIET, RECIPES, REPO, clean_model, defended_report, run_name, victim
 from refine_pl.cli import cli_main
-from refine_pl.defenses import DEFENSES, defense_named
+from refine_pl.defenses import DEFENSES
 from refine_pl.errors import ConfigError
 from refine_pl.pipeline import add_job_arguments, config_flags, resume_flag
 
@@ -86,7 +86,7 @@ def run_defense(defense: str, suspect: Path, clean: Path, run_dir: Path, args: l
     Raises:
         ConfigError: ``run_dir`` holds a run started with other ``args``.
     """
-    entry = defense_named(defense)
+    entry = DEFENSES[defense]
     result = run_dir / RESULT
     record = run_record(result, args)
     if "seconds" not in record:

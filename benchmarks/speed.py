@@ -197,7 +197,7 @@ def project_module(setting: Setting, victim: Path, **options: Any) -> RefineLitM
     """``RefineLitModule`` of the setting, seeded, with ``options`` (bf16, channels_last, ...) over the defaults."""
     torch.manual_seed(0)
     options = {"transform": partial(UNet, base_width=setting.unet_width), **options}
-    return RefineLitModule(str(victim), **setting.facts(), victim_arch=setting.arch, **options)
+    return RefineLitModule(victim_checkpoint=str(victim), **setting.facts(), victim_arch=setting.arch, **options)
 
 
 class ProjectStep:
@@ -422,7 +422,9 @@ def fit_once(
     """``(seconds per global batch, threads per process)`` of the main job's REFINE stage through ``Trainer.fit``."""
     setting = SETTINGS["mnist"]
     seed_everything(0, verbose=False)
-    module = RefineLitModule(str(victim), **setting.facts(), transform=partial(UNet, base_width=16), **options)
+    module = RefineLitModule(
+        victim_checkpoint=str(victim), **setting.facts(), transform=partial(UNet, base_width=16), **options
+    )
     data = RefineDataModule(EmbeddedMNIST(), batch_size=setting.batch // processes, augment=False)
     result = folder / "fit.json"
     trainer = Trainer(

@@ -14,7 +14,7 @@ from callbacks.checkpoint import require_trained_weights
 from callbacks.report import defense_report, format_report_table
 from refine_pl.errors import ConfigError, cli_flag
 from refine_pl.export import ONNX_OPSET, export_onnx, export_torchscript
-from refine_pl.refine_module import RefineLitModule
+from refine_pl.input_transform_module import InputTransformDefense
 
 FORMATS = {"onnx": "defended.onnx", "torchscript": "defended.torchscript.pt"}
 """The deployment formats and the files they are written to."""
@@ -44,7 +44,9 @@ def _versions() -> str:
     return ", ".join([*found, f"Python {platform.python_version()}"])
 
 
-def model_card(trainer: Trainer, module: RefineLitModule, report: dict[str, Any] | None, files: dict[str, str]) -> str:
+def model_card(
+    trainer: Trainer, module: InputTransformDefense, report: dict[str, Any] | None, files: dict[str, str]
+) -> str:
     """The model card of a REFINE run, as markdown.
 
     Args:
@@ -171,9 +173,10 @@ class DeploymentFiles(Callback):
         print(f"Deployment files and model card saved to {root}")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not isinstance(pl_module, RefineLitModule):
+        if not isinstance(pl_module, InputTransformDefense):
             raise ConfigError(
-                f"DeploymentFiles exports a RefineLitModule, not {type(pl_module).__name__}; remove the callback from "
+                f"DeploymentFiles exports an input-transform defense (InputTransformDefense), not "
+                f"{type(pl_module).__name__}; remove the callback from "
                 "configs that train another model."
             )
         require_trained_weights(trainer, CARD)

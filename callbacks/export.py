@@ -8,7 +8,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from callbacks.checkpoint import require_trained_weights
 from refine_pl.errors import ConfigError
 from refine_pl.export import export_defended
-from refine_pl.refine_module import RefineLitModule
+from refine_pl.input_transform_module import InputTransformDefense
 
 
 class ExportDefendedClassifier(Callback):
@@ -27,9 +27,10 @@ class ExportDefendedClassifier(Callback):
 
     @rank_zero_only
     def _export(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not isinstance(pl_module, RefineLitModule):
+        if not isinstance(pl_module, InputTransformDefense):
             raise ConfigError(
-                f"ExportDefendedClassifier exports a RefineLitModule, not {type(pl_module).__name__}; remove the "
+                f"ExportDefendedClassifier exports an input-transform defense (InputTransformDefense), not "
+                f"{type(pl_module).__name__}; remove the "
                 "callback from configs that train another model."
             )
         require_trained_weights(trainer, self.filename)

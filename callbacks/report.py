@@ -9,12 +9,10 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.utilities import rank_zero_only
 
 from callbacks.checkpoint import require_trained_weights
+from refine_pl.defended_module import DefendedLitModule
 from refine_pl.defenses import DEFENSES
 from refine_pl.errors import ConfigError
-from refine_pl.refine_module import RefineLitModule
-
-RATES = ("ba", "asr", "ra")
-"""The rates measured for both rows of a report; the defended row adds ``der``."""
+from refine_pl.metric_names import CLEAN_FLOOR, DEFENDED, NO_DEFENSE, REPORT_ROWS
 
 
 def _measured(metrics: dict[str, Any], key: str) -> float | None:
@@ -30,13 +28,13 @@ def format_report_table(report: dict[str, Any]) -> str:
         return "n/a" if row.get(key) is None else f"{row[key]:.4f}"
 
     defense = report["defense"]
-    label = DEFENSES[defense].label if defense in DEFENSES else defense
-    rows = [("no defense", report["no_defense"]), (label, report["defended"])]
-    if report.get("clean_floor") is not None:
-        rows.append(("clean model (ASR floor)", report["clean_floor"]))
-    lines = ["| | BA | ASR | RA | DER |", "|---|---|---|---|---|"]
-    for name, row in rows:
-        lines.append(f"| {name} | " + " | ".join(cell(row, key) for key in (*RATES, "der")) + " |")
+    labels = {DEFENDED.key: DEFENSES[defense].label if defense in DEFENSES else defense}
+    rates = DEFENDED.rates
+    lines = ["| | " + " | ".join(rate.upper() for rate in rates) + " |", "|---" * (len(rates) + 1) + "|"]
+    for row in REPORT_ROWS:
+        if report.get(row.key) is not None:
+            cells = " | ".join(cell(report[row.key], rate) for rate in rates)
+            lines.append(f"| {labels.get(row.key, row.label)} | {cells} |")
     return "\n".join(lines)
 
 
@@ -54,13 +52,13 @@ def defense_report(
         defense: Name of the defense (see :data:`refine_pl.defenses.DEFENSES`), recorded in the report.
 
     Raises:
-        ConfigError: ``pl_module`` is not a :class:`~refine_pl.RefineLitModule` (every defense is one), or its
+        ConfigError: ``pl_module`` is not a :class:`~refine_pl.DefendedLitModule` (every defense is one), or its
             weights were never trained.
     """
-    if not isinstance(pl_module, RefineLitModule):
+    if not isinstance(pl_module, DefendedLitModule):
         raise ConfigError(
-            f"DefenseReport reports the test of a RefineLitModule, not {type(pl_module).__name__}; remove the "
-            "callback from configs that test another model."
+            f"DefenseReport reports the test of a defense (a DefendedLitModule), not {type(pl_module).__name__}; "
+            "remove the callback from configs that test another model."
         )
     require_trained_weights(trainer, output)
     metrics = trainer.callback_metrics
@@ -72,10 +70,12 @@ def defense_report(
         "target_label": None if attack is None else attack.target_label,
         "attack_spec": None if attack is None else attack.spec(),
         "defense": defense,
-        "no_defense": {key: _measured(metrics, f"test/victim_{key}") for key in RATES},
-        "defended": {key: _measured(metrics, f"test/{key}") for key in (*RATES, "der")},
-        "clean_floor": (
-            {key: _measured(metrics, f"test/clean_{key}") for key in RATES}
+        **{
+            row.key: {rate: _measured(metrics, row.logged("test", rate)) for rate in row.rates}
+            for row in (NO_DEFENSE, DEFENDED)
+        },
+        CLEAN_FLOOR.key: (
+            {rate: _measured(metrics, CLEAN_FLOOR.logged("test", rate)) for rate in CLEAN_FLOOR.rates}
             if pl_module.clean_reference is not None
             else None
         ),
@@ -86,7 +86,7 @@ def defense_report(
 
 
 class DefenseReport(Callback):
-    """After testing a defense (a :class:`~refine_pl.RefineLitModule`), prints and saves its figures before / after.
+    """After testing a defense (a :class:`~refine_pl.DefendedLitModule`), prints and saves its figures before / after.
 
     Every row is measured in the same test pass on the same held-out images: "no defense" is the victim
     alone, the defended row the defended classifier, with its DER against the victim, and, when the module was

@@ -10,6 +10,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from refine_pl.internals import native_bf16
+from refine_pl.metric_names import DER, RA, ClassifierRow
 from refine_pl.metrics import POISONED_LOADER, BackdoorMetrics, DefenseEffectivenessRating
 from refine_pl.schedules import WarmupCosineLR
 
@@ -17,13 +18,13 @@ STAGES = ("val", "test")
 
 
 class BackdoorLitModule(LightningModule):
-    """Base of :class:`~refine_pl.VictimLitModule` and :class:`~refine_pl.RefineLitModule`.
+    """Base of :class:`~refine_pl.VictimLitModule` and of every defense (:class:`~refine_pl.DefendedLitModule`).
 
     Validation and test batches come from two loaders, clean (:data:`~refine_pl.metrics.CLEAN_LOADER`) and
     poisoned; every classifier of :meth:`evaluated_classifiers` is measured on both, and its BA / ASR / RA are
-    logged as ``<stage>/<prefix>ba``, ``<stage>/<prefix>asr`` and ``<stage>/<prefix>ra``. With an
-    ``undefended_prefix``, the first classifier's DER against that one is logged as ``<stage>/<prefix>der``
-    (when there is a poisoned loader: DER needs ASR). The optimizer is built from the parameters of
+    logged under the keys of its row of :mod:`refine_pl.metric_names` (``<stage>/<prefix><rate>``). With an
+    ``undefended_row``, the first classifier's DER against that one is logged too (when there is a poisoned
+    loader: DER needs ASR). The optimizer is built from the parameters of
     :meth:`trainable_parameters`, the scheduler (stepped every epoch) from the optimizer.
 
     The training step runs under :meth:`training_autocast` and, with ``channels_last``, on images and networks in
@@ -33,15 +34,15 @@ class BackdoorLitModule(LightningModule):
     Args:
         optimizer: Builds the optimizer from the trainable parameters (or parameter groups).
         scheduler: Builds the learning-rate scheduler from the optimizer; None for a constant rate.
-        metric_prefixes: Log prefix of each evaluated classifier, in the order of :meth:`evaluated_classifiers`;
-            the first is shown in the progress bar.
+        classifier_rows: The row (log keys) of each evaluated classifier, in the order of
+            :meth:`evaluated_classifiers`; the first is shown in the progress bar.
         bf16: Train under bfloat16 autocast. None: where the hardware computes bf16 natively (x86 CPUs with
             AVX512-BF16 or AMX, NVIDIA GPUs from Ampere on) and the trainer runs in ``32-true`` precision; False:
             in the trainer's precision.
         channels_last: Train in channels-last memory layout (the same arithmetic in another order: results differ
             by float rounding only; faster convolutions on CPUs and tensor-core GPUs).
-        undefended_prefix: The prefix of the classifier without a defense, which the DER of the first classifier
-            is taken against (None: no DER).
+        undefended_row: The row of the classifier without a defense, which the DER of the first classifier is
+            taken against (None: no DER).
     """
 
     trains: ClassVar[bool] = True
@@ -52,23 +53,23 @@ class BackdoorLitModule(LightningModule):
         self,
         optimizer: OptimizerCallable,
         scheduler: LRSchedulerCallable | None,
-        metric_prefixes: tuple[str, ...],
+        classifier_rows: tuple[ClassifierRow, ...],
         bf16: bool | None = None,
         channels_last: bool = True,
-        undefended_prefix: str | None = None,
+        undefended_row: ClassifierRow | None = None,
     ) -> None:
         super().__init__()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.metric_prefixes = metric_prefixes
+        self.classifier_rows = classifier_rows
         self.bf16 = bf16
         self.channels_last = channels_last
-        self.undefended_prefix = undefended_prefix
+        self.undefended_row = undefended_row
         self.metrics = nn.ModuleDict(
-            {f"{stage}_{prefix}": BackdoorMetrics() for stage in STAGES for prefix in metric_prefixes}
+            {f"{stage}_{row.key}": BackdoorMetrics() for stage in STAGES for row in classifier_rows}
         )
         self.der_metrics = nn.ModuleDict(
-            {stage: DefenseEffectivenessRating() for stage in STAGES} if undefended_prefix is not None else {}
+            {stage: DefenseEffectivenessRating() for stage in STAGES} if undefended_row is not None else {}
         )
 
     def uses_bf16(self) -> bool:
@@ -89,7 +90,7 @@ class BackdoorLitModule(LightningModule):
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     def evaluated_classifiers(self) -> tuple[nn.Module, ...]:
-        """The classifiers measured in validation and test, one per entry of ``metric_prefixes``."""
+        """The classifiers measured in validation and test, one per entry of ``classifier_rows``."""
         raise NotImplementedError
 
     def trainable_parameters(self) -> Iterable[Tensor] | list[dict[str, Any]]:
@@ -97,17 +98,17 @@ class BackdoorLitModule(LightningModule):
         raise NotImplementedError
 
     def _evaluate(self, stage: str, batch: tuple[Tensor, ...], dataloader_idx: int) -> None:
-        classifiers = zip(self.metric_prefixes, self.evaluated_classifiers(), strict=True)
-        preds = {prefix: classifier(batch[0]).argmax(1) for prefix, classifier in classifiers}
-        for prefix, predicted in preds.items():
-            for name, metric in self.metrics[f"{stage}_{prefix}"].update(predicted, batch, dataloader_idx).items():
-                show = prefix == self.metric_prefixes[0] and name != "ra"
-                self.log(f"{stage}/{prefix}{name}", metric, prog_bar=show, add_dataloader_idx=False)
+        classifiers = zip(self.classifier_rows, self.evaluated_classifiers(), strict=True)
+        preds = {row: classifier(batch[0]).argmax(1) for row, classifier in classifiers}
+        for row, predicted in preds.items():
+            for rate, metric in self.metrics[f"{stage}_{row.key}"].update(predicted, batch, dataloader_idx).items():
+                show = row == self.classifier_rows[0] and rate != RA
+                self.log(row.logged(stage, rate), metric, prog_bar=show, add_dataloader_idx=False)
         if stage in self.der_metrics:
-            first, der = self.metric_prefixes[0], self.der_metrics[stage]
-            der.update(preds[first], preds[self.undefended_prefix], *batch[1:])
+            first, der = self.classifier_rows[0], self.der_metrics[stage]
+            der.update(preds[first], preds[self.undefended_row], *batch[1:])
             if dataloader_idx == POISONED_LOADER:  # logged once, where its last counts (ASR) come in
-                self.log(f"{stage}/{first}der", der, add_dataloader_idx=False)
+                self.log(first.logged(stage, DER), der, add_dataloader_idx=False)
 
     def _reset_der(self, stage: str) -> None:
         # Lightning resets a logged metric after the epoch; a DER never logged (no poisoned loader) is reset here.

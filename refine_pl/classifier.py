@@ -29,6 +29,9 @@ class NormalizedClassifier(nn.Module):
 
     mean: Tensor
     std: Tensor
+    query_only: bool = False
+    """True for a victim that only answers queries: its forward pass runs without autograd, so no gradient can
+    flow through it (set by a defense built with ``victim_access: query_only``)."""
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], arch: str | None = None) -> None:
         super().__init__()
@@ -41,6 +44,9 @@ class NormalizedClassifier(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits ``[B, num_classes]`` for images ``[B, C, H, W]`` in [0, 1]."""
+        if self.query_only:
+            with torch.no_grad():
+                return self.net((images - self.mean) / self.std)
         return self.net((images - self.mean) / self.std)
 
 
@@ -151,3 +157,12 @@ def check_normalisation(mean: Any, std: Any, in_channels: int, source: str) -> N
                 f"it needs {in_channels} finite number(s){' > 0' if name == 'std' else ''}. Use a file made for "
                 "this data, or one that records no normalisation (the data's own is then used)."
             )
+
+
+def check_transform_input(images: Tensor, in_channels: int, transform: str) -> None:
+    """Refuses a tensor that is not a ``[B, in_channels, H, W]`` batch, naming the transform and the fix."""
+    if images.ndim != 4 or images.shape[1] != in_channels:
+        raise ConfigError(
+            f"{transform} built for {in_channels}-channel images got a tensor of shape {tuple(images.shape)}; "
+            "its in_channels must be the data's channel count."
+        )

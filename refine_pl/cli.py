@@ -17,9 +17,9 @@ from refine_pl.checkpoints import (
     run_checkpoints,
 )
 from refine_pl.console import exit_on_config_error
+from refine_pl.defended_module import DefendedLitModule
 from refine_pl.errors import ConfigError
 from refine_pl.internals import config_error_cause
-from refine_pl.refine_module import RefineLitModule
 
 LINKED_DATA_FACTS = ("num_classes", "in_channels", "image_size", "mean", "std")
 """Datamodule properties passed to the model, so they are never typed twice."""
@@ -110,7 +110,7 @@ class RefineCLI(LightningCLI):
             raise cause from None
 
     def after_instantiate_classes(self) -> None:
-        if isinstance(self.model, RefineLitModule) and hasattr(self.datamodule, "use_recorded_attack"):
+        if isinstance(self.model, DefendedLitModule) and hasattr(self.datamodule, "use_recorded_attack"):
             self.datamodule.use_recorded_attack(self.model.victim_record)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

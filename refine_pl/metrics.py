@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from refine_pl.metric_names import ASR, BA, RA
+
 
 def check_class_vectors(**vectors: Tensor) -> None:
     """Checks that every tensor is a ``[N]`` vector of class indices, all of the same ``N``.
@@ -227,7 +229,7 @@ class BackdoorMetrics(torch.nn.Module):
         """Updates the metrics of the loader ``dataloader_idx`` and returns them by name (for logging)."""
         if dataloader_idx == CLEAN_LOADER:
             self.ba.update(preds, batch[1])
-            return {"ba": self.ba}
+            return {BA: self.ba}
         self.asr.update(preds, batch[1], batch[2])
         self.ra.update(preds, batch[1], batch[2])
-        return {"asr": self.asr, "ra": self.ra}
+        return {ASR: self.asr, RA: self.ra}

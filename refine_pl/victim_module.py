@@ -11,6 +11,7 @@ from refine_pl.architectures import build_architecture
 from refine_pl.attacks import Attack, TrainingControlledAttack, attack_record, attack_spec_of
 from refine_pl.base_module import BackdoorLitModule
 from refine_pl.classifier import NormalizedClassifier
+from refine_pl.metric_names import DEFENDED
 from refine_pl.weights import ATTACK_KEY
 
 
@@ -59,7 +60,7 @@ class VictimLitModule(BackdoorLitModule):
         bf16: bool | None = None,
         channels_last: bool = True,
     ) -> None:
-        super().__init__(optimizer, scheduler, ("",), bf16, channels_last)
+        super().__init__(optimizer, scheduler, (DEFENDED,), bf16, channels_last)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.model = NormalizedClassifier(build_architecture(arch, num_classes, in_channels), mean, std, arch=arch)
         if channels_last:

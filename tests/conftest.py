@@ -117,7 +117,9 @@ def quiet_trainer(root: Path, **kwargs) -> Trainer:
 
 def tiny_refine_module(victim: Path, **kwargs) -> RefineLitModule:
     """REFINE with a U-Net of first width 4 (unless ``kwargs`` give a transform) in front of ``victim``."""
-    return RefineLitModule(str(victim), **MNIST_FACTS, **{"transform": partial(UNet, base_width=4), **kwargs})
+    return RefineLitModule(
+        victim_checkpoint=str(victim), **MNIST_FACTS, **{"transform": partial(UNet, base_width=4), **kwargs}
+    )
 
 
 def benign_data(shuffled_labels: bool) -> RefineDataModule:

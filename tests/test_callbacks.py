@@ -13,8 +13,12 @@ from tests.conftest import MNIST_FACTS, SmallDigits, quiet_trainer
 @pytest.mark.parametrize(
     ("callback", "message"),
     [
-        (DefenseReport(), "DefenseReport reports the test of a RefineLitModule, not VictimLitModule"),
-        (ExportDefendedClassifier(), "ExportDefendedClassifier exports a RefineLitModule, not VictimLitModule"),
+        (DefenseReport(), r"DefenseReport reports the test of a defense \(a DefendedLitModule\), not VictimLitModule"),
+        (
+            ExportDefendedClassifier(),
+            r"ExportDefendedClassifier exports an input-transform defense \(InputTransformDefense\), not "
+            "VictimLitModule",
+        ),
     ],
 )
 def test_refine_callbacks_refuse_to_report_or_export_another_model(callback, message: str, tmp_path: Path) -> None:

@@ -23,7 +23,6 @@ from refine_pl.defenses import (
     MedianFilter,
     ShrinkPad,
     TrainingFreeDefense,
-    defense_named,
 )
 from refine_pl.export import export_defended
 from refine_pl.pipeline import config_flags
@@ -118,7 +117,9 @@ def test_the_autoencoder_learns_from_unlabeled_images_only(untrained_victim: Pat
     for shuffled_labels in (False, True):
         seed_everything(0)
         datamodule = benign_data(shuffled_labels)
-        module = AutoencoderDefense(str(untrained_victim), **MNIST_FACTS, transform=partial(ConvAutoencoder, width=4))
+        module = AutoencoderDefense(
+            victim_checkpoint=str(untrained_victim), **MNIST_FACTS, transform=partial(ConvAutoencoder, width=4)
+        )
         victim_before = {k: v.clone() for k, v in module.victim.state_dict().items()}
         transform_before = {k: v.clone() for k, v in module.transform.state_dict().items()}
         _fit(module, datamodule, steps=2, root=tmp_path)
@@ -131,7 +132,9 @@ def test_the_autoencoder_learns_from_unlabeled_images_only(untrained_victim: Pat
 
 
 def test_the_autoencoder_loss_is_the_reconstruction_cross_entropy(untrained_victim: Path) -> None:
-    module = AutoencoderDefense(str(untrained_victim), **MNIST_FACTS, transform=partial(ConvAutoencoder, width=4))
+    module = AutoencoderDefense(
+        victim_checkpoint=str(untrained_victim), **MNIST_FACTS, transform=partial(ConvAutoencoder, width=4)
+    )
     images = torch.rand(5, 1, 28, 28)
     out = module.transform(images)
     expected = -(images * out.log() + (1 - images) * (1 - out).log()).mean()
@@ -140,7 +143,7 @@ def test_the_autoencoder_loss_is_the_reconstruction_cross_entropy(untrained_vict
 
 def _built(defense: str, victim: Path) -> RefineLitModule:
     """The model the CLI builds from ``defense``'s configs (merged after the MNIST REFINE job), without running."""
-    configs = config_flags(defense_named(defense).configs(REFINE_CONFIGS))
+    configs = config_flags(DEFENSES[defense].configs(REFINE_CONFIGS))
     return cli_main([*configs, "--model.init_args.victim_checkpoint", str(victim)], run=False).model
 
 
@@ -201,7 +204,7 @@ def test_a_training_free_defense_is_tested_without_a_checkpoint_and_never_fitted
 
 def _tiny(defense: str) -> list[str]:
     """Arguments that make ``defense`` small: a narrow U-Net or autoencoder, two training steps, few test batches."""
-    module = defense_named(defense).module
+    module = DEFENSES[defense].module
     width = {RefineLitModule: ["base_width", "4"], AutoencoderDefense: ["width", "4"]}.get(module, [])
     settings = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.limit_test_batches", "2"]
     if width:
@@ -214,7 +217,7 @@ def _tiny(defense: str) -> list[str]:
 def test_every_defense_runs_through_the_cli_and_reports_every_rate(
     defense: str, victim_checkpoint: Path, tmp_path: Path
 ) -> None:
-    entry = defense_named(defense)
+    entry = DEFENSES[defense]
     common = [
         *config_flags(entry.configs(REFINE_CONFIGS)),
         "--model.init_args.victim_checkpoint", str(victim_checkpoint),

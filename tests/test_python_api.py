@@ -48,12 +48,12 @@ def test_a_job_built_from_python_objects_reports_and_exports_what_the_cli_job_do
         EmbeddedMNIST(), batch_size=64, augment=True, horizontal_flip=False, consistency=True, max_rotation=15.0
     )
     module = RefineLitModule(
-        str(victim_checkpoint),
-        data.num_classes,
-        data.in_channels,
-        data.image_size,
-        data.mean,
-        data.std,
+        victim_checkpoint=str(victim_checkpoint),
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        image_size=data.image_size,
+        mean=data.mean,
+        std=data.std,
         transform=partial(UNet, base_width=WIDTH),
         optimizer=partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
         scheduler=WarmupCosineLR,  # a warmup epoch, then a cosine that ends at the trainer's max_epochs

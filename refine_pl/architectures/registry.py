@@ -18,6 +18,7 @@ from torch import nn
 from torchvision.models import get_model, get_model_weights, list_models
 
 from refine_pl.errors import ConfigError, cli_flag, first_sentence
+from refine_pl.registry import Registry
 
 Builder = Callable[[int, int], nn.Module]
 """``builder(num_classes, in_channels) -> network`` taking images already normalised."""
@@ -39,16 +40,19 @@ class Architecture:
     native_size: int
 
 
-ARCHITECTURES: dict[str, Architecture] = {}
+ARCHITECTURES: Registry[Architecture] = Registry(
+    "architecture",
+    " and torchvision's classification models (torchvision.models.list_models(module=torchvision.models)); your own "
+    f"network is passed by import path ({cli_flag('model', 'victim_arch')} package.module:function).",
+)
+"""refine-pl's own architectures by name (:func:`architecture` also finds torchvision's)."""
 
 
 def register_architecture(name: str, native_size: int) -> Callable[[Builder], Builder]:
-    """Decorator that makes a builder available as ``name``, designed for ``native_size`` px images."""
+    """Decorator that registers a builder in :data:`ARCHITECTURES` as ``name``, for ``native_size`` px images."""
 
     def register(builder: Builder) -> Builder:
-        if name in ARCHITECTURES:
-            raise ValueError(f"architecture name {name!r} is registered twice")
-        ARCHITECTURES[name] = Architecture(name, builder, native_size)
+        ARCHITECTURES.add(Architecture(name, builder, native_size))
         return builder
 
     return register
@@ -79,15 +83,9 @@ def architecture(name: str) -> Architecture:
     Raises:
         ConfigError: No such name (the message lists refine-pl's names and says where torchvision's are).
     """
-    if name in ARCHITECTURES:
-        return ARCHITECTURES[name]
-    if name in torchvision_classifiers():
+    if name not in ARCHITECTURES and name in torchvision_classifiers():
         return _torchvision_architecture(name)
-    raise ConfigError(
-        f"Unknown architecture {name!r}; known architectures: {', '.join(sorted(ARCHITECTURES))} and torchvision's "
-        "classification models (torchvision.models.list_models(module=torchvision.models)); your own network "
-        f"is passed by import path ({cli_flag('model', 'victim_arch')} package.module:function)."
-    )
+    return ARCHITECTURES[name]
 
 
 def build_architecture(name: str, num_classes: int, in_channels: int) -> nn.Module:

@@ -6,11 +6,9 @@ from refine_pl.attacks.base import (
     ATTACKS,
     Attack,
     TrainingControlledAttack,
-    attack_class,
     attack_from_spec,
     attack_record,
     attack_spec_of,
-    register_attack,
 )
 from refine_pl.attacks.batt import BATT
 from refine_pl.attacks.blended import Blended
@@ -31,9 +29,7 @@ __all__ = [
     "PhysicalBA",
     "TrainingControlledAttack",
     "WaNet",
-    "attack_class",
     "attack_from_spec",
     "attack_record",
     "attack_spec_of",
-    "register_attack",
 ]

@@ -4,14 +4,14 @@ import torch
 from torch import Tensor
 
 from refine_pl.attacks.badnets import BadNets, Corner
-from refine_pl.attacks.base import Attack, draw_cover_indices, register_attack, require_indices, sample_generator
+from refine_pl.attacks.base import ATTACKS, Attack, draw_cover_indices, require_indices, sample_generator
 from refine_pl.errors import ConfigError
 
 MAX_TRIGGERS = 16
 """Most trigger locations Adaptive-Patch takes (the paper uses 4): each costs two image-sized tensors per batch."""
 
 
-@register_attack
+@ATTACKS.add
 class AdaptivePatch(Attack):
     """Patch triggers blended at low opacity, each training sample carrying one of them.
 

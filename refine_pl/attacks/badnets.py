@@ -5,14 +5,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from refine_pl.attacks.base import Attack, register_attack
+from refine_pl.attacks.base import ATTACKS, Attack
 from refine_pl.errors import ConfigError
 
 Corner = Literal["bottom_right", "bottom_left", "top_right", "top_left"]
 Pattern = Literal["white", "checkerboard"]
 
 
-@register_attack
+@ATTACKS.add
 class BadNets(Attack):
     """Stamps a ``patch_size`` x ``patch_size`` pattern in a corner of every poisoned image.
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from refine_pl.errors import ConfigError, cli_flag
+from refine_pl.registry import Registry
 
 
 def sample_generator(seed: int, index: int) -> torch.Generator:
@@ -212,22 +213,9 @@ class TrainingControlledAttack(Attack):
         """
 
 
-ATTACKS: dict[str, type[Attack]] = {}
-
-
-def register_attack(cls: type[Attack]) -> type[Attack]:
-    """Class decorator that makes an attack available by its ``name``."""
-    if cls.name in ATTACKS:
-        raise ValueError(f"attack name {cls.name!r} is registered twice")
-    ATTACKS[cls.name] = cls
-    return cls
-
-
-def attack_class(name: str) -> type[Attack]:
-    """The attack class registered as ``name``."""
-    if name not in ATTACKS:
-        raise ConfigError(f"Unknown attack {name!r}; known attacks: {', '.join(sorted(ATTACKS))}.")
-    return ATTACKS[name]
+ATTACKS: Registry[type[Attack]] = Registry("attack")
+"""The attacks by name; an entry is the attack class (its ``name``, ``training_controlled`` and constructor).
+Attack modules register their class with the decorator ``@ATTACKS.add``."""
 
 
 def attack_record(attack: Attack) -> dict[str, Any]:
@@ -353,7 +341,7 @@ def attack_from_spec(spec: dict[str, Any]) -> Attack:
     unknown = sorted(str(key) for key in spec if key not in ("name", "init_args", "state"))
     if unknown:
         raise ConfigError(f"Attack spec {spec['name']!r} has unknown keys {unknown}; it takes name, init_args, state.")
-    cls = attack_class(spec["name"])
+    cls = ATTACKS[spec["name"]]
     init_args = _check_init_args(cls, spec.get("init_args", {}))
     try:
         attack = cls(**init_args)

@@ -6,11 +6,11 @@ from torch import Tensor
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from refine_pl.attacks.base import Attack, register_attack
+from refine_pl.attacks.base import ATTACKS, Attack
 from refine_pl.errors import ConfigError
 
 
-@register_attack
+@ATTACKS.add
 class BATT(Attack):
     """Poisons by rotating the image by a fixed angle (BATT-R) or shifting it by fixed pixels (BATT-T).
 

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from refine_pl.attacks.base import Attack, register_attack
+from refine_pl.attacks.base import ATTACKS, Attack
 from refine_pl.errors import ConfigError
 
 
-@register_attack
+@ATTACKS.add
 class Blended(Attack):
     """Poisons with ``(1 - alpha) * image + alpha * pattern``, changing every pixel a little.
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from refine_pl.attacks.base import TrainingControlledAttack, register_attack
+from refine_pl.attacks.base import ATTACKS, TrainingControlledAttack
 from refine_pl.errors import ConfigError
 from refine_pl.state_dicts import describe_key_mismatch
 
@@ -62,7 +62,7 @@ def diversity_loss(images: Tensor, others: Tensor, outputs: Tensor, other_output
     return (_distance(images, others) / (_distance(outputs, other_outputs) + 1e-7)).mean()
 
 
-@register_attack
+@ATTACKS.add
 class InputAwareDynamic(TrainingControlledAttack):
     """Every image gets its own trigger: ``x + mask(x) * (pattern(x) - x)`` with two learned networks.
 

@@ -10,13 +10,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from refine_pl.architectures import build_architecture
 from refine_pl.attacks.badnets import BadNets
-from refine_pl.attacks.base import Attack, draw_indices, register_attack, require_indices
+from refine_pl.attacks.base import ATTACKS, Attack, draw_indices, require_indices
 from refine_pl.errors import ConfigError
 
 CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
 
 
-@register_attack
+@ATTACKS.add
 class LabelConsistent(Attack):
     """Poisons only images of the target class, which keep their (correct) label.
 

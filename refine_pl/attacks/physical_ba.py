@@ -8,11 +8,11 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from refine_pl.attacks.badnets import BadNets
-from refine_pl.attacks.base import register_attack, require_indices, sample_generator
+from refine_pl.attacks.base import ATTACKS, require_indices, sample_generator
 from refine_pl.errors import ConfigError
 
 
-@register_attack
+@ATTACKS.add
 class PhysicalBA(BadNets):
     """Stamps the BadNets patch, then transforms the whole image as a camera would see it.
 

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from refine_pl.attacks.base import Attack, draw_cover_indices, register_attack, require_indices, sample_generator
+from refine_pl.attacks.base import ATTACKS, Attack, draw_cover_indices, require_indices, sample_generator
 from refine_pl.errors import ConfigError
 
 
-@register_attack
+@ATTACKS.add
 class WaNet(Attack):
     """Warps poisoned images with one fixed, smooth displacement field drawn from ``seed``.
 

@@ -1,4 +1,4 @@
-"""Backdoor defenses: one module per defense, all ``M(f(T(x)))`` around the frozen victim, registered by name."""
+"""Backdoor defenses: one module per defense (REFINE and its ablations, the baselines), registered by name."""
 
 # isort: off
 # The import order is the registry's order (REFINE and its ablations first, then the baselines), which the
@@ -8,7 +8,8 @@ from refine_pl.defenses.autoencoder import AutoencoderDefense, ConvAutoencoder
 from refine_pl.defenses.shrinkpad import ShrinkPad
 from refine_pl.defenses.bit_depth import BitDepthReduction
 from refine_pl.defenses.median import MedianFilter
-from refine_pl.defenses.base import DEFENSES, Defense, TrainingFreeDefense, defense_named, register_defense
+from refine_pl.defenses.registry import DEFENSES, Defense
+from refine_pl.input_transform_module import TrainingFreeDefense
 
 # isort: on
 
@@ -21,6 +22,4 @@ __all__ = [
     "MedianFilter",
     "ShrinkPad",
     "TrainingFreeDefense",
-    "defense_named",
-    "register_defense",
 ]

@@ -6,15 +6,17 @@ cannot reconstruct (a trigger it never saw) it may wash out. It gets REFINE's da
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_lightning.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from refine_pl.batches import AugmentedViews, IndexedImages
-from refine_pl.defenses.base import check_transform_input, register_defense
-from refine_pl.refine_module import RefineLitModule
+from refine_pl.classifier import check_transform_input
+from refine_pl.defenses.registry import DEFENSES, Defense
+from refine_pl.input_transform_module import InputTransformDefense
 
 
 class ConvAutoencoder(nn.Module):
@@ -60,48 +62,26 @@ def autoencoder_adam(params) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-3)
 
 
-class AutoencoderDefense(RefineLitModule):
+class AutoencoderDefense(InputTransformDefense):
     """``f(T(x))``: an autoencoder ``T`` trained to reconstruct unlabeled benign images, in front of the frozen victim.
 
     The loss is the binary cross-entropy between ``T(x)`` and ``x`` (BackdoorBox's reconstruction loss), in
     float32 outside autocast; the training batches are images only, as for REFINE, so no label can reach it. The
-    victim plays no part in training. ``M`` is the identity. Checkpoints, evaluation and the victim's safe loading
-    are REFINE's (:class:`~refine_pl.RefineLitModule`).
+    victim plays no part in training (a query-only victim is enough). ``M`` is the identity.
 
     Args:
-        victim_checkpoint: Weights of the suspect model (refine-pl victim .ckpt, state_dict or safetensors).
-        num_classes: Number of classes (linked from the datamodule by the CLI).
-        in_channels: Image channels (linked).
-        image_size: Image side in pixels (linked).
-        mean: Normalisation mean the victim expects, used when its checkpoint records none (linked).
-        std: Normalisation std the victim expects, used when its checkpoint records none (linked).
-        victim_arch: Architecture of bare weights files; a refine-pl victim checkpoint records its own.
-        clean_reference: Weights of a model trained like the victim without the attack, evaluated beside it for the
-            ASR floor (see :class:`~refine_pl.RefineLitModule`).
         transform: Builds the autoencoder from the channel count (outputs in [0, 1]).
         optimizer: Builds the optimizer from the autoencoder's parameters.
-        scheduler: Builds the learning-rate scheduler (stepped every epoch) from the optimizer.
+        **kwargs: The arguments every defense takes (:class:`~refine_pl.DefendedLitModule`).
     """
 
     def __init__(
         self,
-        victim_checkpoint: str,
-        num_classes: int,
-        in_channels: int,
-        image_size: int,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        victim_arch: str | None = None,
-        clean_reference: str | None = None,
         transform: Callable[[int], nn.Module] = ConvAutoencoder,
         optimizer: OptimizerCallable = autoencoder_adam,
-        scheduler: LRSchedulerCallable | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            victim_checkpoint, num_classes, in_channels, image_size, mean, std, victim_arch,
-            transform=transform, derange=False, optimizer=optimizer, scheduler=scheduler,
-            clean_reference=clean_reference,
-        )  # fmt: skip
+        super().__init__(transform=transform, derange=False, optimizer=optimizer, **kwargs)
 
     def reconstruction_loss(self, images: Tensor) -> Tensor:
         """Binary cross-entropy between the reconstruction of unlabeled images ``[B, C, H, W]`` and the images."""
@@ -119,10 +99,12 @@ class AutoencoderDefense(RefineLitModule):
         return loss
 
 
-register_defense(
-    "autoencoder",
-    "Autoencoder",
-    "T: conv autoencoder trained to reconstruct the unlabeled images (REFINE's data); M: identity",
-    AutoencoderDefense,
-    "configs/defenses/autoencoder.yaml",
+DEFENSES.add(
+    Defense(
+        "autoencoder",
+        "Autoencoder",
+        "T: conv autoencoder trained to reconstruct the unlabeled images (REFINE's data); M: identity",
+        AutoencoderDefense,
+        "configs/defenses/autoencoder.yaml",
+    )
 )

@@ -3,8 +3,10 @@
 import torch
 from torch import Tensor, nn
 
-from refine_pl.defenses.base import TrainingFreeDefense, check_transform_input, register_defense
+from refine_pl.classifier import check_transform_input
+from refine_pl.defenses.registry import DEFENSES, Defense
 from refine_pl.errors import ConfigError
+from refine_pl.input_transform_module import TrainingFreeDefense
 
 
 class BitDepthReduction(nn.Module):
@@ -32,10 +34,12 @@ class BitDepthReduction(nn.Module):
         return torch.round(images * levels) / levels
 
 
-register_defense(
-    "bit_depth",
-    "Bit-depth reduction",
-    "T: round every pixel to 2**bits levels (1 bit on digits); M: identity; nothing trained",
-    TrainingFreeDefense,
-    "configs/defenses/bit_depth.yaml",
+DEFENSES.add(
+    Defense(
+        "bit_depth",
+        "Bit-depth reduction",
+        "T: round every pixel to 2**bits levels (1 bit on digits); M: identity; nothing trained",
+        TrainingFreeDefense,
+        "configs/defenses/bit_depth.yaml",
+    )
 )

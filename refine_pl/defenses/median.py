@@ -3,8 +3,10 @@
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from refine_pl.defenses.base import TrainingFreeDefense, check_transform_input, register_defense
+from refine_pl.classifier import check_transform_input
+from refine_pl.defenses.registry import DEFENSES, Defense
 from refine_pl.errors import ConfigError
+from refine_pl.input_transform_module import TrainingFreeDefense
 
 
 class MedianFilter(nn.Module):
@@ -38,10 +40,12 @@ class MedianFilter(nn.Module):
         return windows.flatten(-2).median(dim=-1).values
 
 
-register_defense(
-    "median",
-    "Median filter",
-    "T: median of every 2x2 window; M: identity; nothing trained",
-    TrainingFreeDefense,
-    "configs/defenses/median.yaml",
+DEFENSES.add(
+    Defense(
+        "median",
+        "Median filter",
+        "T: median of every 2x2 window; M: identity; nothing trained",
+        TrainingFreeDefense,
+        "configs/defenses/median.yaml",
+    )
 )

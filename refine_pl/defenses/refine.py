@@ -6,34 +6,43 @@
 - ``refine_remap_only``: the derangement ``M`` alone, no ``T`` (the identity) and nothing trained.
 """
 
-from refine_pl.defenses.base import TrainingFreeDefense, register_defense
+from refine_pl.defenses.registry import DEFENSES, Defense
+from refine_pl.input_transform_module import TrainingFreeDefense
 from refine_pl.refine_module import RefineLitModule
 
-register_defense(
-    "refine",
-    "REFINE",
-    "T: U-Net trained by the utility and contrastive losses on unlabeled images; M: derangement",
-    RefineLitModule,
-    None,
+DEFENSES.add(
+    Defense(
+        "refine",
+        "REFINE",
+        "T: U-Net trained by the utility and contrastive losses on unlabeled images; M: derangement",
+        RefineLitModule,
+        None,
+    )
 )
-register_defense(
-    "refine_no_remap",
-    "REFINE, no remap",
-    "REFINE with the identity as M (T trained with the same losses)",
-    RefineLitModule,
-    "configs/defenses/refine_no_remap.yaml",
+DEFENSES.add(
+    Defense(
+        "refine_no_remap",
+        "REFINE, no remap",
+        "REFINE with the identity as M (T trained with the same losses)",
+        RefineLitModule,
+        "configs/defenses/refine_no_remap.yaml",
+    )
 )
-register_defense(
-    "refine_no_contrastive",
-    "REFINE, no contrastive",
-    "REFINE with contrastive weight 0 (the utility loss alone)",
-    RefineLitModule,
-    "configs/defenses/refine_no_contrastive.yaml",
+DEFENSES.add(
+    Defense(
+        "refine_no_contrastive",
+        "REFINE, no contrastive",
+        "REFINE with contrastive weight 0 (the utility loss alone)",
+        RefineLitModule,
+        "configs/defenses/refine_no_contrastive.yaml",
+    )
 )
-register_defense(
-    "refine_remap_only",
-    "REFINE, remap only",
-    "REFINE's derangement M alone: T the identity, nothing trained",
-    TrainingFreeDefense,
-    "configs/defenses/refine_remap_only.yaml",
+DEFENSES.add(
+    Defense(
+        "refine_remap_only",
+        "REFINE, remap only",
+        "REFINE's derangement M alone: T the identity, nothing trained",
+        TrainingFreeDefense,
+        "configs/defenses/refine_remap_only.yaml",
+    )
 )

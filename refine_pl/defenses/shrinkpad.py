@@ -4,8 +4,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from refine_pl.defenses.base import TrainingFreeDefense, check_transform_input, register_defense
+from refine_pl.classifier import check_transform_input
+from refine_pl.defenses.registry import DEFENSES, Defense
 from refine_pl.errors import ConfigError
+from refine_pl.input_transform_module import TrainingFreeDefense
 
 
 class ShrinkPad(nn.Module):
@@ -54,10 +56,12 @@ class ShrinkPad(nn.Module):
         return padded
 
 
-register_defense(
-    "shrinkpad",
-    "ShrinkPad",
-    "T: shrink by 1/8 of the side, zero-pad back at a random offset; M: identity; nothing trained",
-    TrainingFreeDefense,
-    "configs/defenses/shrinkpad.yaml",
+DEFENSES.add(
+    Defense(
+        "shrinkpad",
+        "ShrinkPad",
+        "T: shrink by 1/8 of the side, zero-pad back at a random offset; M: identity; nothing trained",
+        TrainingFreeDefense,
+        "configs/defenses/shrinkpad.yaml",
+    )
 )

@@ -1,0 +1,70 @@
+"""The one table of metric names: every rate refine-pl measures, every classifier it measures, and their keys.
+
+The modules log ``<stage>/<prefix><rate>`` (``test/ba``, ``test/victim_asr``, ``val/clean_ra``, ``test/der``);
+``report.json`` holds one object per classifier row (``no_defense``, ``defended``, ``clean_floor``) with one
+field per rate. Everything that writes or reads those keys (the modules, the report, the callbacks, the pipeline
+and the benchmarks) takes them from here.
+"""
+
+from dataclasses import dataclass
+
+BA = "ba"
+ASR = "asr"
+RA = "ra"
+DER = "der"
+
+RATES: dict[str, str] = {
+    BA: "benign accuracy: share of the clean test images classified as their true class",
+    ASR: "attack success rate: share of the triggered test images whose true class is not the target that are "
+    "classified as the target",
+    RA: "robust accuracy: share of those triggered images classified as their true class",
+    DER: "defense effectiveness rating (BackdoorBench): (max(0, ASR drop) - max(0, BA drop) + 1) / 2 against the "
+    "victim, in [0, 1]; 0.5 means nothing removed and nothing lost",
+}
+"""Every rate, by key, with its meaning."""
+
+MEASURED_RATES = (BA, ASR, RA)
+"""The rates measured for each classifier; DER compares two classifiers and belongs to the defended one."""
+
+
+@dataclass(frozen=True)
+class ClassifierRow:
+    """A classifier measured in the same test pass, as a row of the report.
+
+    Attributes:
+        key: The row's field in ``report.json``.
+        prefix: What its logged keys carry between the stage and the rate.
+        rates: The rates the row holds.
+        label: The row's name in tables.
+        meaning: What the classifier is.
+    """
+
+    key: str
+    prefix: str
+    rates: tuple[str, ...]
+    label: str
+    meaning: str
+
+    def logged(self, stage: str, rate: str) -> str:
+        """The key under which ``rate`` of this classifier is logged in ``stage`` (``val`` or ``test``)."""
+        return f"{stage}/{self.prefix}{rate}"
+
+
+NO_DEFENSE = ClassifierRow("no_defense", "victim_", MEASURED_RATES, "no defense", "the suspect model alone")
+DEFENDED = ClassifierRow(
+    "defended",
+    "",
+    (*MEASURED_RATES, DER),
+    "defended",
+    "the defended classifier (a victim job: the trained model itself); its DER is taken against the victim",
+)
+CLEAN_FLOOR = ClassifierRow(
+    "clean_floor",
+    "clean_",
+    MEASURED_RATES,
+    "clean model (ASR floor)",
+    "a model trained like the victim without the attack: its ASR is the floor below which no defense can bring an ASR",
+)
+
+REPORT_ROWS = (NO_DEFENSE, DEFENDED, CLEAN_FLOOR)
+"""The classifier rows of a defense's report, in the order of its table."""
