@@ -105,7 +105,7 @@ _IAD_VARIANTS = {
     "sharp": Variant({"sharp_mask": True}, (100, 101, 102), 20),
     "sharp_p10": Variant({"sharp_mask": True, "poison_rate": 0.1}, (100, 101, 102), 20),
     "sharp_e30": Variant({"sharp_mask": True}, (100, 101, 102), 30),
-    # seed 0 of the attacks table then gave 0.898 with sharp_e30: more of each mask on
+    # sharp_e30 then fell short of a real backdoor on seed 0 of the attacks table: more of each mask on
     "sharp_e30_d064": Variant({"sharp_mask": True, "mask_density": 0.064}, (100, 101, 102), 30),
     "sharp_e30_d1": Variant({"sharp_mask": True, "mask_density": 0.1}, (100, 101, 102), 30),
 }

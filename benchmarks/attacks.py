@@ -19,7 +19,7 @@ Writes to ``--results-dir`` (the names start with ``--results-name``, ``attacks`
 Runs go to ``--run-dir`` (see :mod:`benchmarks.victims`); finished runs are reused, so an interrupted benchmark
 continues where it stopped.
 
-    python benchmarks/attacks.py --seeds 0 1 2                 # every attack, the zoo: 33 REFINE runs of ~4 min here
+    python benchmarks/attacks.py --seeds 0 1 2                 # every attack and the zoo: 33 REFINE runs
     python benchmarks/attacks.py --attacks wanet iad --seeds 0  # a subset
     python benchmarks/attacks.py --zoo-archs                   # the small CNN only
     python benchmarks/attacks.py --seeds 0 1 2 --zoo-seeds 0   # the zoo rows on seed 0 only

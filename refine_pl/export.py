@@ -361,8 +361,8 @@ def load_defended(path: str | Path, victim_arch: str | None = None) -> DefendedC
         module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{prefix}.")})
     defended.requires_grad_(False)
     # Channels-last convolutions were faster for both the defended classifier and the bare victim on CPU (U-Net 16
-    # + ResNet-18, 32 px: 25-30% at batch 256, 8-15% at batch 1), and training uses that layout, so the loaded
-    # classifier computes exactly the logits the run's test measured.
+    # + ResNet-18, 32 px, at batch 1 and 256; the inference timings: benchmarks/results/speed.md), and training uses
+    # that layout, so the loaded classifier computes exactly the logits the run's test measured.
     defended.to(memory_format=torch.channels_last)
     check_victim_accepts(victim.net, in_channels, description["image_size"], description["victim_arch"], num_classes)
     return defended.eval()

@@ -1,4 +1,6 @@
-"""Every ``train.py`` and ``pipeline.py`` command that README.md shows still parses, with the configs it names."""
+"""Every ``train.py`` and ``pipeline.py`` command that README.md and docs/*.md show still parses, with the configs
+it names.
+"""
 
 import re
 import shlex
@@ -9,12 +11,14 @@ from refine_pl.cli import cli_main
 from refine_pl.pipeline import config_flags, parse_args
 from tests.conftest import REPO
 
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
 
 def documented_commands(program: str) -> list[list[str]]:
-    """The arguments of every ``python <program> ...`` command in README.md's shell blocks, continuations joined."""
-    readme = (REPO / "README.md").read_text()
+    """The arguments of every ``python <program> ...`` command in the documents' shell blocks, continuations joined."""
+    text = "\n".join(path.read_text() for path in DOCUMENTS)
     commands = []
-    for block in re.findall(r"^```bash\n(.*?)^```", readme, flags=re.S | re.M):
+    for block in re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
             if words[:2] == ["python", program]:
@@ -23,13 +27,13 @@ def documented_commands(program: str) -> list[list[str]]:
 
 
 def _parses(args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(REPO)  # the README's paths are relative to the repository root
+    monkeypatch.chdir(REPO)  # the documents' paths are relative to the repository root
     with pytest.raises(SystemExit) as stop:
         cli_main([*args, "--print_config"])
     assert stop.value.code == 0, args
 
 
-def test_the_readme_shows_commands_of_both_entry_points() -> None:
+def test_the_documents_show_commands_of_both_entry_points() -> None:
     assert len(documented_commands("train.py")) >= 10 and len(documented_commands("pipeline.py")) >= 2
 
 

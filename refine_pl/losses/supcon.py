@@ -36,8 +36,8 @@ class SupConLoss(nn.Module):
     def forward(self, features: Tensor, labels: Tensor) -> Tensor:
         features = gather_with_grad(features)
         labels = gather_no_grad(labels)
-        # Under mixed precision autocast would run this matmul in 16 bits, which moves the similarities
-        # (up to 1/temperature = 14) by ~0.05; the loss is computed in float32 instead.
+        # Under mixed precision autocast would run this matmul in 16 bits, which rounds the similarities (up to
+        # 1/temperature = 14, where bfloat16's spacing is 1/16); the loss is computed in float32 instead.
         with torch.autocast(features.device.type, enabled=False):
             features = features.to(torch.promote_types(features.dtype, torch.float32))
             logits = features @ features.T / self.temperature

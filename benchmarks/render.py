@@ -1,0 +1,242 @@
+"""The measured tables of README.md and docs/, rendered from the results files of ``benchmarks/results/``.
+
+Measured figures live in the results files only (the csv and json files the benchmarks write). A document shows
+one by a region whose content this module renders, one function per table::
+
+    <!-- render:attacks -->
+    (the table, written by ``python -m benchmarks.render``)
+    <!-- /render:attacks -->
+
+``python -m benchmarks.render`` rewrites every region of README.md and docs/*.md from the results files;
+``python -m benchmarks.render --check`` changes nothing and exits non-zero naming each file and region that differs
+from its render (tests/test_render.py runs the same check, so CI fails on a stale figure).
+"""
+
+import argparse
+import csv
+import json
+import re
+import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+REGION = re.compile(r"<!-- render:(?P<name>[a-z0-9_]+) -->\n(?P<body>.*?)<!-- /render:(?P=name) -->", flags=re.S)
+METRICS = {"asr": "ASR", "ba": "BA", "ra": "RA", "der": "DER"}
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of the csv file ``path`` as dicts of strings, in file order.
+
+    Raises:
+        FileNotFoundError: ``path`` is missing; the message names the benchmark that writes it.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the benchmark that writes it (see benchmarks/*.py)")
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = [f"| {' | '.join(header)} |", "|---" * len(header) + "|"]
+    return "\n".join([*lines, *(f"| {' | '.join(row)} |" for row in rows)])
+
+
+def _fraction(value: str) -> str:
+    return "-" if value == "" else f"{float(value):.4f}"
+
+
+def main_job(results_dir: Path = RESULTS) -> str:
+    """The main job's before/after table, from ``main_job.json`` (the figures of its ``report.json``)."""
+    report = json.loads((results_dir / "main_job.json").read_text())
+    rows = []
+    for key, label in (
+        ("no_defense", "no defense"),
+        ("defended", "REFINE"),
+        ("clean_floor", "clean model (ASR floor)"),
+    ):
+        figures = report[key]
+        der = figures.get("der")
+        cells = [f"{figures[name]:.4f}" for name in ("ba", "asr", "ra")]
+        rows.append([label, *cells, "n/a" if der is None else f"{der:.4f}"])
+    return _table(["", "BA", "ASR", "RA", "DER"], rows)
+
+
+def main_job_cost(results_dir: Path = RESULTS) -> str:
+    """One sentence: what the main job cost where ``main_job.json`` was measured (wall clock, peak memory)."""
+    record = json.loads((results_dir / "main_job.json").read_text())
+    minutes, seconds = divmod(round(record["wall_clock_s"]), 60)
+    return (
+        f"Measured: {minutes} min {seconds} s wall clock and {record['peak_memory_gb']:.1f} GB peak memory for the "
+        f"whole job after installation, {record['job']}."
+    )
+
+
+def attacks(results_dir: Path = RESULTS, name: str = "attacks") -> str:
+    """The before/after table of ``benchmarks/attacks.py`` from ``<name>.csv``: mean ± std (worst seed) per figure."""
+
+    def figure(row: dict[str, str], key: str) -> str:
+        return f"{float(row[key]):.4f} ± {float(row[key + '_std']):.4f} ({float(row[key + '_worst']):.4f})"
+
+    figures = ("victim_ba", "victim_asr", "clean_floor_asr", "refine_ba", "refine_asr")
+    header = ["attack", "victim", "recipe", "seeds", "victim BA", "victim ASR", "clean floor ASR", "REFINE BA"]
+    rows = [
+        [
+            row["attack"],
+            row["arch"],
+            row["recipe"],
+            row["seeds"],
+            *(figure(row, key) for key in figures),
+            f"{float(row['seconds']):.0f}",
+        ]
+        for row in read_csv(results_dir / f"{name}.csv")
+    ]
+    note = (
+        "Mean ± standard deviation over the seeds of the row, the worst seed in parentheses (the lowest BA or victim "
+        "ASR, the highest floor or REFINE ASR). REFINE s: mean wall clock of the REFINE stage (fit and test)."
+    )
+    return _table([*header, "REFINE ASR", "REFINE s"], rows) + "\n\n" + note
+
+
+def defenses(results_dir: Path = RESULTS, metric: str = "asr") -> str:
+    """One metric of the attacks x defenses matrix of ``benchmarks/defenses.py``, from ``defenses.csv``."""
+    from refine_pl.defenses import DEFENSES  # deferred: the labels of the defenses, with torch behind them
+
+    rows = read_csv(results_dir / "defenses.csv")
+    cells = {(row["attack"], row["defense"]): row for row in rows}
+    columns = list(dict.fromkeys(row["defense"] for row in rows))
+    columns = ["clean_floor", "none", *(column for column in columns if column not in ("clean_floor", "none"))]
+    labels = {"clean_floor": "clean model (floor)", "none": "victim (no defense)"}
+    header = ["attack", *(labels[c] if c in labels else DEFENSES[c].label for c in columns)]
+    attack_names = dict.fromkeys(row["attack"] for row in rows)
+    body = [[attack, *(_fraction(cells[attack, c][metric]) for c in columns)] for attack in attack_names]
+    return f"**{METRICS[metric]}**\n\n" + _table(header, body)
+
+
+def data_efficiency(results_dir: Path = RESULTS) -> str:
+    """REFINE's data-efficiency curve of ``benchmarks/defenses.py``, from ``data_efficiency.csv``."""
+    rows = [
+        [row["attack"], f"{float(row['fraction']):g}", row["images"], row["batch_size"], row["epochs"], row["steps"]]
+        + [_fraction(row[metric]) for metric in ("ba", "asr", "ra", "der")]
+        + [f"{float(row['seconds']):.0f}"]
+        for row in read_csv(results_dir / "data_efficiency.csv")
+    ]
+    header = ["attack", "fraction", "images", "batch", "epochs", "steps", "BA", "ASR", "RA", "DER", "seconds"]
+    return _table(header, rows)
+
+
+def speed(results_dir: Path = RESULTS, part: str = "steps") -> str:
+    """One part (``steps``, ``fit`` or ``inference``) of ``benchmarks/speed.py``'s timings, from ``speed.csv``."""
+    rows = [row for row in read_csv(results_dir / "speed.csv") if row["part"] == part]
+    device = "Device: " + ", ".join(dict.fromkeys(row["device"] for row in rows)) + "; medians over the rounds."
+    if part == "inference":
+        bare: dict[tuple[str, str], float] = {}
+        body = []
+        for row in rows:  # each U-Net and batch: the bare victim's row first, then the defended classifier's
+            latency = float(row["median_s"])
+            bare.setdefault((row["setting"], row["batch"]), latency)
+            ratio = latency / bare[row["setting"], row["batch"]]
+            body.append([row["setting"], row["batch"], row["variant"], f"{latency * 1000:.2f}", f"{ratio:.2f}x"])
+        return _table(["U-Net", "batch", "classifier", "latency ms", "latency vs bare victim"], body) + "\n\n" + device
+    baseline = {"steps": "vs reference recipe", "fit": "vs every option off"}[part]
+    body = [
+        [row["setting"], row["variant"], row["batch"], row["images_per_s"], f"{float(row['ratio']):.2f}x"]
+        for row in rows
+    ]
+    return _table(["setting", "variant", "batch", "images / s", baseline], body) + "\n\n" + device
+
+
+def tuning(results_dir: Path = RESULTS, name: str = "tuning") -> str:
+    """The candidates of ``benchmarks/tune_refine.py`` from ``<name>.csv``: worst margins to the gate, mean ASR."""
+    rows = read_csv(results_dir / f"{name}.csv")
+    body = []
+    for candidate in dict.fromkeys(row["candidate"] for row in rows):
+        group = [row for row in rows if row["candidate"] == candidate]
+
+        def values(key: str, group: list[dict[str, str]] = group) -> list[float]:
+            return [float(row[key]) for row in group]
+
+        gains = [float(row["refine_ba"]) - float(row["victim_ba"]) for row in group]
+        body.append(
+            [
+                candidate,
+                f"{min(values('asr_margin')):+.4f}",
+                f"{min(values('ba_margin')):+.4f}",
+                f"{sum(values('refine_asr')) / len(group):.4f}",
+                f"{sum(gains) / len(gains):+.4f}",
+                f"{max(values('seconds')):.0f}",
+            ]
+        )
+    header = ["candidate", "worst ASR margin", "worst BA margin", "mean REFINE ASR", "mean REFINE BA - victim BA"]
+    note = (
+        "Victims: " + ", ".join(dict.fromkeys(row["victim"] for row in rows)) + ". A positive margin passes the gate."
+    )
+    return _table([*header, "max s"], body) + "\n\n" + note
+
+
+RENDERERS: dict[str, Callable[[Path], str]] = {
+    "main_job": main_job,
+    "main_job_cost": main_job_cost,
+    "attacks": attacks,
+    "attacks_quiet": partial(attacks, name="attacks_quiet"),
+    "attacks_reference": partial(attacks, name="attacks_reference"),
+    **{f"defenses_{metric}": partial(defenses, metric=metric) for metric in METRICS},
+    "data_efficiency": data_efficiency,
+    **{f"speed_{part}": partial(speed, part=part) for part in ("steps", "fit", "inference")},
+    "tuning": tuning,
+    "tuning_seed100": partial(tuning, name="tuning_seed100"),
+}
+"""Region name -> the function that renders its content from a results folder."""
+
+
+def documents(root: Path = REPO) -> list[Path]:
+    """The files whose regions are rendered: ``README.md`` and every ``docs/*.md`` under ``root``."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def render_text(text: str, results_dir: Path = RESULTS, source: str = "<text>") -> tuple[str, list[str]]:
+    """``text`` with every region rendered from ``results_dir``, and the names of the regions that changed.
+
+    Raises:
+        ValueError: a region names no renderer; the message names ``source``, the region and the known names.
+    """
+    stale = []
+
+    def replace(match: re.Match) -> str:
+        name = match["name"]
+        if name not in RENDERERS:
+            raise ValueError(f"{source}: unknown region 'render:{name}'; use one of {sorted(RENDERERS)}")
+        body = f"\n{RENDERERS[name](results_dir)}\n\n"
+        if body != match["body"]:
+            stale.append(name)
+        return f"<!-- render:{name} -->\n{body}<!-- /render:{name} -->"
+
+    return REGION.sub(replace, text), stale
+
+
+def main(argv: list[str] | None = None, root: Path = REPO, results_dir: Path = RESULTS) -> int:
+    """Rewrites the regions of the documents under ``root``, or with ``--check`` reports the stale ones.
+
+    Returns:
+        0, or 1 when ``--check`` found a region that differs from its render.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 naming each stale region")
+    args = parser.parse_args(argv)
+    stale = []
+    for path in documents(root):
+        text = path.read_text()
+        rendered, names = render_text(text, results_dir, str(path.relative_to(root)))
+        stale += [f"{path.relative_to(root)}: region '{name}'" for name in names]
+        if names and not args.check:
+            path.write_text(rendered)
+    if args.check and stale:
+        print("Stale figures (run `python -m benchmarks.render` to rewrite them):", *stale, sep="\n  ", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The measured tables of README.md and docs/ equal their render from benchmarks/results/, and each render function
+follows the figures of its results file.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import render
+
+RESULT_FILES = {
+    "attacks.csv": (
+        "attack,arch,recipe,victim_ba,victim_ba_std,victim_ba_worst,victim_asr,victim_asr_std,victim_asr_worst,"
+        "clean_floor_asr,clean_floor_asr_std,clean_floor_asr_worst,refine_ba,refine_ba_std,refine_ba_worst,"
+        "refine_asr,refine_asr_std,refine_asr_worst,seeds,seconds\n"
+        "badnets,small_cnn,refine,0.9817,0.0029,0.9800,1.0000,0.0000,1.0000,0.0011,0.0011,0.0022,"
+        "0.9850,0.0026,0.9830,0.0004,0.0006,0.0011,0 1 2,599.9\n"
+    ),
+    "defenses.csv": (
+        "attack,defense,ba,asr,ra,der,seconds\n"
+        "badnets,none,0.9870,1.0000,0.0000,,\n"
+        "badnets,clean_floor,0.9780,0.0011,0.9789,,\n"
+        "badnets,refine,0.9790,0.0044,0.9722,0.9938,82.4\n"
+        "badnets,autoencoder,0.9710,0.1056,0.8756,0.9392,29.3\n"
+    ),
+    "data_efficiency.csv": (
+        "attack,fraction,images,batch_size,epochs,cosine_epochs,steps,ba,asr,ra,der,seconds\n"
+        "badnets,0.01,36,36,1120,1120,1120,0.4300,0.0722,0.2800,0.6854,112.8\n"
+    ),
+    "speed.csv": (
+        "part,setting,variant,device,batch,median_s,min_s,max_s,images_per_s,ratio,first_step_s,note\n"
+        'steps,mnist,reference recipe (fp32),"CPU, 2 thread(s)",64,0.103,0.102,0.105,620.7,1.000,0.13,\n'
+        'steps,mnist,project defaults,"CPU, 2 thread(s)",64,0.053,0.052,0.056,1217.5,1.962,0.06,\n'
+        'fit,mnist,"1 process, project defaults","CPU, 2 thread(s)",64,0.0596,0.0585,0.0607,1074.0,1.809,,\n'
+        'inference,U-Net 16,bare victim f(x),"CPU, 2 thread(s)",1,0.00766,0.00748,0.00796,130.5,1.000,,\n'
+        'inference,U-Net 16,"defended, U-Net 16","CPU, 2 thread(s)",1,0.00943,0.00927,0.01122,106.0,0.813,,\n'
+    ),
+    "tuning.csv": (
+        "victim,candidate,victim_ba,victim_asr,floor,refine_ba,refine_asr,asr_margin,ba_margin,seconds\n"
+        "badnets_checker_tl,config,0.983,1.0,0.006667,0.989,0.002222,0.009445,0.011,278.9\n"
+        "blended_a015,config,0.985,1.0,0.0,0.99,0.004444,0.005556,0.010,275.5\n"
+    ),
+}
+MAIN_JOB = {
+    "job": "python pipeline.py on a test machine",
+    "wall_clock_s": 269,
+    "peak_memory_gb": 1.2,
+    "no_defense": {"ba": 0.98, "asr": 1.0, "ra": 0.0},
+    "defended": {"ba": 0.984, "asr": 0.0011, "ra": 0.9811, "der": 0.9994},
+    "clean_floor": {"ba": 0.981, "asr": 0.0022, "ra": 0.9811},
+}
+CHANGES = [
+    # (region, results file, a figure in it, the figure that replaces it, how the new one is rendered)
+    ("attacks", "attacks.csv", "0.9850,0.0026", "0.9712,0.0026", "0.9712 ± 0.0026"),
+    ("defenses_asr", "defenses.csv", "0.1056", "0.2468", "| 0.2468 |"),
+    ("defenses_der", "defenses.csv", "0.9938", "0.9123", "| 0.9123 |"),
+    ("data_efficiency", "data_efficiency.csv", "0.4300", "0.5432", "| 0.5432 |"),
+    ("speed_steps", "speed.csv", "1217.5,1.962", "1300.1,2.100", "| 1300.1 | 2.10x |"),
+    ("speed_fit", "speed.csv", "1074.0", "1111.1", "| 1111.1 |"),
+    ("speed_inference", "speed.csv", "0.00943,", "0.01532,", "| 15.32 | 2.00x |"),
+    ("tuning", "tuning.csv", "0.005556", "-0.001234", "| -0.0012 |"),
+]
+
+
+def write_results(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in RESULT_FILES.items():
+        (folder / name).write_text(text)
+    (folder / "main_job.json").write_text(json.dumps(MAIN_JOB))
+    return folder
+
+
+@pytest.mark.parametrize("document", render.documents(), ids=lambda path: path.name)
+def test_the_documents_equal_the_render_of_the_results_files(document: Path) -> None:
+    _, stale = render.render_text(document.read_text(), source=document.name)
+    assert stale == [], f"{document.name}: stale regions {stale}; run `python -m benchmarks.render`"
+
+
+def test_every_renderer_is_shown_somewhere() -> None:
+    shown = {match["name"] for path in render.documents() for match in render.REGION.finditer(path.read_text())}
+    assert shown == set(render.RENDERERS)
+
+
+@pytest.mark.parametrize(("region", "file", "old", "new", "rendered"), CHANGES, ids=[c[0] for c in CHANGES])
+def test_a_changed_figure_changes_the_rendered_table(
+    region: str, file: str, old: str, new: str, rendered: str, tmp_path: Path
+) -> None:
+    results = write_results(tmp_path)
+    before = render.RENDERERS[region](results)
+    assert rendered not in before
+    path = results / file
+    assert old in path.read_text()
+    path.write_text(path.read_text().replace(old, new))
+    after = render.RENDERERS[region](results)
+    assert rendered in after
+
+
+def test_the_main_job_table_and_sentence_follow_the_record(tmp_path: Path) -> None:
+    results = write_results(tmp_path)
+    assert "| REFINE | 0.9840 | 0.0011 | 0.9811 | 0.9994 |" in render.main_job(results)
+    assert "| no defense | 0.9800 | 1.0000 | 0.0000 | n/a |" in render.main_job(results)
+    assert "4 min 29 s" in render.main_job_cost(results)
+    record = {**MAIN_JOB, "defended": {"ba": 0.5, "asr": 0.25, "ra": 0.125, "der": 0.75}, "wall_clock_s": 61}
+    (results / "main_job.json").write_text(json.dumps(record))
+    assert "| REFINE | 0.5000 | 0.2500 | 0.1250 | 0.7500 |" in render.main_job(results)
+    assert "1 min 1 s" in render.main_job_cost(results)
+
+
+def test_the_defense_matrix_has_the_floor_and_the_victim_first_and_the_registry_labels(tmp_path: Path) -> None:
+    table = render.defenses(write_results(tmp_path), "der")
+    assert "| attack | clean model (floor) | victim (no defense) | REFINE | Autoencoder |" in table
+    assert "| badnets | - | - | 0.9938 | 0.9392 |" in table
+
+
+def test_check_names_the_stale_file_and_region_and_a_rewrite_fixes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    results = write_results(tmp_path / "results")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("# r\n\n<!-- render:main_job -->\n<!-- /render:main_job -->\n")
+    page = tmp_path / "docs" / "page.md"
+    page.write_text("text\n<!-- render:tuning -->\n| old | table |\n<!-- /render:tuning -->\nmore text\n")
+    assert render.main(["--check"], root=tmp_path, results_dir=results) == 1
+    error = capsys.readouterr().err
+    assert "README.md: region 'main_job'" in error and "docs/page.md: region 'tuning'" in error
+    assert "| old | table |" in page.read_text()  # --check writes nothing
+
+    assert render.main([], root=tmp_path, results_dir=results) == 0
+    assert render.main(["--check"], root=tmp_path, results_dir=results) == 0
+    assert (
+        page.read_text()
+        == f"text\n<!-- render:tuning -->\n\n{render.tuning(results)}\n\n<!-- /render:tuning -->\nmore text\n"
+    )
+
+
+def test_an_unknown_region_is_refused_naming_it_and_the_known_ones(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"page.md: unknown region 'render:atacks'; use one of .*'attacks'"):
+        render.render_text("<!-- render:atacks -->\n<!-- /render:atacks -->\n", tmp_path, "page.md")
+
+
+def test_a_missing_results_file_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="attacks.csv not found: run the benchmark"):
+        render.attacks(tmp_path)
