@@ -36,7 +36,7 @@ from refine_pl.attacks import Attack
 from refine_pl.errors import ConfigError, cli_flag
 from refine_pl.images import image_files
 from refine_pl.internals import global_seed, unrepeated_sampler
-from refine_pl.weights import VictimRecord
+from refine_pl.victims import VictimRecord
 
 
 def check_loader_settings(batch_size: int, val_fraction: float, num_workers: int) -> None:

@@ -50,7 +50,7 @@ from refine_pl.errors import ConfigError, cli_flag, first_sentence
 from refine_pl.internals import archive_record, aten_operator
 
 PT2_ARCH = "pt2"
-"""What :class:`~refine_pl.weights.VictimRecord` and the exported file record as the architecture of a victim read
+"""What :class:`~refine_pl.victims.VictimRecord` and the exported file record as the architecture of a victim read
 from a torch.export archive (no registered name or torchvision model is called so)."""
 
 _CONVERT = (

@@ -12,7 +12,7 @@ from refine_pl.classifier import NormalizedClassifier
 from refine_pl.errors import ConfigError, cli_flag
 from refine_pl.metric_names import CLEAN_FLOOR, DEFENDED, NO_DEFENSE
 from refine_pl.state_dicts import describe_key_mismatch
-from refine_pl.weights import load_victim
+from refine_pl.victims import load_victim
 
 VICTIM_KEY = "victim"
 """Key under which a defense's checkpoint identifies its victim (the weights file's sha256 and path) instead of

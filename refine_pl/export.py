@@ -41,7 +41,7 @@ from refine_pl.internals import archive_records
 from refine_pl.remap import OutputRemap
 from refine_pl.state_dicts import describe_key_mismatch
 from refine_pl.transform import UNet
-from refine_pl.weights import check_victim_accepts
+from refine_pl.victims import check_victim_accepts
 
 FORMAT = "refine-pl-defended-classifier/2"
 """Value of the ``format`` metadata key, versioned so that a later layout can still read this one."""
@@ -97,7 +97,7 @@ def _description(
     if victim.arch is None:
         raise ConfigError(
             "Export needs the victim's architecture, and this victim does not record one: load it with "
-            "refine_pl.weights.load_victim."
+            "refine_pl.victims.load_victim."
         )
     num_classes = defended.remap.num_classes
     if class_names is not None and len(class_names) != num_classes:
@@ -132,7 +132,7 @@ def export_defended(
 
     Args:
         defended: The defended classifier: a trained :class:`~refine_pl.transform.UNet`, the frozen victim as
-            :func:`~refine_pl.weights.load_victim` builds it, and the remap the transform was trained with.
+            :func:`~refine_pl.victims.load_victim` builds it, and the remap the transform was trained with.
         image_size: Image side of the data the victim was built for.
         path: Output file.
         class_names: Name of each class, recorded for predictions (None: the data has none).

@@ -10,7 +10,7 @@ import torch
 
 from refine_pl.architectures import ARCHITECTURES, build_architecture
 from refine_pl.errors import ConfigError
-from refine_pl.weights import load_victim
+from refine_pl.victims import load_victim
 
 NORMALISATION = {"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}
 PAPER_ARCHITECTURES = {"resnet18_cifar": 32, "resnet50_cifar": 32, "vgg16_bn_cifar": 32, "resnet18": 224}

@@ -26,7 +26,7 @@ from refine_pl.archives import (
 )
 from refine_pl.errors import ConfigError
 from refine_pl.internals import archive_records
-from refine_pl.weights import load_victim
+from refine_pl.victims import load_victim
 from tests.conftest import CodeOnUnpickle
 
 FACTS = {"num_classes": 5, "in_channels": 3, "image_size": 16, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}

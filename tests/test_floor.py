@@ -7,7 +7,7 @@ import torch
 from callbacks import DefenseReport
 from datamodules import RefineDataModule
 from datamodules.datasets import PoisonedTestSet
-from refine_pl.weights import load_victim
+from refine_pl.victims import load_victim
 from tests.conftest import MNIST_FACTS, SmallDigits, quiet_trainer, tiny_refine_module
 
 

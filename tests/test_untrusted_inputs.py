@@ -33,7 +33,7 @@ from refine_pl.errors import ConfigError
 from refine_pl.export import export_defended, load_defended
 from refine_pl.remap import OutputRemap
 from refine_pl.transform import UNet
-from refine_pl.weights import load_victim
+from refine_pl.victims import load_victim
 
 MNIST = {"num_classes": 10, "in_channels": 1, "image_size": 28, "mean": (0.5,), "std": (0.25,)}
 MEMORY_HEADROOM = 3 * 2**30

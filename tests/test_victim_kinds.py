@@ -22,7 +22,7 @@ from refine_pl.errors import ConfigError
 from refine_pl.export import ARCHIVE_KEY, export_defended, export_onnx, export_torchscript, load_defended
 from refine_pl.remap import OutputRemap
 from refine_pl.transform import UNet
-from refine_pl.weights import load_victim
+from refine_pl.victims import load_victim
 from tests.conftest import MNIST_FACTS, QUIET, REFINE_JOB, write_victim_checkpoint
 
 RGB = {"num_classes": 4, "in_channels": 3, "image_size": 32, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}

@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 
 from refine_pl.architectures import build_architecture
 from refine_pl.errors import ConfigError
-from refine_pl.weights import check_victim_accepts, load_victim, read_weights_file
+from refine_pl.victims import check_victim_accepts, load_victim
+from refine_pl.weights import read_weights_file
 from tests.conftest import CodeOnUnpickle, write_victim_checkpoint
 
 MNIST = {"num_classes": 10, "in_channels": 1, "image_size": 28, "mean": (0.5,), "std": (0.25,)}

@@ -2,19 +2,13 @@
 
 from refine_pl.attacks.adaptive_patch import AdaptivePatch
 from refine_pl.attacks.badnets import BadNets
-from refine_pl.attacks.base import (
-    ATTACKS,
-    Attack,
-    TrainingControlledAttack,
-    attack_from_spec,
-    attack_record,
-    attack_spec_of,
-)
+from refine_pl.attacks.base import Attack, TrainingControlledAttack
 from refine_pl.attacks.batt import BATT
 from refine_pl.attacks.blended import Blended
 from refine_pl.attacks.input_aware import InputAwareDynamic
 from refine_pl.attacks.label_consistent import LabelConsistent
 from refine_pl.attacks.physical_ba import PhysicalBA
+from refine_pl.attacks.registry import ATTACKS, attack_from_spec, attack_record, attack_spec_of
 from refine_pl.attacks.wanet import WaNet
 
 __all__ = [

@@ -4,7 +4,8 @@ import torch
 from torch import Tensor
 
 from refine_pl.attacks.badnets import BadNets, Corner
-from refine_pl.attacks.base import ATTACKS, Attack, draw_cover_indices, require_indices, sample_generator
+from refine_pl.attacks.base import Attack, draw_cover_indices, require_indices, sample_generator
+from refine_pl.attacks.registry import ATTACKS
 from refine_pl.errors import ConfigError
 
 MAX_TRIGGERS = 16

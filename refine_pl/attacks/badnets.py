@@ -5,7 +5,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from refine_pl.attacks.base import ATTACKS, Attack
+from refine_pl.attacks.base import Attack
+from refine_pl.attacks.registry import ATTACKS
 from refine_pl.errors import ConfigError
 
 Corner = Literal["bottom_right", "bottom_left", "top_right", "top_left"]

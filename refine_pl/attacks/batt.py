@@ -6,7 +6,8 @@ from torch import Tensor
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from refine_pl.attacks.base import ATTACKS, Attack
+from refine_pl.attacks.base import Attack
+from refine_pl.attacks.registry import ATTACKS
 from refine_pl.errors import ConfigError
 
 

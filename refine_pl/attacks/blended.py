@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from refine_pl.attacks.base import ATTACKS, Attack
+from refine_pl.attacks.base import Attack
+from refine_pl.attacks.registry import ATTACKS
 from refine_pl.errors import ConfigError
 
 

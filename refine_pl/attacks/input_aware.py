@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from refine_pl.attacks.base import ATTACKS, TrainingControlledAttack
+from refine_pl.attacks.base import TrainingControlledAttack
+from refine_pl.attacks.registry import ATTACKS
 from refine_pl.errors import ConfigError
 from refine_pl.state_dicts import describe_key_mismatch
 

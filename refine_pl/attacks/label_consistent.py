@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from refine_pl.architectures import build_architecture
 from refine_pl.attacks.badnets import BadNets
-from refine_pl.attacks.base import ATTACKS, Attack, draw_indices, require_indices
+from refine_pl.attacks.base import Attack, draw_indices, require_indices
+from refine_pl.attacks.registry import ATTACKS
 from refine_pl.errors import ConfigError
 
 CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")

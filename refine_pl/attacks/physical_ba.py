@@ -8,7 +8,8 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from refine_pl.attacks.badnets import BadNets
-from refine_pl.attacks.base import ATTACKS, require_indices, sample_generator
+from refine_pl.attacks.base import require_indices, sample_generator
+from refine_pl.attacks.registry import ATTACKS
 from refine_pl.errors import ConfigError
 
 
