@@ -10,7 +10,7 @@ from typing import Any
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.utilities import rank_zero_only
 
-from callbacks.checkpoint import require_trained_weights
+from callbacks.export import exportable_defense
 from callbacks.report import defense_report, format_report_table
 from refine_pl.errors import ConfigError, cli_flag
 from refine_pl.export import ONNX_OPSET, export_onnx, export_torchscript
@@ -157,8 +157,9 @@ class DeploymentFiles(Callback):
 
     @rank_zero_only
     def _write(self, trainer: Trainer, pl_module: LightningModule, report: dict[str, Any] | None) -> None:
+        defense = exportable_defense(trainer, pl_module, type(self).__name__, CARD)
         root = Path(trainer.default_root_dir)
-        defended, size = pl_module.defended, pl_module.hparams.image_size
+        defended, size = defense.defended, defense.hparams.image_size
         if "onnx" in self.formats:
             export_onnx(defended, size, root / FORMATS["onnx"])
         if "torchscript" in self.formats:
@@ -169,17 +170,10 @@ class DeploymentFiles(Callback):
             FORMATS["torchscript"]: "TorchScript (`torch.jit.trace`), dynamic batch",
         }
         card = root / CARD
-        card.write_text(model_card(trainer, pl_module, report, files))
+        card.write_text(model_card(trainer, defense, report, files))
         print(f"Deployment files and model card saved to {root}")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not isinstance(pl_module, InputTransformDefense):
-            raise ConfigError(
-                f"DeploymentFiles exports an input-transform defense (InputTransformDefense), not "
-                f"{type(pl_module).__name__}; remove the callback from "
-                "configs that train another model."
-            )
-        require_trained_weights(trainer, CARD)
         self._write(trainer, pl_module, None)
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -11,6 +11,24 @@ from refine_pl.export import export_defended
 from refine_pl.input_transform_module import InputTransformDefense
 
 
+def exportable_defense(
+    trainer: Trainer, pl_module: LightningModule, callback: str, output: str
+) -> InputTransformDefense:
+    """``pl_module``, checked to be a trained (or training-free) input-transform defense whose classifier exports.
+
+    Raises:
+        ConfigError: ``pl_module`` is not an :class:`~refine_pl.input_transform_module.InputTransformDefense`, or its
+            weights were never trained (see :func:`~callbacks.checkpoint.require_trained_weights`).
+    """
+    if not isinstance(pl_module, InputTransformDefense):
+        raise ConfigError(
+            f"{callback} exports an input-transform defense (InputTransformDefense), not {type(pl_module).__name__}; "
+            "remove the callback from configs that train another model."
+        )
+    require_trained_weights(trainer, output)
+    return pl_module
+
+
 class ExportDefendedClassifier(Callback):
     """Writes ``M(f(T(x)))`` to ``filename`` in the trainer's ``default_root_dir`` after fitting and testing.
 
@@ -27,18 +45,12 @@ class ExportDefendedClassifier(Callback):
 
     @rank_zero_only
     def _export(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not isinstance(pl_module, InputTransformDefense):
-            raise ConfigError(
-                f"ExportDefendedClassifier exports an input-transform defense (InputTransformDefense), not "
-                f"{type(pl_module).__name__}; remove the "
-                "callback from configs that train another model."
-            )
-        require_trained_weights(trainer, self.filename)
+        defense = exportable_defense(trainer, pl_module, type(self).__name__, self.filename)
         data = trainer.datamodule
         names = getattr(data, "class_names", None)
         path = export_defended(
-            pl_module.defended,
-            pl_module.hparams.image_size,
+            defense.defended,
+            defense.hparams.image_size,
             Path(trainer.default_root_dir) / self.filename,
             class_names=None if names is None else list(names),
             crop=getattr(getattr(data, "source", None), "crop", True),

@@ -9,6 +9,7 @@ loader that may be empty (BA is then not measured).
 """
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from pytorch_lightning import LightningDataModule
@@ -212,12 +213,11 @@ class VictimDataModule(BackdoorDataModule):
         source: Where the images come from.
         attack: The backdoor attack (None trains a clean model).
         batch_size: Batch size of every loader.
-        val_fraction: Share of each class of the training set held out for validation.
-        split_seed: Seed of the train / validation split.
-        num_workers: DataLoader worker processes.
         crop_padding: Train on random crops of the images padded by this many pixels (0: off; 4 is usual
             at 32 px). Applied after poisoning, as a data pipeline would.
         horizontal_flip: Flip training images horizontally at random (off for digits and signs).
+        **kwargs: The split and loader settings of every datamodule (:class:`BackdoorDataModule`): ``val_fraction``,
+            ``split_seed``, ``num_workers``.
     """
 
     def __init__(
@@ -225,13 +225,11 @@ class VictimDataModule(BackdoorDataModule):
         source: DatasetSource,
         attack: Attack | None = None,
         batch_size: int = 128,
-        val_fraction: float = 0.1,
-        split_seed: int = 0,
-        num_workers: int = 0,
         crop_padding: int = 0,
         horizontal_flip: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(source, attack, batch_size, val_fraction, split_seed, num_workers)
+        super().__init__(source, attack, batch_size, **kwargs)
         if crop_padding < 0:
             raise ConfigError(f"crop_padding must be >= 0 pixels, got {crop_padding}.")
         self.crop_padding = crop_padding
@@ -292,32 +290,31 @@ class RefineDataModule(BackdoorDataModule):
 
     Training batches carry no label of the benign set, so none can reach the REFINE loss: augmented images
     are image tensors, un-augmented ones (``augment=False``) come with their dataset indices
-    (:class:`~refine_pl.refine_module.IndexedImages`), so that their pseudo-labels can be computed once, and with
+    (:class:`~refine_pl.batches.IndexedImages`), so that their pseudo-labels can be computed once, and with
     ``consistency`` augmented images come with their originals and indices
-    (:class:`~refine_pl.refine_module.AugmentedViews`).
+    (:class:`~refine_pl.batches.AugmentedViews`).
     ``attack`` only builds the poisoned evaluation loaders; when it is left unset,
     :meth:`use_recorded_attack` takes the attack a victim checkpoint records (the CLI calls it). A source that
     holds triggered test images (:meth:`~datamodules.sources.DatasetSource.triggered_test_set`) gives the poisoned
     test loader instead of an attack. ``fraction`` trains on a share of the training split, drawn uniformly (the
     defender has no labels to stratify by). ``predict_root`` is the folder ``predict`` classifies: batches are
-    :class:`~refine_pl.refine_module.IndexedImages`, the indices into :attr:`predict_paths`.
+    :class:`~refine_pl.batches.IndexedImages`, the indices into :attr:`predict_paths`.
 
     Args:
         source: Where the images come from.
         attack: The attack whose ASR is measured (None: report BA only).
         batch_size: Batch size of every loader.
-        val_fraction: Share of each class of the training set held out for validation.
-        split_seed: Seed of the train / validation split.
-        num_workers: DataLoader worker processes.
         augment: Apply the reference augmentation to the training images.
         horizontal_flip: Include the horizontal flip in that augmentation (off for digits and signs).
         max_rotation: Rotate augmented images by up to this many degrees either way first (0: no rotation).
         consistency: Give each augmented image the pseudo-label of its un-augmented original (batches of
-            :class:`~refine_pl.refine_module.AugmentedViews`) instead of the victim's prediction on the augmented
+            :class:`~refine_pl.batches.AugmentedViews`) instead of the victim's prediction on the augmented
             image itself, so that ``T`` learns to map every view of an image to the victim's class of the image.
         predict_root: Folder of images to classify with ``predict`` (any nesting), or None.
         fraction: Share of the training split given as unlabeled training images, in (0, 1], drawn uniformly
             from ``split_seed`` (:func:`uniform_fraction`); validation and test images are not affected.
+        **kwargs: The split and loader settings of every datamodule (:class:`BackdoorDataModule`): ``val_fraction``,
+            ``split_seed``, ``num_workers``.
     """
 
     def __init__(
@@ -325,17 +322,15 @@ class RefineDataModule(BackdoorDataModule):
         source: DatasetSource,
         attack: Attack | None = None,
         batch_size: int = 256,
-        val_fraction: float = 0.1,
-        split_seed: int = 0,
-        num_workers: int = 0,
         augment: bool = True,
         horizontal_flip: bool = True,
         predict_root: str | None = None,
         fraction: float = 1.0,
         max_rotation: float = 0.0,
         consistency: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(source, attack, batch_size, val_fraction, split_seed, num_workers)
+        super().__init__(source, attack, batch_size, **kwargs)
         if not isinstance(max_rotation, (int, float)) or not 0 <= max_rotation <= 180:
             raise ConfigError(
                 f"{cli_flag('data', 'max_rotation')} is the largest rotation of the augmentation in degrees and must "

@@ -199,27 +199,13 @@ class PoisonedTestSet(Dataset):
         return poisoned, label, self.attack.target_label
 
 
-class TriggeredImages(Dataset):
-    """Images that already carry a trigger (e.g. a folder the user prepared), all counted for ASR.
+class DatasetView(Dataset):
+    """One item per item of a labeled dataset, made from it (labels dropped, augmented, ...) by ``__getitem__``.
 
-    Items are ``(image, UNLABELED, target label)``: the true classes are unknown and taken to differ from the target,
-    so every image whose defended class is the target counts as a success of the attack.
+    Args:
+        base: The labeled dataset.
+        augmentation: Applied to the images where the view augments (None: not augmented).
     """
-
-    def __init__(self, base: LabeledImageDataset, target_label: int) -> None:
-        self.base = base
-        self.target_label = target_label
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
-        image, _ = self.base[index]
-        return image, UNLABELED, self.target_label
-
-
-class UnlabeledImages(Dataset):
-    """Images of a labeled dataset with the labels dropped: items are image tensors only."""
 
     def __init__(self, base: LabeledImageDataset, augmentation: ImageAugmentation | None = None) -> None:
         self.base = base
@@ -228,58 +214,61 @@ class UnlabeledImages(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+
+class TriggeredImages(DatasetView):
+    """Images that already carry a trigger (e.g. a folder the user prepared), all counted for ASR.
+
+    Items are ``(image, UNLABELED, target label)``: the true classes are unknown and taken to differ from the target,
+    so every image whose defended class is the target counts as a success of the attack.
+    """
+
+    def __init__(self, base: LabeledImageDataset, target_label: int) -> None:
+        super().__init__(base)
+        self.target_label = target_label
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        image, _ = self.base[index]
+        return image, UNLABELED, self.target_label
+
+
+class UnlabeledImages(DatasetView):
+    """Images of a labeled dataset with the labels dropped (and augmented, if given): items are image tensors only."""
+
     def __getitem__(self, index: int) -> Tensor:
         image, _ = self.base[index]
         return self.augmentation(image) if self.augmentation is not None else image
 
 
-class IndexedUnlabeledImages(Dataset):
+class IndexedUnlabeledImages(DatasetView):
     """Images of a labeled dataset with the labels dropped, each with its index in the dataset.
 
-    Items are :class:`~refine_pl.refine_module.IndexedImages` ``(image, index)``: the index (a position, not a
+    Items are :class:`~refine_pl.batches.IndexedImages` ``(image, index)``: the index (a position, not a
     label) lets REFINE compute the pseudo-label of an un-augmented image once. There is no augmentation here by
     design, so an image and its index always stand for the same pixels.
     """
 
     def __init__(self, base: LabeledImageDataset) -> None:
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)
+        super().__init__(base)
 
     def __getitem__(self, index: int) -> IndexedImages:
         image, _ = self.base[index]
         return IndexedImages(image, index)
 
 
-class IndexedAugmentedViews(Dataset):
+class IndexedAugmentedViews(DatasetView):
     """Augmented images of a labeled dataset with the labels dropped, each with its original and its index.
 
-    Items are :class:`~refine_pl.refine_module.AugmentedViews` ``(augmented image, image, index)``: REFINE trains
+    Items are :class:`~refine_pl.batches.AugmentedViews` ``(augmented image, image, index)``: REFINE trains
     the transform on the augmented view and takes its pseudo-label from the victim's prediction on the original.
     """
-
-    def __init__(self, base: LabeledImageDataset, augmentation: ImageAugmentation) -> None:
-        self.base = base
-        self.augmentation = augmentation
-
-    def __len__(self) -> int:
-        return len(self.base)
 
     def __getitem__(self, index: int) -> AugmentedViews:
         image, _ = self.base[index]
         return AugmentedViews(self.augmentation(image), image, index)
 
 
-class AugmentedImages(Dataset):
+class AugmentedImages(DatasetView):
     """A labeled dataset whose images pass through an augmentation: items are ``(augmented image, label)``."""
-
-    def __init__(self, base: LabeledImageDataset, augmentation: ImageAugmentation) -> None:
-        self.base = base
-        self.augmentation = augmentation
-
-    def __len__(self) -> int:
-        return len(self.base)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         image, label = self.base[index]
