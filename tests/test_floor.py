@@ -33,7 +33,9 @@ def test_the_floor_is_the_clean_models_hand_counted_asr_and_is_kept_out_of_check
 
     trainer.save_checkpoint(tmp_path / "refine.ckpt")
     checkpoint = torch.load(tmp_path / "refine.ckpt", weights_only=True)
-    assert not any(key.startswith(("clean_reference.", "defended.victim.")) for key in checkpoint["state_dict"])
+    assert not any(
+        key.startswith(("clean_reference.", "victim.", "defended.victim.")) for key in checkpoint["state_dict"]
+    )
     restored = tiny_refine_module(victim_checkpoint, clean_reference=str(untrained_victim))
     restored.on_load_checkpoint(checkpoint)
     restored.load_state_dict(checkpoint["state_dict"])  # strict: the frozen models were put back from their files
