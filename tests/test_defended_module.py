@@ -1,4 +1,4 @@
-"""What every defense shares (DefendedLitModule): the metric table, the kinds, and a victim that only answers queries."""
+"""What every defense shares (DefendedLitModule): the metric table, the kinds, a victim that only answers queries."""
 
 from functools import partial
 from pathlib import Path
