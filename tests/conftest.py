@@ -104,15 +104,22 @@ def untrained_victim(tmp_path: Path) -> Path:
 
 
 def quiet_trainer(root: Path, **kwargs) -> Trainer:
-    """A CPU Trainer writing under ``root`` with no logger, progress bar or model summary; ``kwargs`` add to it."""
+    """A Trainer (CPU unless ``kwargs`` say otherwise) writing under ``root``, with no logger, progress bar or model
+    summary; ``kwargs`` add to it.
+    """
+    settings = {"accelerator": "cpu", **kwargs}
     return Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        **kwargs,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, **settings
     )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` need CUDA: without a GPU they are reported as skipped, with the reason."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (the gpu tier)"))
 
 
 def tiny_refine_module(victim: Path, **kwargs) -> RefineLitModule:
