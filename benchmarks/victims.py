@@ -18,17 +18,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from refine_pl.pipeline import run_refine, train_victim
+from refine_pl.pipeline import DEFAULT_REFINE_CONFIGS, run_refine, train_victim
 
 REPO = Path(__file__).resolve().parents[1]
-VICTIM_CONFIG = str(REPO / "configs" / "victim" / "mnist.yaml")
+VICTIM_CONFIG = "configs/victim/mnist.yaml"
 ATTACKS = ("badnets", "blended", "wanet", "physical_ba", "iad", "lc", "batt", "adaptive_patch")
 """Config names under configs/attacks/, in the order of the REFINE paper's tables."""
 RECIPES = {
-    "refine": [str(REPO / "configs" / "refine" / name) for name in ("reference.yaml", "mnist.yaml")],
-    "reference": [str(REPO / "configs" / "refine" / name) for name in ("reference.yaml", "mnist_reference.yaml")],
+    "refine": DEFAULT_REFINE_CONFIGS,
+    "reference": ["configs/refine/reference.yaml", "configs/refine/mnist_reference.yaml"],
 }
-"""REFINE configs by recipe: the project's MNIST config, and the reference recipe unchanged on MNIST."""
+"""REFINE configs by recipe: the main job's (the project's MNIST config), and the reference recipe unchanged on MNIST.
+Like every config name here, resolved by :func:`~refine_pl.configs.resolve_config` when the jobs run."""
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 DEFAULT_ARCH = "small_cnn"
 """The victim architecture of configs/victim/mnist.yaml."""
@@ -36,7 +37,7 @@ DEFAULT_ARCH = "small_cnn"
 
 def attack_config(attack: str) -> str:
     """The config of ``attack`` under configs/attacks/."""
-    return str(REPO / "configs" / "attacks" / f"{attack}.yaml")
+    return f"configs/attacks/{attack}.yaml"
 
 
 def run_name(seed: int, arch: str = DEFAULT_ARCH) -> str:

@@ -16,6 +16,7 @@ from refine_pl.checkpoints import (
     read_training_checkpoint,
     run_checkpoints,
 )
+from refine_pl.configs import resolve_config
 from refine_pl.console import exit_on_config_error
 from refine_pl.defended_module import DefendedLitModule
 from refine_pl.errors import ConfigError
@@ -24,28 +25,15 @@ from refine_pl.internals import config_error_cause
 LINKED_DATA_FACTS = ("num_classes", "in_channels", "image_size", "mean", "std")
 """Datamodule properties passed to the model, so they are never typed twice."""
 
-REPOSITORY = Path(__file__).resolve().parents[1]
-"""The checkout refine-pl runs from, which holds configs/."""
 
-
-def repository_config(config: str) -> str:
-    """``config``, or the repository's file at that relative path when ``config`` does not exist here.
-
-    So ``--config configs/refine/reference.yaml`` works from any folder (outputs still go under the current one).
-    """
-    if not Path(config).exists() and (REPOSITORY / config).is_file():
-        return str(REPOSITORY / config)
-    return config
-
-
-def _with_repository_configs(args: list[str]) -> list[str]:
-    """``args`` with every ``--config`` file resolved by :func:`repository_config`."""
+def _with_resolved_configs(args: list[str]) -> list[str]:
+    """``args`` with every ``--config`` file resolved by :func:`~refine_pl.configs.resolve_config`."""
     resolved = []
     for position, arg in enumerate(args):
         if position > 0 and args[position - 1] == "--config":
-            arg = repository_config(arg)
+            arg = resolve_config(arg)
         elif arg.startswith("--config="):
-            arg = "--config=" + repository_config(arg.removeprefix("--config="))
+            arg = "--config=" + resolve_config(arg.removeprefix("--config="))
         resolved.append(arg)
     return resolved
 
@@ -198,10 +186,11 @@ def checked_ckpt_path(
 def cli_main(args: ArgsType = None, run: bool = True) -> RefineCLI:
     """Runs the CLI on ``args`` (``sys.argv[1:]`` when None) and returns it, for scripts and tests.
 
-    ``--config`` files are resolved by :func:`repository_config`.
+    ``--config`` files are resolved by :func:`~refine_pl.configs.resolve_config`, so the ``configs/...`` names of
+    the shipped configs work from any folder.
     """
     if args is None or isinstance(args, list):
-        args = _with_repository_configs(sys.argv[1:] if args is None else args)
+        args = _with_resolved_configs(sys.argv[1:] if args is None else args)
     return RefineCLI(
         LightningModule,
         LightningDataModule,

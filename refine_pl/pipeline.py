@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from refine_pl.checkpoints import newest_complete_checkpoint, run_checkpoints
-from refine_pl.cli import cli_main, repository_config
+from refine_pl.cli import cli_main
+from refine_pl.configs import resolve_config
 from refine_pl.console import exit_on_config_error
 from refine_pl.errors import ConfigError
 
@@ -19,8 +20,8 @@ DEFAULT_REFINE_CONFIGS = ["configs/refine/reference.yaml", "configs/refine/mnist
 
 
 def config_flags(configs: list[str]) -> list[str]:
-    """``--config`` arguments that merge ``configs`` in order, resolved by :func:`~refine_pl.cli.repository_config`."""
-    return [flag for config in configs for flag in ("--config", repository_config(config))]
+    """``--config`` arguments that merge ``configs`` in order, resolved by :func:`~refine_pl.configs.resolve_config`."""
+    return [flag for config in configs for flag in ("--config", resolve_config(config))]
 
 
 def resume_flag(run_dir: Path) -> list[str]:

@@ -18,15 +18,16 @@ from datamodules import DatasetSource, EmbeddedMNIST, RefineDataModule
 from datamodules.datasets import ImageTensorDataset
 from refine_pl import RefineLitModule, VictimLitModule
 from refine_pl.cli import cli_main
-from refine_pl.pipeline import config_flags
+from refine_pl.pipeline import DEFAULT_REFINE_CONFIGS, config_flags
 from refine_pl.transform import UNet
 from refine_pl.weights import ATTACK_KEY
 
 REPO = Path(__file__).resolve().parents[1]
-VICTIM_CONFIG = str(REPO / "configs" / "victim" / "mnist.yaml")
-BADNETS_CONFIG = str(REPO / "configs" / "attacks" / "badnets.yaml")
+VICTIM_CONFIG = "configs/victim/mnist.yaml"
+BADNETS_CONFIG = "configs/attacks/badnets.yaml"
 BACKDOORED_VICTIM = ["--config", VICTIM_CONFIG, "--config", BADNETS_CONFIG]
-REFINE_CONFIGS = [str(REPO / "configs" / "refine" / "reference.yaml"), str(REPO / "configs" / "refine" / "mnist.yaml")]
+REFINE_CONFIGS = DEFAULT_REFINE_CONFIGS
+"""The main job's REFINE configs by name (``configs/...``, as users type them; see refine_pl.configs)."""
 WITHOUT_DEPLOYMENT_FORMATS = ["--trainer.callbacks.init_args.formats", "[]"]
 """Turns off the ONNX and TorchScript files of the reference recipe's last callback (DeploymentFiles; the model card
 is still written): about 6 s per fit or test on this machine, for tests that check other things. The tests of

@@ -11,9 +11,9 @@ from refine_pl.attacks.input_aware import diversity_loss, sharpen
 from refine_pl.cli import cli_main
 from refine_pl.errors import ConfigError
 from refine_pl.weights import read_weights_file
-from tests.conftest import QUIET, REFINE_JOB, REPO, VICTIM_CONFIG
+from tests.conftest import QUIET, REFINE_JOB, VICTIM_CONFIG
 
-IAD_CONFIG = str(REPO / "configs" / "attacks" / "iad.yaml")
+IAD_CONFIG = "configs/attacks/iad.yaml"
 
 
 def _prepared(channels: int = 1, **overrides) -> tuple[InputAwareDynamic, ImageTensorDataset]:

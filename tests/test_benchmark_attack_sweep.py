@@ -7,11 +7,12 @@ import yaml
 
 from benchmarks import attack_sweep
 from benchmarks.victims import attack_config
+from refine_pl.configs import resolve_config
 
 
 @pytest.mark.parametrize("attack", sorted(attack_sweep.SWEEPS))
 def test_the_chosen_variant_is_the_attack_config(attack: str) -> None:
-    content = yaml.safe_load(Path(attack_config(attack)).read_text())
+    content = yaml.safe_load(Path(resolve_config(attack_config(attack))).read_text())
     config = content["data"]["init_args"]["attack"]["init_args"]
     sweep = attack_sweep.SWEEPS[attack]
     chosen = attack_sweep.variant_arguments(attack, sweep.chosen)

@@ -10,6 +10,7 @@ import yaml
 from pytorch_lightning import Trainer
 
 from refine_pl.cli import cli_main
+from refine_pl.configs import CONFIGS
 from refine_pl.errors import ConfigError
 from refine_pl.pipeline import config_flags, parse_args
 from tests.conftest import (
@@ -190,7 +191,7 @@ def test_the_pipeline_finds_its_configs_from_any_folder_and_its_stages_do_not_wa
     monkeypatch.setattr(sys, "argv", ["pipeline.py", "--run-dir", "runs/x"])  # the pipeline's own command line
     options = parse_args(sys.argv[1:])
     flags = config_flags(options.refine_config)
-    assert flags[1::2] == [str(REPO / config) for config in options.refine_config]
+    assert flags[1::2] == [str(CONFIGS / config.removeprefix("configs/")) for config in options.refine_config]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # LightningCLI's "args parameter is intended..." would raise here
         config = _printed_config(["fit", *flags], capsys)

@@ -11,9 +11,10 @@ from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.strategies import DDPStrategy
 
 from refine_pl.cli import cli_main
-from tests.conftest import REFINE_JOB, REPO
+from refine_pl.configs import CONFIGS
+from tests.conftest import REFINE_JOB
 
-CLUSTER = REPO / "configs" / "cluster"
+CLUSTER = CONFIGS / "cluster"
 SBATCH = CLUSTER / "slurm_ddp.sbatch"
 OVERLAY = CLUSTER / "slurm_ddp.yaml"
 
@@ -29,7 +30,7 @@ def test_batch_script_is_valid_bash_and_asks_slurm_for_what_the_config_uses() ->
     assert _sbatch_option("nodes") == trainer["num_nodes"]
     assert _sbatch_option("ntasks-per-node") == trainer["devices"] == _sbatch_option("gpus-per-node")
     script = SBATCH.read_text()
-    assert "srun python train.py fit" in script and f"--config configs/cluster/{OVERLAY.name}" in script
+    assert "srun refine-pl fit" in script and f"--config configs/cluster/{OVERLAY.name}" in script
 
 
 def _slurm_task(monkeypatch: pytest.MonkeyPatch, rank: int, ntasks_per_node: int = 4, nodes: int = 2) -> None:

@@ -13,7 +13,7 @@ from refine_pl.console import exit_on_config_error
 from refine_pl.errors import ConfigError
 from refine_pl.export import load_defended
 from refine_pl.pipeline import config_flags
-from tests.conftest import BADNETS_CONFIG, QUIET, REPO, WITHOUT_DEPLOYMENT_FORMATS
+from tests.conftest import BADNETS_CONFIG, QUIET, WITHOUT_DEPLOYMENT_FORMATS
 from tests.dataset_files import write_cifar10, write_gtsrb, write_image_folder
 
 pytestmark = pytest.mark.slow  # every test here trains through the CLI on files written to disk
@@ -34,11 +34,11 @@ def _configs(kind: str, dataset: str) -> list[str]:
     """The ``--config`` flags of a dataset's victim job, or of its REFINE job (the reference recipe first, without
     the ONNX and TorchScript files).
     """
-    configs = [REPO / "configs" / kind / f"{dataset}.yaml"]
+    configs = [f"configs/{kind}/{dataset}.yaml"]
     if kind == "refine":
-        configs.insert(0, REPO / "configs" / "refine" / "reference.yaml")
-        return [*config_flags([str(config) for config in configs]), *WITHOUT_DEPLOYMENT_FORMATS]
-    return config_flags([str(config) for config in configs])
+        configs.insert(0, "configs/refine/reference.yaml")
+        return [*config_flags(configs), *WITHOUT_DEPLOYMENT_FORMATS]
+    return config_flags(configs)
 
 
 @pytest.fixture(scope="module")

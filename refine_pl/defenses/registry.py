@@ -24,7 +24,7 @@ class Defense:
         summary: One line: ``T``, ``M`` and what trains ``T``.
         module: The LightningModule class its config builds.
         overlay: Config merged after a dataset's REFINE job (``configs/refine/reference.yaml`` and
-            ``configs/refine/<dataset>.yaml``), relative to the repository; None for REFINE itself.
+            ``configs/refine/<dataset>.yaml``), by name (see :mod:`refine_pl.configs`); None for REFINE itself.
     """
 
     name: str
