@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -86,3 +88,14 @@ def test_spec_round_trips_and_unknown_names_are_refused() -> None:
         attack_from_spec({"name": "nope", "init_args": {}})
     with pytest.raises(ConfigError, match="does not fit BadNets"):
         attack_from_spec({"name": "badnets", "init_args": {"strength": 3}})
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_every_attack_declares_its_settings_as_fields_of_its_own_dataclass(name: str) -> None:
+    # Without its own @dataclass, an attack's annotated settings would be class attributes: its constructor
+    # would not take them and its spec would not record them.
+    cls = ATTACKS[name]
+    assert dataclasses.is_dataclass(cls) and "__dataclass_fields__" in vars(cls)
+    attack = cls()
+    assert hash(attack) == object.__hash__(attack) and attack != cls()  # identity, not the settings
+    assert repr(attack).startswith(f"{cls.__name__}(target_label=")

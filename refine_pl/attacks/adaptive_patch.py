@@ -1,5 +1,7 @@
 """Adaptive-Patch (Qi et al., 2023): several faint patch triggers, conservatism samples, stronger triggers at test."""
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -13,6 +15,7 @@ MAX_TRIGGERS = 16
 
 
 @ATTACKS.add
+@dataclass(eq=False, repr=False, kw_only=True)
 class AdaptivePatch(Attack):
     """Patch triggers blended at low opacity, each training sample carrying one of them.
 
@@ -39,50 +42,41 @@ class AdaptivePatch(Attack):
 
     name = "adaptive_patch"
 
-    def __init__(
-        self,
-        target_label: int = 0,
-        poison_rate: float = 0.05,
-        seed: int = 0,
-        conservatism_rate: float = 0.05,
-        patch_size: int = 4,
-        margin: int = 1,
-        locations: list[Corner] | None = None,
-        train_alphas: list[float] | None = None,
-        test_triggers: list[int] | None = None,
-        test_alpha: float = 1.0,
-    ) -> None:
-        super().__init__(target_label=target_label, poison_rate=poison_rate, seed=seed)
-        locations = list(locations or ["top_left", "top_right", "bottom_left", "bottom_right"])
-        train_alphas = list(train_alphas or [0.5, 0.2, 0.5, 0.3])
-        test_triggers = list(test_triggers if test_triggers is not None else [0, 3])
-        if not 1 <= len(locations) <= MAX_TRIGGERS:
-            raise ConfigError(f"Adaptive-Patch takes 1 to {MAX_TRIGGERS} trigger locations, got {len(locations)}.")
-        if len(train_alphas) != len(locations) or not all(0 < alpha <= 1 for alpha in train_alphas):
+    poison_rate: float = 0.05
+    conservatism_rate: float = 0.05
+    patch_size: int = 4
+    margin: int = 1
+    locations: list[Corner] | None = None
+    train_alphas: list[float] | None = None
+    test_triggers: list[int] | None = None
+    test_alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.locations = list(self.locations or ["top_left", "top_right", "bottom_left", "bottom_right"])
+        self.train_alphas = list(self.train_alphas or [0.5, 0.2, 0.5, 0.3])
+        self.test_triggers = list(self.test_triggers if self.test_triggers is not None else [0, 3])
+        if not 1 <= len(self.locations) <= MAX_TRIGGERS:
+            raise ConfigError(f"Adaptive-Patch takes 1 to {MAX_TRIGGERS} trigger locations, got {len(self.locations)}.")
+        if len(self.train_alphas) != len(self.locations) or not all(0 < alpha <= 1 for alpha in self.train_alphas):
             raise ConfigError(
-                f"Adaptive-Patch needs one train alpha in (0, 1] per location, got {train_alphas} for {locations}."
+                "Adaptive-Patch needs one train alpha in (0, 1] per location, got "
+                f"{self.train_alphas} for {self.locations}."
             )
         if (
-            not test_triggers
-            or len(set(test_triggers)) != len(test_triggers)
-            or not all(0 <= i < len(locations) for i in test_triggers)
+            not self.test_triggers
+            or len(set(self.test_triggers)) != len(self.test_triggers)
+            or not all(0 <= i < len(self.locations) for i in self.test_triggers)
         ):
             raise ConfigError(
-                f"Adaptive-Patch test_triggers {test_triggers} must index the {len(locations)} locations, each at "
-                "most once."
+                f"Adaptive-Patch test_triggers {self.test_triggers} must index the {len(self.locations)} locations, "
+                "each at most once."
             )
-        if not 0 <= conservatism_rate < 1 or not 0 < test_alpha <= 1:
+        if not 0 <= self.conservatism_rate < 1 or not 0 < self.test_alpha <= 1:
             raise ConfigError(
                 f"Adaptive-Patch needs conservatism_rate in [0, 1) and test_alpha in (0, 1], got "
-                f"{conservatism_rate}, {test_alpha}."
+                f"{self.conservatism_rate}, {self.test_alpha}."
             )
-        self.conservatism_rate = conservatism_rate
-        self.patch_size = patch_size
-        self.margin = margin
-        self.locations = locations
-        self.train_alphas = train_alphas
-        self.test_triggers = test_triggers
-        self.test_alpha = test_alpha
 
     def triggers(self, channels: int, height: int, width: int) -> list[tuple[Tensor, Tensor]]:
         """``(pattern [C, H, W], mask [1, H, W])`` of every trigger, in the order of ``locations``."""

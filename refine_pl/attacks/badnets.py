@@ -1,6 +1,7 @@
 """BadNets (Gu et al., 2017): a fixed patch stamped on the image."""
 
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -14,6 +15,7 @@ Pattern = Literal["white", "checkerboard"]
 
 
 @ATTACKS.add
+@dataclass(eq=False, repr=False, kw_only=True)
 class BadNets(Attack):
     """Stamps a ``patch_size`` x ``patch_size`` pattern in a corner of every poisoned image.
 
@@ -25,30 +27,23 @@ class BadNets(Attack):
         location: Corner of the patch.
         margin: Pixels between the patch and the image border.
         pattern: ``"white"`` (all ones) or ``"checkerboard"`` (alternating ones and zeros).
-        **kwargs: The target label, poison rate and seed of every attack (:class:`~refine_pl.attacks.base.Attack`).
     """
 
     name = "badnets"
 
-    def __init__(
-        self,
-        patch_size: int = 3,
-        location: Corner = "bottom_right",
-        margin: int = 0,
-        pattern: Pattern = "white",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        if patch_size < 1 or margin < 0:
-            raise ConfigError(f"BadNets needs patch_size >= 1 and margin >= 0, got {patch_size}, {margin}.")
-        if location not in ("bottom_right", "bottom_left", "top_right", "top_left"):
-            raise ConfigError(f"Unknown BadNets location {location!r}; use bottom_right, top_left, ...")
-        if pattern not in ("white", "checkerboard"):
-            raise ConfigError(f"Unknown BadNets pattern {pattern!r}; use 'white' or 'checkerboard'.")
-        self.patch_size = patch_size
-        self.location = location
-        self.margin = margin
-        self.pattern = pattern
+    patch_size: int = 3
+    location: Corner = "bottom_right"
+    margin: int = 0
+    pattern: Pattern = "white"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.patch_size < 1 or self.margin < 0:
+            raise ConfigError(f"BadNets needs patch_size >= 1 and margin >= 0, got {self.patch_size}, {self.margin}.")
+        if self.location not in ("bottom_right", "bottom_left", "top_right", "top_left"):
+            raise ConfigError(f"Unknown BadNets location {self.location!r}; use bottom_right, top_left, ...")
+        if self.pattern not in ("white", "checkerboard"):
+            raise ConfigError(f"Unknown BadNets pattern {self.pattern!r}; use 'white' or 'checkerboard'.")
 
     def trigger(self, channels: int, height: int, width: int) -> tuple[Tensor, Tensor]:
         """The trigger for images of the given shape.

@@ -2,6 +2,7 @@
 
 import inspect
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import numpy as np
@@ -50,24 +51,11 @@ def require_indices(attack: "Attack", images: Tensor, indices: Tensor | None) ->
 
 
 def constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:
-    """The named constructor arguments of ``cls``, with those a constructor passes on to its base in ``**kwargs``.
-
-    An attack that extends another (PhysicalBA extends BadNets) takes its own arguments and forwards the rest;
-    the config parser follows ``**kwargs`` the same way.
-    """
-    parameters: dict[str, inspect.Parameter] = {}
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        signature = inspect.signature(klass.__init__)
-        for name, parameter in signature.parameters.items():
-            if name != "self" and parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL):
-                parameters.setdefault(name, parameter)
-        if not any(parameter.kind is parameter.VAR_KEYWORD for parameter in signature.parameters.values()):
-            break
-    return parameters
+    """The constructor arguments of ``cls``: an attack's settings, the fields of its dataclass, base's first."""
+    return dict(inspect.signature(cls).parameters)
 
 
+@dataclass(eq=False, repr=False, kw_only=True)
 class Attack(ABC):
     """A deterministic, seedable backdoor attack on images in [0, 1].
 
@@ -86,8 +74,11 @@ class Attack(ABC):
 
     Attacks that also control the training loop derive from :class:`TrainingControlledAttack`.
 
-    Subclasses keep every constructor argument as an attribute of the same name, which is what
-    :meth:`spec` records.
+    An attack is a dataclass whose fields are its settings, the constructor arguments that :meth:`spec`
+    records: a subclass is a ``@dataclass(eq=False, repr=False, kw_only=True)`` too (identity, hashing and
+    :meth:`__repr__` stay the base's; settings are passed by name), declares its own settings as fields,
+    redeclares a base field to change its default, checks them in ``__post_init__`` after calling
+    ``super().__post_init__()``, and creates there what it computes later (caches, networks).
 
     Args:
         target_label: The class the trigger should force.
@@ -100,16 +91,17 @@ class Attack(ABC):
     training_controlled: ClassVar[bool] = False
     """True when the attacker also controls the victim's training loop (not only its data)."""
 
-    def __init__(self, target_label: int = 0, poison_rate: float = 0.1, seed: int = 0) -> None:
-        if target_label < 0:
-            raise ConfigError(f"target_label must be a class index >= 0, got {target_label}.")
-        if not 0.0 < poison_rate <= 1.0:
-            raise ConfigError(f"poison_rate must be in (0, 1], got {poison_rate}.")
-        if not 0 <= seed < 2**63:  # what numpy's SeedSequence and torch's generators both take
-            raise ConfigError(f"An attack's seed must be in [0, 2**63), got {seed}.")
-        self.target_label = target_label
-        self.poison_rate = poison_rate
-        self.seed = seed
+    target_label: int = 0
+    poison_rate: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.target_label < 0:
+            raise ConfigError(f"target_label must be a class index >= 0, got {self.target_label}.")
+        if not 0.0 < self.poison_rate <= 1.0:
+            raise ConfigError(f"poison_rate must be in (0, 1], got {self.poison_rate}.")
+        if not 0 <= self.seed < 2**63:  # what numpy's SeedSequence and torch's generators both take
+            raise ConfigError(f"An attack's seed must be in [0, 2**63), got {self.seed}.")
 
     @abstractmethod
     def apply(self, images: Tensor, indices: Tensor | None = None) -> Tensor:
@@ -187,7 +179,7 @@ class Attack(ABC):
 
     def spec(self) -> dict[str, Any]:
         """Name and constructor arguments, enough for :func:`attack_from_spec` to rebuild this attack."""
-        init_args = {key: getattr(self, key) for key in constructor_parameters(type(self))}
+        init_args = {setting.name: getattr(self, setting.name) for setting in fields(self)}
         return {"name": self.name, "init_args": init_args}
 
     def __repr__(self) -> str:

@@ -1,6 +1,7 @@
 """BATT (Xu et al., 2023): a fixed spatial transformation of the whole image as the trigger."""
 
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 from torch import Tensor
 from torchvision.transforms.v2 import InterpolationMode
@@ -12,6 +13,7 @@ from refine_pl.errors import ConfigError
 
 
 @ATTACKS.add
+@dataclass(eq=False, repr=False, kw_only=True)
 class BATT(Attack):
     """Poisons by rotating the image by a fixed angle (BATT-R) or shifting it by fixed pixels (BATT-T).
 
@@ -24,30 +26,23 @@ class BATT(Attack):
         angle: Rotation angle in degrees, counter-clockwise.
         shift_x: Horizontal shift in pixels (positive: right).
         shift_y: Vertical shift in pixels (positive: down).
-        **kwargs: The target label, poison rate and seed of every attack (:class:`~refine_pl.attacks.base.Attack`).
     """
 
     name = "batt"
 
-    def __init__(
-        self,
-        transformation: Literal["rotation", "translation"] = "rotation",
-        angle: float = 16.0,
-        shift_x: int = 3,
-        shift_y: int = 0,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        if transformation not in ("rotation", "translation"):
-            raise ConfigError(f"Unknown BATT transformation {transformation!r}; use 'rotation' or 'translation'.")
-        if (transformation == "rotation" and angle % 360 == 0) or (
-            transformation == "translation" and shift_x == shift_y == 0
+    transformation: Literal["rotation", "translation"] = "rotation"
+    angle: float = 16.0
+    shift_x: int = 3
+    shift_y: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.transformation not in ("rotation", "translation"):
+            raise ConfigError(f"Unknown BATT transformation {self.transformation!r}; use 'rotation' or 'translation'.")
+        if (self.transformation == "rotation" and self.angle % 360 == 0) or (
+            self.transformation == "translation" and self.shift_x == self.shift_y == 0
         ):
             raise ConfigError("BATT's transformation is the identity: set a non-zero angle or shift.")
-        self.transformation = transformation
-        self.angle = angle
-        self.shift_x = shift_x
-        self.shift_y = shift_y
 
     def apply(self, images: Tensor, indices: Tensor | None = None) -> Tensor:
         if self.transformation == "rotation":

@@ -1,5 +1,6 @@
 """Blended (Chen et al., 2017): a full-image pattern blended into the image at a small opacity."""
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from refine_pl.errors import ConfigError
 
 
 @ATTACKS.add
+@dataclass(eq=False, repr=False, kw_only=True)
 class Blended(Attack):
     """Poisons with ``(1 - alpha) * image + alpha * pattern``, changing every pixel a little.
 
@@ -26,23 +28,17 @@ class Blended(Attack):
     Args:
         alpha: Opacity of the pattern (0.1-0.2 in the literature).
         pattern_path: Image file of the pattern; None for seeded noise.
-        **kwargs: The target label, poison rate and seed of every attack (:class:`~refine_pl.attacks.base.Attack`).
-            The seed also draws the noise pattern.
     """
 
     name = "blended"
 
-    def __init__(
-        self,
-        alpha: float = 0.2,
-        pattern_path: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        if not 0.0 < alpha <= 1.0:
-            raise ConfigError(f"Blended alpha must be in (0, 1], got {alpha}.")
-        self.alpha = alpha
-        self.pattern_path = pattern_path
+    alpha: float = 0.2
+    pattern_path: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.alpha <= 1.0:
+            raise ConfigError(f"Blended alpha must be in (0, 1], got {self.alpha}.")
         self._file_pattern: Tensor | None = None  # uint8 [C, H, W] as read from pattern_path
 
     def _read_file_pattern(self) -> Tensor:

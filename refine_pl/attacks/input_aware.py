@@ -1,5 +1,6 @@
 """Input-aware dynamic backdoor, IAD (Nguyen & Tran, 2020): a generator trained with the victim, a trigger per image."""
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -64,6 +65,7 @@ def diversity_loss(images: Tensor, others: Tensor, outputs: Tensor, other_output
 
 
 @ATTACKS.add
+@dataclass(eq=False, repr=False, kw_only=True)
 class InputAwareDynamic(TrainingControlledAttack):
     """Every image gets its own trigger: ``x + mask(x) * (pattern(x) - x)`` with two learned networks.
 
@@ -90,43 +92,29 @@ class InputAwareDynamic(TrainingControlledAttack):
         mask_epochs: Training epochs of the mask network.
         mask_lr: Learning rate of the mask network.
         width: Channels of the first stage of both networks.
-        **kwargs: The target label, poison rate and seed of every attack (:class:`~refine_pl.attacks.base.Attack`).
-            ``poison_rate`` is the share of every training batch poisoned with its own trigger; the seed also
-            initialises the networks and orders the mask network's training.
     """
 
     name = "iad"
 
-    def __init__(
-        self,
-        cross_rate: float = 0.1,
-        sharp_mask: bool = True,
-        generator_lr: float = 0.01,
-        diversity_weight: float = 1.0,
-        mask_density: float = 0.032,
-        mask_norm_weight: float = 100.0,
-        mask_epochs: int = 10,
-        mask_lr: float = 0.01,
-        width: int = 16,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        if not 0 <= cross_rate < 1 or self.poison_rate + cross_rate >= 1:
-            raise ConfigError(f"IAD needs 0 <= cross_rate and poison_rate + cross_rate < 1, got {cross_rate}.")
-        if mask_epochs < 0 or width < 1 or not 0 < mask_density < 1:
+    cross_rate: float = 0.1
+    sharp_mask: bool = True
+    generator_lr: float = 0.01
+    diversity_weight: float = 1.0
+    mask_density: float = 0.032
+    mask_norm_weight: float = 100.0
+    mask_epochs: int = 10
+    mask_lr: float = 0.01
+    width: int = 16
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.cross_rate < 1 or self.poison_rate + self.cross_rate >= 1:
+            raise ConfigError(f"IAD needs 0 <= cross_rate and poison_rate + cross_rate < 1, got {self.cross_rate}.")
+        if self.mask_epochs < 0 or self.width < 1 or not 0 < self.mask_density < 1:
             raise ConfigError(
-                f"IAD needs mask_epochs >= 0, width >= 1 and mask_density in (0, 1), got {mask_epochs}, {width}, "
-                f"{mask_density}."
+                f"IAD needs mask_epochs >= 0, width >= 1 and mask_density in (0, 1), got {self.mask_epochs}, "
+                f"{self.width}, {self.mask_density}."
             )
-        self.cross_rate = cross_rate
-        self.sharp_mask = sharp_mask
-        self.generator_lr = generator_lr
-        self.diversity_weight = diversity_weight
-        self.mask_density = mask_density
-        self.mask_norm_weight = mask_norm_weight
-        self.mask_epochs = mask_epochs
-        self.mask_lr = mask_lr
-        self.width = width
         self._networks: nn.ModuleDict | None = None
         self._in_channels: int | None = None
 

@@ -1,6 +1,7 @@
 """Label-consistent backdoor (Turner et al., 2019): adversarially perturbed target-class images with a trigger."""
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
 
 
 @ATTACKS.add
+@dataclass(eq=False, repr=False, kw_only=True)
 class LabelConsistent(Attack):
     """Poisons only images of the target class, which keep their (correct) label.
 
@@ -50,38 +52,29 @@ class LabelConsistent(Attack):
 
     name = "lc"
 
-    def __init__(
-        self,
-        target_label: int = 0,
-        poison_rate: float = 0.08,
-        seed: int = 0,
-        epsilon: float = 16 / 255,
-        pgd_steps: int = 20,
-        pgd_step_size: float | None = None,
-        surrogate_arch: str = "small_cnn",
-        surrogate_epochs: int = 5,
-        surrogate_epsilon: float = 0.0,
-        trigger_size: int = 3,
-        trigger_amplitude: float = 1.0,
-    ) -> None:
-        super().__init__(target_label=target_label, poison_rate=poison_rate, seed=seed)
-        if not 0 < epsilon <= 1 or pgd_steps < 1 or surrogate_epochs < 1 or trigger_size < 1:
+    poison_rate: float = 0.08
+    epsilon: float = 16 / 255
+    pgd_steps: int = 20
+    pgd_step_size: float | None = None
+    surrogate_arch: str = "small_cnn"
+    surrogate_epochs: int = 5
+    surrogate_epsilon: float = 0.0
+    trigger_size: int = 3
+    trigger_amplitude: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.epsilon <= 1 or self.pgd_steps < 1 or self.surrogate_epochs < 1 or self.trigger_size < 1:
             raise ConfigError(
                 "LC needs 0 < epsilon <= 1, pgd_steps >= 1, surrogate_epochs >= 1 and trigger_size >= 1, got "
-                f"{epsilon}, {pgd_steps}, {surrogate_epochs}, {trigger_size}."
+                f"{self.epsilon}, {self.pgd_steps}, {self.surrogate_epochs}, {self.trigger_size}."
             )
-        if not 0 < trigger_amplitude <= 1:
-            raise ConfigError(f"LC needs trigger_amplitude in (0, 1], got {trigger_amplitude}.")
-        if not 0 <= surrogate_epsilon < 1:
-            raise ConfigError(f"LC needs surrogate_epsilon in [0, 1) (0: standard training), got {surrogate_epsilon}.")
-        self.epsilon = epsilon
-        self.pgd_steps = pgd_steps
-        self.pgd_step_size = pgd_step_size
-        self.surrogate_arch = surrogate_arch
-        self.surrogate_epochs = surrogate_epochs
-        self.surrogate_epsilon = surrogate_epsilon
-        self.trigger_size = trigger_size
-        self.trigger_amplitude = trigger_amplitude
+        if not 0 < self.trigger_amplitude <= 1:
+            raise ConfigError(f"LC needs trigger_amplitude in (0, 1], got {self.trigger_amplitude}.")
+        if not 0 <= self.surrogate_epsilon < 1:
+            raise ConfigError(
+                f"LC needs surrogate_epsilon in [0, 1) (0: standard training), got {self.surrogate_epsilon}."
+            )
         self._rows: dict[int, int] = {}  # training-set index -> row of self._perturbations
         self._poison_indices: Tensor | None = None
         self._perturbations: Tensor | None = None  # int16 [P, C, H, W], units of 1/255

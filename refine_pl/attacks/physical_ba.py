@@ -1,6 +1,6 @@
 """PhysicalBA (Li et al., 2021): the BadNets trigger, then the physical transformations of a photo."""
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -14,6 +14,7 @@ from refine_pl.errors import ConfigError
 
 
 @ATTACKS.add
+@dataclass(eq=False, repr=False, kw_only=True)
 class PhysicalBA(BadNets):
     """Stamps the BadNets patch, then transforms the whole image as a camera would see it.
 
@@ -32,41 +33,30 @@ class PhysicalBA(BadNets):
         brightness: Largest relative brightness change.
         contrast: Largest relative contrast change.
         flip_prob: Probability of a horizontal flip.
-        **kwargs: The BadNets patch and the attack's settings (:class:`BadNets`); the seed also draws the
-            per-sample transformations.
     """
 
     name = "physical_ba"
 
-    def __init__(
-        self,
-        degrees: float = 10.0,
-        translate: float = 0.05,
-        min_scale: float = 0.9,
-        max_scale: float = 1.1,
-        brightness: float = 0.2,
-        contrast: float = 0.2,
-        flip_prob: float = 0.5,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        if not 0 <= degrees <= 180 or not 0 <= translate < 1 or not 0 < min_scale <= max_scale:
+    degrees: float = 10.0
+    translate: float = 0.05
+    min_scale: float = 0.9
+    max_scale: float = 1.1
+    brightness: float = 0.2
+    contrast: float = 0.2
+    flip_prob: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.degrees <= 180 or not 0 <= self.translate < 1 or not 0 < self.min_scale <= self.max_scale:
             raise ConfigError(
                 "PhysicalBA needs 0 <= degrees <= 180, 0 <= translate < 1 and 0 < min_scale <= max_scale, got "
-                f"{degrees}, {translate}, {min_scale}, {max_scale}."
+                f"{self.degrees}, {self.translate}, {self.min_scale}, {self.max_scale}."
             )
-        if not 0 <= brightness < 1 or not 0 <= contrast < 1 or not 0 <= flip_prob <= 1:
+        if not 0 <= self.brightness < 1 or not 0 <= self.contrast < 1 or not 0 <= self.flip_prob <= 1:
             raise ConfigError(
                 "PhysicalBA needs brightness and contrast in [0, 1) and flip_prob in [0, 1], got "
-                f"{brightness}, {contrast}, {flip_prob}."
+                f"{self.brightness}, {self.contrast}, {self.flip_prob}."
             )
-        self.degrees = degrees
-        self.translate = translate
-        self.min_scale = min_scale
-        self.max_scale = max_scale
-        self.brightness = brightness
-        self.contrast = contrast
-        self.flip_prob = flip_prob
 
     def transformation(self, index: int, height: int, width: int) -> dict[str, float | list[int] | bool]:
         """The physical transformation of the sample at ``index``: affine parameters, colour factors, flip."""

@@ -65,12 +65,9 @@ def _fits(value: Any, hint: Any) -> bool:
 
 
 def _constructor_type_hints(cls: type) -> dict[str, Any]:
-    """The type hints of :func:`constructor_parameters`, each from the constructor that declares it."""
-    hints: dict[str, Any] = {}
-    for klass in reversed(cls.__mro__):
-        if "__init__" in vars(klass):
-            hints.update(typing.get_type_hints(klass.__init__))
-    return {name: hint for name, hint in hints.items() if name in constructor_parameters(cls)}
+    """The type hints of :func:`constructor_parameters` (the attack's fields, declared in its class or a base)."""
+    parameters = constructor_parameters(cls)
+    return {name: hint for name, hint in typing.get_type_hints(cls).items() if name in parameters}
 
 
 def _check_init_args(cls: type[Attack], init_args: Any) -> dict[str, Any]:

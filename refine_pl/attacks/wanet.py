@@ -1,6 +1,6 @@
 """WaNet (Nguyen & Tran, 2021): a small, smooth warp of the image as the trigger."""
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,7 @@ from refine_pl.errors import ConfigError
 
 
 @ATTACKS.add
+@dataclass(eq=False, repr=False, kw_only=True)
 class WaNet(Attack):
     """Warps poisoned images with one fixed, smooth displacement field drawn from ``seed``.
 
@@ -21,36 +22,29 @@ class WaNet(Attack):
     ``grid_rescale`` and clamped to the image. Noise mode: ``cross_ratio`` times as many other training
     samples (the cover samples) are warped with the same field plus per-sample random noise of up to half
     a pixel and keep their true label, so the victim learns the exact warp rather than warping in general.
+    The attack's seed draws the warp field and the noise of the noise-mode samples too.
 
     Args:
         grid_size: ``k``, the side of the control grid of the warp.
         strength: ``s``, the warp's strength.
         grid_rescale: Scale of the warped grid (1 keeps it).
         cross_ratio: Noise-mode samples per poisoned sample (0 disables noise mode).
-        **kwargs: The target label, poison rate and seed of every attack (:class:`~refine_pl.attacks.base.Attack`).
-            The seed also draws the warp field and the noise of the noise-mode samples.
     """
 
     name = "wanet"
 
-    def __init__(
-        self,
-        grid_size: int = 4,
-        strength: float = 0.5,
-        grid_rescale: float = 1.0,
-        cross_ratio: float = 2.0,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        if grid_size < 2 or strength <= 0 or grid_rescale <= 0 or cross_ratio < 0:
+    grid_size: int = 4
+    strength: float = 0.5
+    grid_rescale: float = 1.0
+    cross_ratio: float = 2.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.grid_size < 2 or self.strength <= 0 or self.grid_rescale <= 0 or self.cross_ratio < 0:
             raise ConfigError(
                 "WaNet needs grid_size >= 2, strength > 0, grid_rescale > 0 and cross_ratio >= 0, got "
-                f"{grid_size}, {strength}, {grid_rescale}, {cross_ratio}."
+                f"{self.grid_size}, {self.strength}, {self.grid_rescale}, {self.cross_ratio}."
             )
-        self.grid_size = grid_size
-        self.strength = strength
-        self.grid_rescale = grid_rescale
-        self.cross_ratio = cross_ratio
 
     def displacement(self, height: int, width: int) -> Tensor:
         """The warp field ``[H, W, 2]`` (x, y) scaled to mean absolute value 1, before ``strength``."""
