@@ -14,6 +14,7 @@ import pytest
 import torch
 from pytorch_lightning import Trainer
 
+from callbacks import DefenseReport
 from datamodules import DatasetSource, EmbeddedMNIST, RefineDataModule
 from datamodules.datasets import ImageTensorDataset
 from refine_pl import RefineLitModule, VictimLitModule
@@ -128,6 +129,20 @@ def tiny_refine_module(victim: Path, **kwargs) -> RefineLitModule:
     return RefineLitModule(
         victim_checkpoint=str(victim), **MNIST_FACTS, **{"transform": partial(UNet, base_width=4), **kwargs}
     )
+
+
+def fit_and_test_with_report(
+    module: RefineLitModule, data: RefineDataModule, root: Path, **trainer_kwargs: Any
+) -> tuple[Trainer, DefenseReport]:
+    """Fits ``module`` for one step (no validation) with the attack its victim records, then tests it; the
+    trainer and the :class:`~callbacks.DefenseReport` it wrote.
+    """
+    data.use_recorded_attack(module.victim_record)
+    report = DefenseReport()
+    trainer = quiet_trainer(root, max_steps=1, limit_val_batches=0, callbacks=[report], **trainer_kwargs)
+    trainer.fit(module, datamodule=data)
+    trainer.test(module, datamodule=data)
+    return trainer, report
 
 
 def benign_data(shuffled_labels: bool) -> RefineDataModule:

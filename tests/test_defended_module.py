@@ -6,13 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from callbacks import DefenseReport
 from datamodules import RefineDataModule
 from refine_pl import ConfigError, DefendedLitModule, RefineLitModule
 from refine_pl.defended_module import DEFENSE_KINDS
 from refine_pl.defenses import DEFENSES, AutoencoderDefense, ConvAutoencoder, ShrinkPad, TrainingFreeDefense
 from refine_pl.metric_names import RATES, REPORT_ROWS
-from tests.conftest import MNIST_FACTS, SmallDigits, quiet_trainer, tiny_refine_module
+from tests.conftest import MNIST_FACTS, SmallDigits, fit_and_test_with_report, quiet_trainer, tiny_refine_module
 
 
 def test_the_report_and_the_logged_keys_are_exactly_those_of_the_metric_table(
@@ -20,11 +19,7 @@ def test_the_report_and_the_logged_keys_are_exactly_those_of_the_metric_table(
 ) -> None:
     module = tiny_refine_module(victim_checkpoint, clean_reference=str(untrained_victim))
     data = RefineDataModule(SmallDigits(train_per_class=(4,) * 10, test_per_class=(3,) * 10), batch_size=16)
-    data.use_recorded_attack(module.victim_record)
-    report = DefenseReport()
-    trainer = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0, callbacks=[report])
-    trainer.fit(module, datamodule=data)
-    trainer.test(module, datamodule=data)
+    trainer, report = fit_and_test_with_report(module, data, tmp_path)
 
     rows = {key: value for key, value in report.report.items() if isinstance(value, dict) and key != "attack_spec"}
     assert {row.key: set(row.rates) for row in REPORT_ROWS} == {key: set(value) for key, value in rows.items()}

@@ -4,11 +4,10 @@ from pathlib import Path
 
 import torch
 
-from callbacks import DefenseReport
 from datamodules import RefineDataModule
 from datamodules.datasets import PoisonedTestSet
 from refine_pl.victims import load_victim
-from tests.conftest import MNIST_FACTS, SmallDigits, quiet_trainer, tiny_refine_module
+from tests.conftest import MNIST_FACTS, SmallDigits, fit_and_test_with_report, tiny_refine_module
 
 
 def test_the_floor_is_the_clean_models_hand_counted_asr_and_is_kept_out_of_checkpoints(
@@ -16,11 +15,7 @@ def test_the_floor_is_the_clean_models_hand_counted_asr_and_is_kept_out_of_check
 ) -> None:
     module = tiny_refine_module(victim_checkpoint, clean_reference=str(untrained_victim))
     data = RefineDataModule(SmallDigits(train_per_class=(4,) * 10, test_per_class=(9,) * 10), batch_size=16)
-    data.use_recorded_attack(module.victim_record)
-    report = DefenseReport()
-    trainer = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0, callbacks=[report])
-    trainer.fit(module, datamodule=data)
-    trainer.test(module, datamodule=data)
+    trainer, report = fit_and_test_with_report(module, data, tmp_path)
 
     clean = load_victim(untrained_victim, **MNIST_FACTS).classifier
     poisoned = PoisonedTestSet(data.test_set, data.attack)
@@ -44,9 +39,5 @@ def test_the_floor_is_the_clean_models_hand_counted_asr_and_is_kept_out_of_check
 def test_without_a_clean_reference_the_report_has_no_floor(victim_checkpoint: Path, tmp_path: Path) -> None:
     module = tiny_refine_module(victim_checkpoint)
     data = RefineDataModule(SmallDigits(train_per_class=(4,) * 10), batch_size=16)
-    data.use_recorded_attack(module.victim_record)
-    report = DefenseReport()
-    trainer = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0, limit_test_batches=1, callbacks=[report])
-    trainer.fit(module, datamodule=data)
-    trainer.test(module, datamodule=data)
+    _, report = fit_and_test_with_report(module, data, tmp_path, limit_test_batches=1)
     assert report.report["clean_floor"] is None and "floor" not in (tmp_path / "report.md").read_text()
