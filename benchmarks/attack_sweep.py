@@ -31,6 +31,7 @@ from benchmarks.attacks import DEFAULT_MIN_VICTIM_ASR, MAX_VICTIM_BA_GAP, MIN_VI
 from benchmarks.victims import QUIET, REPO, VICTIM_CONFIG, attack_config
 from refine_pl.attacks import ATTACKS, Attack
 from refine_pl.cli import cli_main
+from refine_pl.metric_names import ASR, BA, DEFENDED
 from refine_pl.pipeline import config_flags, train_victim
 
 
@@ -149,9 +150,9 @@ def victim_figures(folder: Path, configs: list[str], seed: int, arguments: list[
         train_victim(configs, folder, job_arguments)
         test = ["test", *config_flags(configs), "--trainer.default_root_dir", str(folder), *job_arguments]
         metrics = cli_main([*test, "--ckpt_path", "last"]).trainer.callback_metrics
-        figures = {"test_ba": float(metrics["test/ba"])}
-        if "test/asr" in metrics:
-            figures["test_asr"] = float(metrics["test/asr"])
+        figures = {"test_ba": float(metrics[DEFENDED.logged("test", BA)])}
+        if DEFENDED.logged("test", ASR) in metrics:
+            figures["test_asr"] = float(metrics[DEFENDED.logged("test", ASR)])
         result.write_text(json.dumps(figures) + "\n")
     return json.loads(result.read_text())
 

@@ -14,7 +14,8 @@ Writes to ``--results-dir`` (the names start with ``--results-name``, ``attacks`
 - ``attacks.csv``: one row per attack and recipe: the mean over seeds of every figure, its standard deviation
   (``_std``, over seeds, n-1) and its worst seed (``_worst``: the lowest BA or victim ASR, the highest floor or
   REFINE ASR), the seeds and the mean REFINE seconds;
-- ``attacks.md`` (the table, the gate and which rows meet it) and ``attacks_asr.png`` (ASR with error bars).
+- ``attacks.md`` (the table of ``attacks.csv`` as :func:`benchmarks.render.attacks` renders it, the gate and which
+  rows meet it) and ``attacks_asr.png`` (ASR with error bars).
 
 Runs go to ``--run-dir`` (see :mod:`benchmarks.victims`); finished runs are reused, so an interrupted benchmark
 continues where it stopped.
@@ -44,8 +45,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/attacks.py` from the root
 
+from benchmarks import render
 from benchmarks.victims import ATTACKS, DEFAULT_ARCH, RECIPES, REPO, clean_model, defended_report, victim
 from refine_pl.architectures import ARCHITECTURES
+from refine_pl.metric_names import ASR, BA, CLEAN_FLOOR, DEFENDED, NO_DEFENSE
 from refine_pl.pipeline import add_job_arguments
 
 ZOO_ARCHS = ("resnet18_cifar_narrow",)
@@ -93,12 +96,12 @@ def seed_row(
         "arch": arch,
         "recipe": recipe,
         "seed": seed,
-        "victim_ba": report["no_defense"]["ba"],
-        "victim_asr": report["no_defense"]["asr"],
-        "clean_floor_asr": report["clean_floor"]["asr"],
-        "clean_ba": report["clean_floor"]["ba"],
-        "refine_ba": report["defended"]["ba"],
-        "refine_asr": report["defended"]["asr"],
+        "victim_ba": report[NO_DEFENSE.key][BA],
+        "victim_asr": report[NO_DEFENSE.key][ASR],
+        "clean_floor_asr": report[CLEAN_FLOOR.key][ASR],
+        "clean_ba": report[CLEAN_FLOOR.key][BA],
+        "refine_ba": report[DEFENDED.key][BA],
+        "refine_asr": report[DEFENDED.key][ASR],
         "seconds": seconds,
     }
 
@@ -160,32 +163,18 @@ def write_csv(rows: list[dict[str, Any]], columns: list[str] | tuple[str, ...], 
             writer.writerow([f"{row[c]:.1f}" if c == "seconds" else cell(row[c]) for c in columns])
 
 
-def markdown_table(summary: list[dict[str, Any]], threads: int) -> str:
-    """The table as markdown: mean ± std (worst seed) per figure, and whether each row meets the gate."""
-
-    def figure(entry: dict[str, Any], name: str) -> str:
-        return f"{entry[name]:.4f} ± {entry[name + '_std']:.4f} ({entry[name + '_worst']:.4f})"
-
-    lines = [
-        "| attack | victim | recipe | seeds | victim BA | victim ASR | clean floor ASR | REFINE BA | REFINE ASR "
-        "| REFINE s | real backdoor | gate |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+def markdown_table(summary: list[dict[str, Any]], threads: int, results_dir: Path, name: str) -> str:
+    """The table of ``<name>.csv`` (:func:`benchmarks.render.attacks`), then whether each row meets the gate."""
+    verdicts = [
+        [entry["attack"], entry["arch"], entry["recipe"], *("yes" if passed else "no" for passed in gate(entry))]
+        for entry in summary
     ]
-    for entry in summary:
-        backdoor, defended = gate(entry)
-        lines.append(
-            f"| {entry['attack']} | {entry['arch']} | {entry['recipe']} | {entry['seeds']} | "
-            + " | ".join(figure(entry, name) for name in FIGURES)
-            + f" | {entry['seconds']:.0f} | {'yes' if backdoor else 'no'} | {'yes' if defended else 'no'} |"
-        )
     seeds = sorted({r["seed"] for entry in summary for r in entry["per_seed"]})
-    return "\n".join(
+    return "\n\n".join(
         [
-            *lines,
-            "",
-            f"Mean ± standard deviation over the seeds of the row (worst seed in parentheses; all seeds: "
-            f"{', '.join(map(str, seeds))}). "
-            f"REFINE s: mean wall clock of the REFINE stage (fit and test), {threads} torch thread(s).",
+            render.attacks(results_dir, name),
+            f"All seeds: {', '.join(map(str, seeds))}; {threads} torch thread(s).",
+            render.table(["attack", "victim", "recipe", "real backdoor", "gate"], verdicts),
             f"real backdoor: in every seed, victim ASR >= {DEFAULT_MIN_VICTIM_ASR:.2f} (>= 0.80 for lc) and victim BA "
             f"at most {MAX_VICTIM_BA_GAP * 100:.0f} points below the clean model's. gate: mean REFINE ASR <= "
             f"max({MAX_REFINE_ASR}, floor + {FLOOR_MARGIN}) and mean REFINE BA >= victim BA - {MAX_BA_DROP}, and in "
@@ -235,7 +224,7 @@ def write_results(
     results_dir.mkdir(parents=True, exist_ok=True)
     write_csv(rows, SEED_COLUMNS, results_dir / f"{name}_seeds.csv")
     write_csv(summary, summary_columns(), results_dir / f"{name}.csv")
-    (results_dir / f"{name}.md").write_text(markdown_table(summary, threads) + "\n")
+    (results_dir / f"{name}.md").write_text(markdown_table(summary, threads, results_dir, name) + "\n")
     plot_asr(summary, results_dir / f"{name}_asr.png")
     return summary
 

@@ -1,11 +1,12 @@
 """Every attack against every defense on the embedded MNIST-5k, and how much data REFINE needs.
 
 The matrix: for each attack, its victim (seed 0) is defended by every registered defense
-(:data:`refine_pl.defenses.DEFENSES`), each run as a user runs it: ``train.py fit`` (when it trains) and
-``train.py test`` with the MNIST REFINE job (``configs/refine/reference.yaml`` + ``configs/refine/mnist.yaml``) and
-the defense's overlay (``configs/defenses/<defense>.yaml``), the clean model given as the reference of the ASR
-floor. Every figure comes from the test's ``report.json``: BA, ASR, RA of the defended classifier and its DER
-against the victim, and the victim's and the clean model's, measured in one pass on the 1,000 held-out test images.
+(:data:`refine_pl.defenses.DEFENSES`), each run as the pipeline runs REFINE (:func:`refine_pl.pipeline.run_defense`:
+``train.py fit`` when it trains, then ``train.py test``) with the MNIST REFINE job (``configs/refine/reference.yaml``
++ ``configs/refine/mnist.yaml``) and the defense's overlay (``configs/defenses/<defense>.yaml``), the clean model
+given as the reference of the ASR floor. Every figure comes from the test's ``report.json``: BA, ASR, RA of the
+defended classifier and its DER against the victim, and the victim's and the clean model's, measured in one pass on
+the 1,000 held-out test images.
 Victims, the clean model and the REFINE runs are those of the attacks benchmark (:mod:`benchmarks.victims`, the
 same ``--run-dir``): whichever benchmark runs first trains them, the other reuses them.
 
@@ -19,7 +20,8 @@ Writes to ``--results-dir``: ``defenses.csv`` (``attack,defense,ba,asr,ra,der,se
 victim, ``clean_floor`` the clean model), ``defenses.md`` (the matrix per metric), ``defenses_heatmap.png`` (ASR and
 BA), ``data_efficiency.csv``
 (``attack,fraction,images,batch_size,epochs,cosine_epochs,warmup_epochs,steps,ba,asr,ra,der,seconds``),
-``data_efficiency.md`` and ``data_efficiency.png``. Runs go to ``--run-dir/<attack>_s0/<defense>``
+``data_efficiency.md`` and ``data_efficiency.png``; the tables of the markdown files are rendered from the csv files by
+:mod:`benchmarks.render`, as the docs' are. Runs go to ``--run-dir/<attack>_s0/<defense>``
 (``refine_f<fraction>`` for the curve); a run whose folder holds its result is not run again, an interrupted one
 resumes from its last checkpoint, so a killed benchmark continues where it stopped when started again with the
 same arguments.
@@ -45,18 +47,21 @@ import matplotlib.pyplot as plt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/defenses.py` from the root
 
+from benchmarks import render
 from benchmarks.victims import ATTACKS, QUIET, RECIPES, REPO, clean_model, defended_report, run_name, victim
 from refine_pl.cli import cli_main
 from refine_pl.defenses import DEFENSES
 from refine_pl.errors import ConfigError
-from refine_pl.pipeline import add_job_arguments, config_flags, resume_flag
+from refine_pl.metric_names import ASR, BA, CLEAN_FLOOR, DEFENDED, DER, NO_DEFENSE
+from refine_pl.pipeline import add_job_arguments, config_flags, resume_flag, run_defense
 
 REFINE_JOB = RECIPES["refine"]
 """The MNIST REFINE job (the attacks benchmark's recipe ``refine``), which every defense's overlay is merged after."""
 FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 EFFICIENCY_ATTACKS = ("badnets", "blended", "wanet")
 SEED = 0
-RATES = ("ba", "asr", "ra", "der")
+RATES = DEFENDED.rates
+"""The rates of a defended row, each a column of the csv files."""
 RESULT = "benchmark.json"
 """A run folder's record: ``{"args"}`` when the run starts, ``{"args", "seconds", "resumed"}`` once it is tested."""
 
@@ -77,8 +82,8 @@ def run_record(path: Path, args: list[str]) -> dict[str, Any]:
     return record
 
 
-def run_defense(defense: str, suspect: Path, clean: Path, run_dir: Path, args: list[str]) -> dict[str, Any]:
-    """Fits (or resumes) and tests ``defense`` against ``suspect`` in ``run_dir``, or reads the finished run.
+def defense_report(defense: str, suspect: Path, clean: Path, run_dir: Path, args: list[str]) -> dict[str, Any]:
+    """Runs ``defense`` against ``suspect`` in ``run_dir`` (:func:`~refine_pl.pipeline.run_defense`), or reads the run.
 
     Returns:
         The test's ``report.json`` with ``"seconds"`` (wall clock of fit and test) and ``"resumed"`` added.
@@ -92,21 +97,10 @@ def run_defense(defense: str, suspect: Path, clean: Path, run_dir: Path, args: l
     if "seconds" not in record:
         run_dir.mkdir(parents=True, exist_ok=True)
         result.write_text(json.dumps(record) + "\n")
-        common = [
-            *config_flags(entry.configs(REFINE_JOB)),
-            "--model.init_args.victim_checkpoint", str(suspect),
-            "--model.init_args.clean_reference", str(clean),
-            "--trainer.default_root_dir", str(run_dir),
-            *QUIET, *args,
-        ]  # fmt: skip
-        resume = resume_flag(run_dir)
+        resumed = bool(resume_flag(run_dir))
         start = time.perf_counter()
-        if entry.trains:
-            cli_main(["fit", *common, *resume])
-            cli_main(["test", *common, "--ckpt_path", "last"])
-        else:
-            cli_main(["test", *common])
-        record.update(seconds=round(time.perf_counter() - start, 1), resumed=bool(resume))
+        run_defense(suspect, entry.configs(REFINE_JOB), run_dir, [*QUIET, *args], clean, trains=entry.trains)
+        record.update(seconds=round(time.perf_counter() - start, 1), resumed=resumed)
         result.write_text(json.dumps(record) + "\n")
     return {**json.loads((run_dir / "report.json").read_text()), **record}
 
@@ -194,21 +188,22 @@ def matrix_rows(attack: str, suspect: Path, clean: Path, args: argparse.Namespac
             report, seconds = defended_report(args.run_dir, attack, "refine", SEED, suspect, clean, args.defense_arg)
             reports[defense] = {**report, "seconds": seconds}
         else:
-            reports[defense] = run_defense(
+            reports[defense] = defense_report(
                 defense, suspect, clean, attack_folder(args, attack) / defense, args.defense_arg
             )
     first = reports[args.defenses[0]]
     rows = [
-        {"attack": attack, "defense": "none", **first["no_defense"], "der": None, "seconds": None},
-        {"attack": attack, "defense": "clean_floor", **first["clean_floor"], "der": None, "seconds": None},
+        {"attack": attack, "defense": "none", **first[NO_DEFENSE.key], DER: None, "seconds": None},
+        {"attack": attack, "defense": CLEAN_FLOOR.key, **first[CLEAN_FLOOR.key], DER: None, "seconds": None},
     ]
     for defense, report in reports.items():
-        if (report["no_defense"], report["clean_floor"]) != (first["no_defense"], first["clean_floor"]):
+        measured = (report[NO_DEFENSE.key], report[CLEAN_FLOOR.key])
+        if measured != (first[NO_DEFENSE.key], first[CLEAN_FLOOR.key]):
             raise ConfigError(  # the same models on the same images: a difference is a bug
                 f"{attack}: the victim or clean model measured in the {defense} run differs from the "
-                f"{args.defenses[0]} run's: {report['no_defense']}, {report['clean_floor']}."
+                f"{args.defenses[0]} run's: {measured[0]}, {measured[1]}."
             )
-        rows.append({"attack": attack, "defense": defense, **report["defended"], "seconds": report["seconds"]})
+        rows.append({"attack": attack, "defense": defense, **report[DEFENDED.key], "seconds": report["seconds"]})
     return rows
 
 
@@ -223,9 +218,9 @@ def efficiency_rows(attack: str, suspect: Path, clean: Path, args: argparse.Name
         else:
             run_dir = attack_folder(args, attack) / f"refine_f{fraction:g}"
             run_args = [*args.defense_arg, *fraction_args(fraction, settings)]
-            report = run_defense("refine", suspect, clean, run_dir, run_args)
+            report = defense_report("refine", suspect, clean, run_dir, run_args)
             seconds = report["seconds"]
-        rows.append({"attack": attack, "fraction": fraction, **settings, **report["defended"], "seconds": seconds})
+        rows.append({"attack": attack, "fraction": fraction, **settings, **report[DEFENDED.key], "seconds": seconds})
     return rows
 
 
@@ -270,42 +265,13 @@ def run_description(args: argparse.Namespace, part: str) -> str:
     return f"**REDUCED RUN** (not the benchmark's figures), seed {SEED}: {settings}."
 
 
-def matrix_markdown(rows: list[dict[str, Any]], attacks: list[str], defenses: list[str]) -> str:
-    """One table per metric: attacks down, ``none`` (the victim) and the defenses across."""
-    cells = {(row["attack"], row["defense"]): row for row in rows}
-    columns = ["clean_floor", "none", *defenses]
-    labels = ["clean model (floor)", "victim (no defense)", *(DEFENSES[d].label for d in defenses)]
-    parts = []
-    for metric, title in (("asr", "ASR"), ("ba", "BA"), ("ra", "RA"), ("der", "DER")):
-        parts += [f"**{title}**", "", f"| attack | {' | '.join(labels)} |", "|---" * (len(columns) + 1) + "|"]
-        for attack in attacks:
-            values = [_cell(cells[attack, column][metric]) or "-" for column in columns]
-            parts.append(f"| {attack} | {' | '.join(values)} |")
-        parts.append("")
-    return "\n".join(parts)
-
-
-def efficiency_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| attack | fraction | images | batch | epochs | steps | BA | ASR | RA | DER | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]  # cosine_epochs is in the csv
-    for row in rows:
-        rates = " | ".join(_cell(row[key]) for key in RATES)
-        lines.append(
-            f"| {row['attack']} | {row['fraction']:g} | {row['images']} | {row['batch_size']} | {row['epochs']} | "
-            f"{row['steps']} | {rates} | {row['seconds']:.0f} |"
-        )
-    return "\n".join(lines)
-
-
 def plot_heatmap(rows: list[dict[str, Any]], attacks: list[str], defenses: list[str], note: str, path: Path) -> None:
     """ASR and BA of every attack x defense as two annotated heat maps, one above the other."""
     cells = {(row["attack"], row["defense"]): row for row in rows}
-    columns = ["clean_floor", "none", *defenses]
+    columns = [CLEAN_FLOOR.key, "none", *defenses]
     labels = ["clean model", "victim", *(DEFENSES[d].label for d in defenses)]
     figure, axes = plt.subplots(2, 1, figsize=(0.9 * len(columns) + 2, 2 * (0.4 * len(attacks) + 1.8)))
-    for axis, (metric, title, colours) in zip(axes, (("asr", "ASR", "Reds"), ("ba", "BA", "Greens")), strict=True):
+    for axis, (metric, title, colours) in zip(axes, ((ASR, "ASR", "Reds"), (BA, "BA", "Greens")), strict=True):
         values = [[cells[a, c][metric] for c in columns] for a in attacks]
         axis.imshow(values, cmap=colours, vmin=0, vmax=1, aspect="auto")
         for i, row in enumerate(values):
@@ -325,7 +291,7 @@ def plot_efficiency(rows: list[dict[str, Any]], note: str, path: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for attack in dict.fromkeys(row["attack"] for row in rows):
         points = [row for row in rows if row["attack"] == attack]
-        for axis, metric in zip(axes, ("ba", "asr"), strict=True):
+        for axis, metric in zip(axes, (BA, ASR), strict=True):
             axis.plot([100 * p["fraction"] for p in points], [p[metric] for p in points], marker="o", label=attack)
     percents = sorted({100 * row["fraction"] for row in rows})
     for axis, title in zip(axes, ("BA", "ASR"), strict=True):
@@ -380,8 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     description = run_description(args, "matrix")
     write_csv(rows, ("attack", "defense", *RATES, "seconds"), args.results_dir / "defenses.csv")
-    matrix = matrix_markdown(rows, args.attacks, args.defenses)
-    (args.results_dir / "defenses.md").write_text(f"{description}\n\n{matrix}")
+    matrix = "\n\n".join(render.defenses(args.results_dir, metric) for metric in render.METRICS)
+    (args.results_dir / "defenses.md").write_text(f"{description}\n\n{matrix}\n")
     note = "" if is_full(args, "matrix") else "; REDUCED RUN"
     plot_heatmap(rows, args.attacks, args.defenses, note, args.results_dir / "defenses_heatmap.png")
     print(f"{description}\n\n{matrix}")
@@ -400,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
             "seconds",
         )
         write_csv(curve, columns, args.results_dir / "data_efficiency.csv")
-        table = efficiency_markdown(curve)
+        table = render.data_efficiency(args.results_dir)
         description = run_description(args, "curve")
         (args.results_dir / "data_efficiency.md").write_text(f"{description}\n\n{table}\n")
         note = "" if is_full(args, "curve") else "; REDUCED RUN"

@@ -39,7 +39,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table of ``header`` and ``rows`` (cells already formatted)."""
     lines = [f"| {' | '.join(header)} |", "|---" * len(header) + "|"]
     return "\n".join([*lines, *(f"| {' | '.join(row)} |" for row in rows)])
 
@@ -61,7 +62,7 @@ def main_job(results_dir: Path = RESULTS) -> str:
         der = figures.get("der")
         cells = [f"{figures[name]:.4f}" for name in ("ba", "asr", "ra")]
         rows.append([label, *cells, "n/a" if der is None else f"{der:.4f}"])
-    return _table(["", "BA", "ASR", "RA", "DER"], rows)
+    return table(["", "BA", "ASR", "RA", "DER"], rows)
 
 
 def main_job_cost(results_dir: Path = RESULTS) -> str:
@@ -97,7 +98,7 @@ def attacks(results_dir: Path = RESULTS, name: str = "attacks") -> str:
         "Mean ± standard deviation over the seeds of the row, the worst seed in parentheses (the lowest BA or victim "
         "ASR, the highest floor or REFINE ASR). REFINE s: mean wall clock of the REFINE stage (fit and test)."
     )
-    return _table([*header, "REFINE ASR", "REFINE s"], rows) + "\n\n" + note
+    return table([*header, "REFINE ASR", "REFINE s"], rows) + "\n\n" + note
 
 
 def defenses(results_dir: Path = RESULTS, metric: str = "asr") -> str:
@@ -112,7 +113,7 @@ def defenses(results_dir: Path = RESULTS, metric: str = "asr") -> str:
     header = ["attack", *(labels[c] if c in labels else DEFENSES[c].label for c in columns)]
     attack_names = dict.fromkeys(row["attack"] for row in rows)
     body = [[attack, *(_fraction(cells[attack, c][metric]) for c in columns)] for attack in attack_names]
-    return f"**{METRICS[metric]}**\n\n" + _table(header, body)
+    return f"**{METRICS[metric]}**\n\n" + table(header, body)
 
 
 def data_efficiency(results_dir: Path = RESULTS) -> str:
@@ -124,7 +125,7 @@ def data_efficiency(results_dir: Path = RESULTS) -> str:
         for row in read_csv(results_dir / "data_efficiency.csv")
     ]
     header = ["attack", "fraction", "images", "batch", "epochs", "steps", "BA", "ASR", "RA", "DER", "seconds"]
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def speed(results_dir: Path = RESULTS, part: str = "steps") -> str:
@@ -139,13 +140,13 @@ def speed(results_dir: Path = RESULTS, part: str = "steps") -> str:
             bare.setdefault((row["setting"], row["batch"]), latency)
             ratio = latency / bare[row["setting"], row["batch"]]
             body.append([row["setting"], row["batch"], row["variant"], f"{latency * 1000:.2f}", f"{ratio:.2f}x"])
-        return _table(["U-Net", "batch", "classifier", "latency ms", "latency vs bare victim"], body) + "\n\n" + device
+        return table(["U-Net", "batch", "classifier", "latency ms", "latency vs bare victim"], body) + "\n\n" + device
     baseline = {"steps": "vs reference recipe", "fit": "vs every option off"}[part]
     body = [
         [row["setting"], row["variant"], row["batch"], row["images_per_s"], f"{float(row['ratio']):.2f}x"]
         for row in rows
     ]
-    return _table(["setting", "variant", "batch", "images / s", baseline], body) + "\n\n" + device
+    return table(["setting", "variant", "batch", "images / s", baseline], body) + "\n\n" + device
 
 
 def tuning(results_dir: Path = RESULTS, name: str = "tuning") -> str:
@@ -173,7 +174,7 @@ def tuning(results_dir: Path = RESULTS, name: str = "tuning") -> str:
     note = (
         "Victims: " + ", ".join(dict.fromkeys(row["victim"] for row in rows)) + ". A positive margin passes the gate."
     )
-    return _table([*header, "max s"], body) + "\n\n" + note
+    return table([*header, "max s"], body) + "\n\n" + note
 
 
 RENDERERS: dict[str, Callable[[Path], str]] = {

@@ -5,8 +5,9 @@ that noise from other jobs hits every variant alike):
 
 - ``steps``: the *reference-equivalent* training step, written as the REFINE reference code does it (float32, a
   victim pass on ``x`` for the pseudo-labels and a second on ``T(x)``, BCE on the remapped softmax, SupCon over
-  two identical views, SGD), against ``RefineLitModule``'s step with every speed option off, then with the
-  options added one at a time, then with its defaults, and with ``compile=True`` (compile time reported on its
+  two identical views, SGD), against ``RefineLitModule``'s own ``training_step`` (with the batch its datamodule
+  gives, then backward and the optimizer step, as ``Trainer.fit`` takes them) with every speed option off, then with
+  the options added one at a time, then with its defaults, and with ``compile=True`` (compile time reported on its
   own). Settings at equal model sizes: ``cifar10`` (ResNet-18 CIFAR layout + U-Net 64, 32 px, batch 128, the
   reference augmentation, so no pseudo-label cache), ``mnist`` (the main job's: small CNN + U-Net 16, 28 px,
   batch 64, no augmentation) and, when asked, ``imagenet50`` (ResNet-18 + U-Net 32, 224 px). Random images
@@ -51,10 +52,10 @@ import torch.nn.functional as F
 from pytorch_lightning import Callback, LightningModule, Trainer, seed_everything
 from torch import Tensor
 
-from datamodules import CIFAR10, EmbeddedMNIST, RefineDataModule
-from datamodules.sources import IMAGENET_MEAN, IMAGENET_STD
+from datamodules import CIFAR10, DatasetSource, EmbeddedMNIST, ImageFolder, RefineDataModule
 from refine_pl import RefineLitModule, VictimLitModule
 from refine_pl.architectures import build_architecture
+from refine_pl.batches import IndexedImages
 from refine_pl.cli import LINKED_DATA_FACTS
 from refine_pl.export import export_defended, load_defended
 from refine_pl.internals import native_bf16
@@ -68,43 +69,52 @@ OPTIONS_OFF = {"bf16": False, "channels_last": False, "pseudo_label_cache": Fals
 
 @dataclass(frozen=True)
 class Setting:
-    """A REFINE setting: victim, U-Net, data shape, batch, and the size of its full run."""
+    """A REFINE setting: the data, victim, U-Net, batch, and the size of its full run.
+
+    Attributes:
+        name: The setting's name in the tables.
+        source: The dataset whose facts (classes, channels, image size, normalisation) the setting takes; never
+            read (the steps run on random images).
+        arch: Registered victim architecture.
+        unet_width: First width of the U-Net.
+        batch: Training batch.
+        augmented: Whether the setting trains on augmented images (plain image batches, no pseudo-label cache).
+        train_images: Training images of the full run.
+        epochs: Epochs of the full run.
+        description: The setting in words.
+    """
 
     name: str
+    source: DatasetSource
     arch: str
-    num_classes: int
-    in_channels: int
-    image_size: int
     unet_width: int
     batch: int
     augmented: bool
     train_images: int
     epochs: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
     description: str
 
     def facts(self) -> dict[str, Any]:
-        return {
-            "num_classes": self.num_classes,
-            "in_channels": self.in_channels,
-            "image_size": self.image_size,
-            "mean": self.mean,
-            "std": self.std,
-        }
+        """The data facts the CLI links from the datamodule to the model."""
+        return {fact: getattr(self.source, fact) for fact in LINKED_DATA_FACTS}
+
+    def images(self, device: torch.device, batch: int | None = None) -> Tensor:
+        """A seeded batch of random images of the setting's shape on ``device`` (of its training batch if None)."""
+        shape = (batch or self.batch, self.source.in_channels, self.source.image_size, self.source.image_size)
+        return torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(device)
 
 
 SETTINGS = {
     "cifar10": Setting(
-        "cifar10", "resnet18_cifar", 10, 3, 32, 64, 128, True, 45_000, 150, CIFAR10.mean, CIFAR10.std,
+        "cifar10", CIFAR10(), "resnet18_cifar", 64, 128, True, 45_000, 150,
         "CIFAR-10: ResNet-18 (CIFAR) + U-Net 64, 32 px, reference augmentation",
     ),
     "mnist": Setting(
-        "mnist", "small_cnn", 10, 1, 28, 16, 64, False, 3_600, 20, EmbeddedMNIST.mean, EmbeddedMNIST.std,
+        "mnist", EmbeddedMNIST(), "small_cnn", 16, 64, False, 3_600, 20,
         "main job: small CNN + U-Net 16, 28 px, no augmentation",
     ),
     "imagenet50": Setting(
-        "imagenet50", "resnet18", 50, 3, 224, 32, 16, True, 22_500, 150, IMAGENET_MEAN, IMAGENET_STD,
+        "imagenet50", ImageFolder("data/imagenet50", num_classes=50), "resnet18", 32, 16, True, 22_500, 150,
         "ImageNet-subset: ResNet-18 + U-Net 32, 224 px, reference augmentation",
     ),
 }  # fmt: skip
@@ -187,9 +197,10 @@ class ReferenceStep:
 
 def write_victim(setting: Setting, folder: Path) -> Path:
     """A state_dict file of the setting's victim architecture with random weights."""
-    path = folder / f"{setting.arch}_{setting.num_classes}_{setting.in_channels}.pt"
+    source = setting.source
+    path = folder / f"{setting.arch}_{source.num_classes}_{source.in_channels}.pt"
     if not path.exists():
-        torch.save(build_architecture(setting.arch, setting.num_classes, setting.in_channels).state_dict(), path)
+        torch.save(build_architecture(setting.arch, source.num_classes, source.in_channels).state_dict(), path)
     return path
 
 
@@ -201,43 +212,23 @@ def project_module(setting: Setting, victim: Path, **options: Any) -> RefineLitM
 
 
 class ProjectStep:
-    """``RefineLitModule``'s training step (its loss, backward, optimizer step) with the given options.
+    """``RefineLitModule.training_step`` on the batch its datamodule gives, backward and the optimizer step.
 
-    Un-augmented settings pass the batch's dataset indices, as :class:`~datamodules.RefineDataModule` does, so a
-    module with the pseudo-label cache reads the labels it computed in the first step: the steady state of every
-    epoch after the first.
+    The step ``Trainer.fit`` takes (automatic optimization). Un-augmented settings pass
+    :class:`~refine_pl.batches.IndexedImages`, as :class:`~datamodules.RefineDataModule` does, so a module with the
+    pseudo-label cache reads the labels it computed in the first step: the steady state of every epoch after the
+    first. Augmented settings pass the images alone, as the reference augmentation does.
     """
 
     def __init__(self, setting: Setting, victim: Path, device: torch.device, **options: Any) -> None:
         self.module = project_module(setting, victim, **options).to(device).train()
         self.optimizer = self.module.configure_optimizers()
-        self.indices = None if setting.augmented else torch.arange(setting.batch, device=device)
+        self.augmented = setting.augmented
 
     def __call__(self, images: Tensor) -> None:
+        batch = images if self.augmented else IndexedImages(images, torch.arange(len(images), device=images.device))
         self.optimizer.zero_grad(set_to_none=True)
-        self.module.refine_loss(images, self.indices)["loss"].backward()
-        self.optimizer.step()
-
-
-class BatchedVictimStep(ProjectStep):
-    """The default step with its two victim passes as one over ``[x, T(x)]``: a candidate that was measured.
-
-    With augmentation the pseudo-labels need a victim pass on ``x`` every step; batching it with the pass on
-    ``T(x)`` gives the victim twice the batch, but the backward then runs over both halves.
-    """
-
-    def __call__(self, images: Tensor) -> None:
-        module = self.module
-        self.optimizer.zero_grad(set_to_none=True)
-        images = module.training_layout(images)
-        with module.training_autocast():
-            transformed = module.transform(images)
-            logits = module.victim(torch.cat([images, transformed]))
-            pseudo_labels = logits[: len(images)].detach().argmax(1)
-            utility = module.utility_loss(module.remap(logits[len(images) :]), pseudo_labels)
-            features = F.normalize(transformed.flatten(1).float(), dim=1)
-            loss = utility + module.contrastive_weight * module.contrastive_loss(features, pseudo_labels)
-        loss.backward()
+        self.module.training_step(batch, 0).backward()
         self.optimizer.step()
 
 
@@ -248,12 +239,11 @@ def fused_sgd(params: Any) -> torch.optim.Optimizer:
 
 @dataclass
 class Variant:
-    """A row of the step table: the step, its module options, and whether the setting allows it."""
+    """A row of the step table: its module options, and whether the setting allows it."""
 
     name: str
     options: dict[str, Any] | None  # None: the reference step
     applies: Callable[[Setting], bool] = lambda setting: True
-    step: type[ProjectStep] = ProjectStep
     note: str = ""
 
 
@@ -277,12 +267,6 @@ def step_variants(device: torch.device) -> list[Variant]:
         Variant("project defaults", {}),
         Variant("defaults + compile (option)", {"compile": True}),
         Variant("defaults + fused SGD (not adopted)", {"optimizer": fused_sgd}),
-        Variant(
-            "defaults, victim passes batched (not adopted)",
-            {},
-            applies=lambda setting: setting.augmented,
-            step=BatchedVictimStep,
-        ),
     ]
 
 
@@ -319,9 +303,7 @@ def measure_steps(setting: Setting, device: torch.device, folder: Path, args: ar
     # recompile with dynamic image sizes instead (and inductor of torch 2.14 fails on the U-Net's padding then).
     torch._dynamo.reset()
     victim = write_victim(setting, folder)
-    generator = torch.Generator().manual_seed(0)
-    shape = (setting.batch, setting.in_channels, setting.image_size, setting.image_size)
-    images = torch.rand(shape, generator=generator).to(device)
+    images = setting.images(device)
     steps: dict[str, Callable[[Tensor], None]] = {}
     notes: dict[str, str] = {}
     first_steps: dict[str, float] = {}
@@ -331,7 +313,7 @@ def measure_steps(setting: Setting, device: torch.device, folder: Path, args: ar
         if variant.options is None:
             steps[variant.name] = ReferenceStep(project_module(setting, victim, **OPTIONS_OFF).to(device))
         else:
-            steps[variant.name] = variant.step(setting, victim, device, **variant.options)
+            steps[variant.name] = ProjectStep(setting, victim, device, **variant.options)
         notes[variant.name] = variant.note
         # The first step compiles (compile=True) and fills the pseudo-label cache; it is reported on its own.
         first_steps[variant.name] = timed(partial(steps[variant.name], images), device)
@@ -363,10 +345,7 @@ def profile_default_step(setting: Setting, device: torch.device, folder: Path, a
     """
     torch._dynamo.reset()
     step = ProjectStep(setting, write_victim(setting, folder), device)
-    images = torch.rand(
-        (setting.batch, setting.in_channels, setting.image_size, setting.image_size),
-        generator=torch.Generator().manual_seed(0),
-    ).to(device)
+    images = setting.images(device)
     for _ in range(1 + args.warmup):  # the first step fills the pseudo-label cache (un-augmented settings)
         step(images)
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -425,7 +404,7 @@ def fit_once(
     module = RefineLitModule(
         victim_checkpoint=str(victim), **setting.facts(), transform=partial(UNet, base_width=16), **options
     )
-    data = RefineDataModule(EmbeddedMNIST(), batch_size=setting.batch // processes, augment=False)
+    data = RefineDataModule(setting.source, batch_size=setting.batch // processes, augment=False)
     result = folder / "fit.json"
     trainer = Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
@@ -448,7 +427,7 @@ def fit_once(
 def measure_fit(device: torch.device, folder: Path, args: argparse.Namespace) -> list[Row]:
     """The fit-loop table: defaults against every option off, per process count, interleaved run by run."""
     victim = folder / "victim.ckpt"
-    net = VictimLitModule(**{fact: getattr(EmbeddedMNIST, fact) for fact in LINKED_DATA_FACTS})
+    net = VictimLitModule(**SETTINGS["mnist"].facts())
     torch.save({"state_dict": net.state_dict(), "hyper_parameters": dict(net.hparams)}, victim)
     variants = {"every speed option off (fp32)": OPTIONS_OFF, "project defaults": {}}
     rows = []
@@ -479,10 +458,10 @@ def measure_inference(device: torch.device, folder: Path, args: argparse.Namespa
     rows = []
     for width in args.widths:
         module = project_module(setting, victim, transform=partial(UNet, base_width=width))
-        path = export_defended(module.defended, setting.image_size, folder / f"defended_{width}.safetensors")
+        path = export_defended(module.defended, setting.source.image_size, folder / f"defended_{width}.safetensors")
         defended = load_defended(path).to(device)
         for batch in args.inference_batches:
-            images = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+            images = setting.images(device, batch)
             classifiers = {"bare victim f(x)": defended.victim, f"defended M(f(T(x))), U-Net {width}": defended}
             seconds: dict[str, list[float]] = {name: [] for name in classifiers}
             with torch.inference_mode():

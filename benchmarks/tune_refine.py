@@ -6,7 +6,8 @@ with other triggers, targets and seeds (100 and up) than the table's - and defen
 config (overrides of ``configs/refine/mnist.yaml`` on the reference recipe). For each candidate it reports, per
 victim, the margin to the gate of the table (ASR <= max(0.01, floor + 0.005), BA >= victim BA - 0.005) and the
 REFINE stage's seconds; the candidate with the best worst-case margin that fits the time budget is the one to
-adopt. Results: ``tuning.csv`` and ``tuning.md`` in ``--results-dir``.
+adopt. Results: ``tuning.csv`` and ``tuning.md`` (its table rendered from the csv by
+:func:`benchmarks.render.tuning`) in ``--results-dir``.
 
     python benchmarks/tune_refine.py                         # every candidate on every tuning victim
     python benchmarks/tune_refine.py --candidates config no_warmup   # a subset
@@ -24,8 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/tune_refine.py` from the root
 
+from benchmarks import render
 from benchmarks.victims import QUIET, RECIPES, REPO, VICTIM_CONFIG, attack_config
-from refine_pl.pipeline import run_refine, train_victim
+from refine_pl.metric_names import ASR, BA, CLEAN_FLOOR, DEFENDED, NO_DEFENSE
+from refine_pl.pipeline import run_defense, train_victim
 
 TUNING_SEED = 100
 TUNING_VICTIMS: dict[str, tuple[str, list[str]]] = {
@@ -102,46 +105,31 @@ def candidate_row(run_dir: Path, name: str, candidate: str) -> dict[str, Any]:
         start = time.perf_counter()
         seed = tuning_seed(name)
         arguments = [*QUIET, "--seed_everything", str(seed), "--model.init_args.remap_seed", str(seed)]
-        run_refine(suspect, RECIPES["refine"], job, [*arguments, *overrides], clean)
+        run_defense(suspect, RECIPES["refine"], job, [*arguments, *overrides], clean)
         timing.write_text(json.dumps({"seconds": time.perf_counter() - start, "overrides": overrides}) + "\n")
     report = json.loads((job / "report.json").read_text())
-    floor = report["clean_floor"]["asr"]
+    victim, defended, floor = report[NO_DEFENSE.key], report[DEFENDED.key], report[CLEAN_FLOOR.key][ASR]
     return {
         "victim": name,
         "candidate": candidate,
-        "victim_ba": report["no_defense"]["ba"],
-        "victim_asr": report["no_defense"]["asr"],
+        "victim_ba": victim[BA],
+        "victim_asr": victim[ASR],
         "floor": floor,
-        "refine_ba": report["defended"]["ba"],
-        "refine_asr": report["defended"]["asr"],
-        "asr_margin": max(GATE_ASR, floor + FLOOR_MARGIN) - report["defended"]["asr"],
-        "ba_margin": report["defended"]["ba"] - (report["no_defense"]["ba"] - GATE_BA_DROP),
+        "refine_ba": defended[BA],
+        "refine_asr": defended[ASR],
+        "asr_margin": max(GATE_ASR, floor + FLOOR_MARGIN) - defended[ASR],
+        "ba_margin": defended[BA] - (victim[BA] - GATE_BA_DROP),
         "seconds": json.loads(timing.read_text())["seconds"],
     }
 
 
-def summary_table(rows: list[dict[str, Any]], threads: int) -> str:
-    """Per candidate: the worst margins over the tuning victims, the worst victim's figures, and the seconds."""
-    lines = [
-        "| candidate | worst ASR margin | worst BA margin | mean REFINE ASR | mean REFINE BA - victim BA | max s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for candidate in dict.fromkeys(r["candidate"] for r in rows):
-        group = [r for r in rows if r["candidate"] == candidate]
-        lines.append(
-            f"| {candidate} | {min(r['asr_margin'] for r in group):+.4f} | {min(r['ba_margin'] for r in group):+.4f} | "
-            f"{sum(r['refine_asr'] for r in group) / len(group):.4f} | "
-            f"{sum(r['refine_ba'] - r['victim_ba'] for r in group) / len(group):+.4f} | "
-            f"{max(r['seconds'] for r in group):.0f} |"
-        )
-    return "\n".join(
-        [
-            *lines,
-            "",
-            f"Tuning set: {', '.join(dict.fromkeys(r['victim'] for r in rows))} (seed {TUNING_SEED} unless named); "
-            f"margins to the gate (ASR <= max({GATE_ASR}, floor + {FLOOR_MARGIN}), BA >= victim BA - {GATE_BA_DROP}): "
-            f"positive passes. Seconds: REFINE stage (fit and test), {threads} torch thread(s).",
-        ]
+def summary_table(rows: list[dict[str, Any]], threads: int, results_dir: Path, name: str) -> str:
+    """The table of ``<name>.csv`` (:func:`benchmarks.render.tuning`), then the gate and the conditions."""
+    return (
+        f"{render.tuning(results_dir, name)}\n\n"
+        f"Tuning seed {TUNING_SEED} unless the victim's name ends in another; margins to the gate (ASR <= "
+        f"max({GATE_ASR}, floor + {FLOOR_MARGIN}), BA >= victim BA - {GATE_BA_DROP}). Seconds: REFINE stage (fit and "
+        f"test), {threads} torch thread(s)."
     )
 
 
@@ -162,7 +150,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    table = summary_table(rows, args.threads)
+    table = summary_table(rows, args.threads, args.results_dir, args.results_name)
     (args.results_dir / f"{args.results_name}.md").write_text(table + "\n")
     print(table)
     return rows

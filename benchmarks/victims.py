@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from refine_pl.pipeline import DEFAULT_REFINE_CONFIGS, run_refine, train_victim
+from refine_pl.pipeline import DEFAULT_REFINE_CONFIGS, run_defense, train_victim
 
 REPO = Path(__file__).resolve().parents[1]
 VICTIM_CONFIG = "configs/victim/mnist.yaml"
@@ -92,6 +92,6 @@ def defended_report(
         resumed = job.exists()
         start = time.perf_counter()
         arguments = [*QUIET, "--seed_everything", str(seed), "--model.init_args.remap_seed", str(seed), *(extra or [])]
-        run_refine(victim_checkpoint, RECIPES[recipe], job, arguments, clean_reference)
+        run_defense(victim_checkpoint, RECIPES[recipe], job, arguments, clean_reference)
         timing.write_text(json.dumps({"seconds": time.perf_counter() - start, "resumed": resumed}) + "\n")
     return json.loads((job / "report.json").read_text()), json.loads(timing.read_text())["seconds"]

@@ -80,39 +80,49 @@ def run_pipeline(
     """
     run_dir = Path(run_dir)
     victim_checkpoint = train_victim(victim_configs, run_dir / "victim", victim_args)
-    return run_refine(victim_checkpoint, refine_configs, run_dir, refine_args, clean_reference, predict_root)
+    return run_defense(victim_checkpoint, refine_configs, run_dir, refine_args, clean_reference, predict_root)
 
 
-def run_refine(
+def run_defense(
     victim_checkpoint: str | Path,
-    refine_configs: list[str],
+    configs: list[str],
     run_dir: str | Path,
-    refine_args: list[str] | None = None,
+    args: list[str] | None = None,
     clean_reference: str | Path | None = None,
     predict_root: str | Path | None = None,
+    trains: bool = True,
 ) -> dict[str, Any]:
-    """REFINE training (or its resumption) and test of ``victim_checkpoint`` in ``run_dir``; returns the report.
+    """A defense of ``victim_checkpoint`` in ``run_dir``: its training (or resumption), its test; returns the report.
+
+    The one fit / test sequence of the project: the main job's REFINE stage and every defense of the benchmarks
+    run through it.
 
     Args:
         victim_checkpoint: The suspect model's weights.
-        refine_configs: Configs of the REFINE job, merged in order.
-        run_dir: Output folder of the REFINE job (``report.json`` is written there).
-        refine_args: Extra CLI arguments of both REFINE stages (fit and test).
+        configs: Configs of the defense job, merged in order (the REFINE job, then a defense's overlay).
+        run_dir: Output folder of the defense job (``report.json`` is written there).
+        args: Extra CLI arguments of every stage (fit, test, predict).
         clean_reference: A clean model whose ASR the test measures as the floor (see :func:`run_pipeline`).
         predict_root: A folder of images to classify at the end (``run_dir/predictions.csv``), or None.
+        trains: Whether the defense is fitted first (``fit``, then the stages from its last checkpoint); a
+            training-free defense (``trains`` of its :data:`~refine_pl.defenses.DEFENSES` entry false) is only
+            tested, as it is built.
     """
     run_dir = Path(run_dir)
-    refine_common = [
-        *config_flags(refine_configs),
+    common = [
+        *config_flags(configs),
         "--trainer.default_root_dir", str(run_dir),
         "--model.init_args.victim_checkpoint", str(victim_checkpoint),
         *(["--model.init_args.clean_reference", str(clean_reference)] if clean_reference else []),
-        *(refine_args or []),
+        *(args or []),
     ]  # fmt: skip
-    cli_main(["fit", *refine_common, *resume_flag(run_dir)])
-    cli_main(["test", *refine_common, "--ckpt_path", "last"])
+    trained = []
+    if trains:
+        cli_main(["fit", *common, *resume_flag(run_dir)])
+        trained = ["--ckpt_path", "last"]
+    cli_main(["test", *common, *trained])
     if predict_root is not None:
-        cli_main(["predict", *refine_common, "--ckpt_path", "last", "--data.init_args.predict_root", str(predict_root)])
+        cli_main(["predict", *common, *trained, "--data.init_args.predict_root", str(predict_root)])
     return json.loads((run_dir / "report.json").read_text())
 
 

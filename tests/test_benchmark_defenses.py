@@ -1,5 +1,5 @@
-"""The defenses benchmark's bookkeeping: runs refused when their settings changed, and the data-efficiency runs all
-training for the steps of the full run.
+"""The defenses benchmark's bookkeeping: defenses run through the pipeline, runs refused when their settings changed,
+and the data-efficiency runs all training for the steps of the full run.
 """
 
 import json
@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.defenses import fraction_args, fraction_settings, run_defense, training_plan
+from benchmarks.defenses import defense_report, fraction_args, fraction_settings, training_plan
 from refine_pl.errors import ConfigError
+from refine_pl.metric_names import CLEAN_FLOOR, NO_DEFENSE, REPORT_ROWS
 
 MNIST_PLAN = {"images": 3600, "batch_size": 64, "epochs": 30, "cosine_epochs": 30, "warmup_epochs": 1}
 """The MNIST REFINE job: 3,600 unlabeled training images, batch 64, 30 epochs, the first a warmup, on one cosine."""
@@ -60,4 +61,19 @@ def test_a_plain_cosine_gets_no_warmup_argument() -> None:
 def test_a_run_started_with_other_settings_is_refused_not_resumed(tmp_path: Path) -> None:
     (tmp_path / "benchmark.json").write_text(json.dumps({"args": ["--trainer.max_epochs=2"]}))
     with pytest.raises(ConfigError, match="holds a run started with the arguments .*max_epochs=2.*, not \\[\\]"):
-        run_defense("refine", tmp_path / "victim.ckpt", tmp_path / "clean.ckpt", tmp_path, [])
+        defense_report("refine", tmp_path / "victim.ckpt", tmp_path / "clean.ckpt", tmp_path, [])
+
+
+def test_a_training_free_defense_is_tested_through_the_pipeline_and_then_read_back(
+    victim_checkpoint: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "shrinkpad"
+    report = defense_report("shrinkpad", victim_checkpoint, victim_checkpoint, run_dir, [])
+    assert report["defense"] == "shrinkpad" and not report["resumed"] and report["seconds"] > 0
+    assert not (run_dir / "checkpoints").exists()  # tested as built, never fitted
+    assert set(report) >= {row.key for row in REPORT_ROWS}
+    # the victim is its own clean reference here: the two rows measure the same model on the same images
+    assert report[NO_DEFENSE.key] == {rate: report[CLEAN_FLOOR.key][rate] for rate in NO_DEFENSE.rates}
+    written = (run_dir / "report.json").stat().st_mtime_ns
+    assert defense_report("shrinkpad", victim_checkpoint, victim_checkpoint, run_dir, []) == report
+    assert (run_dir / "report.json").stat().st_mtime_ns == written  # the finished run is read, not run again
