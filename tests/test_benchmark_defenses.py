@@ -15,6 +15,7 @@ MNIST_PLAN = {"images": 3600, "batch_size": 64, "epochs": 30, "cosine_epochs": 3
 """The MNIST REFINE job: 3,600 unlabeled training images, batch 64, 30 epochs, the first a warmup, on one cosine."""
 
 
+@pytest.mark.slow  # a CLI run or worker processes
 def test_the_plan_is_read_from_the_mnist_refine_config(victim_checkpoint: Path, tmp_path: Path) -> None:
     assert training_plan(victim_checkpoint, tmp_path, []) == MNIST_PLAN
     plain_cosine = [

@@ -79,6 +79,7 @@ def test_export_refuses_a_transform_it_cannot_rebuild(untrained_victim: Path, tm
         )
 
 
+@pytest.mark.slow  # a CLI run or worker processes
 def test_refine_config_exports_the_tested_classifier(victim_checkpoint: Path, tmp_path: Path) -> None:
     common = [
         *REFINE_JOB,

@@ -91,6 +91,7 @@ class _FailingDataset(torch.utils.data.Dataset):
         raise ConfigError("Cannot read image x.png: replace it.")
 
 
+@pytest.mark.slow  # a CLI run or worker processes
 def test_an_error_of_a_dataloader_worker_keeps_its_type_and_ends_with_its_message() -> None:
     loader = DataLoader(_FailingDataset(), num_workers=1)
     with pytest.raises(ConfigError) as raised:

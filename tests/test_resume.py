@@ -111,6 +111,7 @@ def test_a_run_with_cached_pseudo_labels_resumes_exactly(untrained_victim: Path,
     _assert_same_run(trainer, module, reference)
 
 
+@pytest.mark.slow  # a CLI run or worker processes
 def test_cli_resumes_from_last_with_the_saved_remap(victim_checkpoint: Path, tmp_path: Path) -> None:
     """``train.py fit ... --ckpt_path last`` continues mid-epoch and keeps the remap of the checkpoint, even when
     the resumed command asks for another remap seed. With the REFINE config (validation every 5 epochs) the

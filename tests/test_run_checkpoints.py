@@ -36,6 +36,7 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow  # a CLI run or worker processes
 def test_a_fit_that_ends_between_validations_reports_and_exports_its_final_weights(
     victim_checkpoint: Path, tmp_path: Path
 ) -> None:
