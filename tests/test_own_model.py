@@ -1,9 +1,11 @@
-"""The test that plays the user of README.md's "Defend your own model": a torchvision model that is not a ResNet
-(MobileNetV3-small) saved as a bare state_dict, a flat folder of the user's unlabeled PNG and JPEG files (mixed sizes,
-grayscale and RGBA among them), labeled test images and triggered images; then the section's own YAML file and
-commands, run as a user runs them (the console commands, in a fresh process, from the user's folder), and its
-onnxruntime snippet. What comes out is checked: the report, one prediction per image, the exported file's
-predictions equal to the run's, ONNX and TorchScript equal to PyTorch, and the model card.
+"""The test that plays the user of docs/own-model.md (README.md's "Defend your own model" in full).
+
+A torchvision model that is not a ResNet (MobileNetV3-small) saved as a bare state_dict, a flat folder of the
+user's unlabeled PNG and JPEG files (mixed sizes, grayscale and RGBA among them), labeled test images and triggered
+images; then the page's own YAML file and commands, run as a user runs them (the console commands, in a fresh
+process, from the user's folder), and its onnxruntime snippet. What comes out is checked: the report, one prediction
+per image, the exported file's predictions equal to the run's, ONNX and TorchScript equal to PyTorch, and the model
+card.
 """
 
 import configparser
@@ -49,14 +51,12 @@ ONNX_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 operators fused and reordered differently."""
 
 
-def readme_section() -> str:
-    readme = (REPO / "README.md").read_text()
-    start = readme.index("## Defend your own model")
-    return readme[start : readme.index("\n## ", start + 1)]
+def walkthrough() -> str:
+    return (REPO / "docs" / "own-model.md").read_text()
 
 
 def section_blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", readme_section(), flags=re.S | re.M)
+    return re.findall(rf"^```{language}\n(.*?)^```", walkthrough(), flags=re.S | re.M)
 
 
 def section_commands() -> list[list[str]]:
@@ -122,7 +122,7 @@ def _csv(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_a_user_defends_their_own_torchvision_model_with_the_readme_section(tmp_path: Path) -> None:
+def test_a_user_defends_their_own_torchvision_model_with_the_walkthrough(tmp_path: Path) -> None:
     import onnxruntime
 
     _write_the_users_files(tmp_path)
@@ -165,7 +165,7 @@ def test_a_user_defends_their_own_torchvision_model_with_the_readme_section(tmp_
         onnx_logits = session.run(["logits"], {"images": batch_images.numpy()})[0]
         np.testing.assert_allclose(onnx_logits, expected.numpy(), **ONNX_TOLERANCE)
 
-    # The README's onnxruntime snippet, run as it is: it classifies photo.jpg as predict did.
+    # The walk-through's onnxruntime snippet, run as it is: it classifies photo.jpg as predict did.
     (snippet,) = [block for block in section_blocks("python") if "import onnxruntime" in block]
     printed = subprocess.run(
         [sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, check=True
