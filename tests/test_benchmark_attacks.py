@@ -11,11 +11,16 @@ from benchmarks import attacks
 from refine_pl.attacks import attack_from_spec
 from refine_pl.weights import read_weights_file
 
-TINY_VICTIM = ["--victim-arg=--trainer.max_epochs=1", "--victim-arg=--trainer.limit_train_batches=3"]
+TINY_VICTIM = [
+    "--victim-arg=--trainer.max_epochs=1",
+    "--victim-arg=--trainer.limit_train_batches=3",
+    "--victim-arg=--trainer.limit_val_batches=0",
+]
 TINY_REFINE = [
     "--refine-arg=--trainer.max_epochs=1",
     "--refine-arg=--trainer.limit_train_batches=2",
     "--refine-arg=--trainer.limit_val_batches=0",
+    "--refine-arg=--trainer.limit_test_batches=2",
     "--refine-arg=--model.init_args.transform.init_args.base_width=4",
 ]
 
