@@ -340,23 +340,19 @@ class GTSRB(DownloadableSource):
         return train, ImageFileDataset(test_paths, test_labels, self.image_size, crop=False)
 
 
-class ImageFolder(DatasetSource):
-    """Any labeled image tree: ``<root>/<train_dir>/<class>/*`` and ``<root>/<test_dir>/<class>/*``.
+class FolderSource(DatasetSource):
+    """Images read from a folder tree as RGB, their shorter side resized to ``image_size`` and centre-cropped.
 
-    Class folders are sorted by name and numbered from 0 (torchvision's ``ImageFolder`` convention); the
-    test split's folders must be classes of the training split. Images (jpg, png, ppm, bmp, pgm, tif,
-    webp) are read lazily, as RGB, their shorter side resized to ``image_size`` and centre-cropped to a
-    square. The number of classes is given, not counted, because the model is built before any file is
-    read; loading checks it against the folders.
+    What :class:`ImageFolder` and :class:`UnlabeledFolder` share: the root, the victim's class count (given, not
+    counted: the model is built before any file is read) and its input size and normalisation.
 
     Args:
-        root: Folder holding the two splits.
-        num_classes: Number of class folders in the training split.
-        image_size: Side of the square images.
-        mean: Per-channel normalisation mean (default: ImageNet's).
-        std: Per-channel normalisation standard deviation (default: ImageNet's).
-        train_dir: Subfolder of the training split.
-        test_dir: Subfolder of the test split.
+        root: The folder of the (training) images.
+        num_classes: Number of classes of the victim (its output width).
+        image_size: Side of the square images the victim takes.
+        mean: Per-channel normalisation mean of the victim's training data (default: ImageNet's, as torchvision's
+            models).
+        std: Per-channel normalisation standard deviation of the victim's training data (default: ImageNet's).
         name: Name of the dataset in reports.
     """
 
@@ -369,21 +365,41 @@ class ImageFolder(DatasetSource):
         image_size: int = 224,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
-        train_dir: str = "train",
-        test_dir: str = "val",
         name: str = "image_folder",
     ) -> None:
         if num_classes < 2 or image_size < 1:
             raise ConfigError(
-                f"ImageFolder needs num_classes >= 2 and image_size >= 1, got {num_classes}, {image_size}."
+                f"{type(self).__name__} needs num_classes >= 2 and image_size >= 1, got {num_classes}, {image_size}: "
+                f"set {cli_flag('data', 'source', 'num_classes')} to the victim's class count."
             )
         self.root = Path(root)
         self.num_classes = num_classes
         self.image_size = image_size
         self.name = name
+        self._set_normalisation(mean, std)
+
+
+class ImageFolder(FolderSource):
+    """Any labeled image tree: ``<root>/<train_dir>/<class>/*`` and ``<root>/<test_dir>/<class>/*``.
+
+    Class folders are sorted by name and numbered from 0 (torchvision's ``ImageFolder`` convention); the
+    test split's folders must be classes of the training split. Images (jpg, png, ppm, bmp, pgm, tif,
+    webp) are read lazily (:class:`FolderSource`); loading checks ``num_classes`` against the class folders.
+
+    Args:
+        root: Folder holding the two splits.
+        num_classes: Number of class folders in the training split.
+        train_dir: Subfolder of the training split.
+        test_dir: Subfolder of the test split.
+        **kwargs: ``image_size``, ``mean``, ``std`` and ``name`` (:class:`FolderSource`).
+    """
+
+    def __init__(
+        self, root: str, num_classes: int, train_dir: str = "train", test_dir: str = "val", **kwargs: Any
+    ) -> None:
+        super().__init__(root, num_classes, **kwargs)
         self.train_dir = train_dir
         self.test_dir = test_dir
-        self._set_normalisation(mean, std)
 
     def _class_folders(self, split: str) -> dict[str, Path]:
         folder = self.root / split
@@ -417,7 +433,7 @@ def _inside(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-class UnlabeledFolder(DatasetSource):
+class UnlabeledFolder(FolderSource):
     """The user's own images without labels: REFINE trains on every image under ``root`` (any nesting).
 
     Sub-folders are not read as classes and no label is needed or used. What can be measured depends on what else
@@ -430,44 +446,33 @@ class UnlabeledFolder(DatasetSource):
       should hold images of classes other than the target); or an attack given to the datamodule, which poisons
       the labeled test images.
 
-    Images are read as RGB (grayscale repeated, alpha dropped), their shorter side resized to ``image_size`` and
-    centre-cropped. ``mean`` / ``std`` are the normalisation the victim expects (ImageNet's by default, as
-    torchvision's models).
+    Images are read as RGB (grayscale repeated, alpha dropped), resized and cropped as :class:`FolderSource` says.
 
     Args:
         root: Folder of unlabeled training images.
         num_classes: Number of classes of the victim (its output width).
-        image_size: Side of the square images the victim takes.
-        mean: Per-channel normalisation mean of the victim's training data.
-        std: Per-channel normalisation standard deviation of the victim's training data.
         test_root: Labeled test images (class folders), or None.
         triggered_root: Images carrying the trigger (any nesting), or None.
         target_label: The class the trigger leads to; required with ``triggered_root``.
         class_names: Name of each of the victim's classes in class order (used in predictions), or None.
         name: Name of the dataset in reports.
+        **kwargs: ``image_size``, ``mean`` and ``std`` (:class:`FolderSource`).
     """
 
-    in_channels = 3
     labeled_train = False
 
     def __init__(
         self,
         root: str,
         num_classes: int,
-        image_size: int = 224,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
         test_root: str | None = None,
         triggered_root: str | None = None,
         target_label: int | None = None,
         class_names: list[str] | None = None,
         name: str = "unlabeled_folder",
+        **kwargs: Any,
     ) -> None:
-        if num_classes < 2 or image_size < 1:
-            raise ConfigError(
-                f"UnlabeledFolder needs num_classes >= 2 and image_size >= 1, got {num_classes}, {image_size}: set "
-                f"{cli_flag('data', 'source', 'num_classes')} to the victim's class count."
-            )
+        super().__init__(root, num_classes, name=name, **kwargs)
         if class_names is not None and len(class_names) != num_classes:
             raise ConfigError(
                 f"{cli_flag('data', 'source', 'class_names')} has {len(class_names)} names but num_classes is "
@@ -482,15 +487,10 @@ class UnlabeledFolder(DatasetSource):
             raise ConfigError(
                 f"{cli_flag('data', 'source', 'target_label')} {target_label} is not a class (0..{num_classes - 1})."
             )
-        self.root = Path(root)
-        self.num_classes = num_classes
-        self.image_size = image_size
         self.test_root = None if test_root is None else Path(test_root)
         self.triggered_root = None if triggered_root is None else Path(triggered_root)
         self.target_label = target_label
         self.class_names = None if class_names is None else tuple(class_names)
-        self.name = name
-        self._set_normalisation(mean, std)
 
     def _folder_images(self, folder: Path, flag: str) -> list[str]:
         if not folder.is_dir():
