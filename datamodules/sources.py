@@ -478,6 +478,12 @@ class UnlabeledFolder(FolderSource):
                 f"{cli_flag('data', 'source', 'class_names')} has {len(class_names)} names but num_classes is "
                 f"{num_classes}: give one name per class, in class order."
             )
+        duplicates = sorted({name for name in class_names or () if class_names.count(name) > 1})
+        if duplicates:
+            raise ConfigError(
+                f"{cli_flag('data', 'source', 'class_names')} names {', '.join(map(repr, duplicates))} more than "
+                "once: give each class its own name, in class order."
+            )
         if (triggered_root is None) != (target_label is None):
             raise ConfigError(
                 f"{cli_flag('data', 'source', 'triggered_root')} and {cli_flag('data', 'source', 'target_label')} go "
@@ -500,13 +506,25 @@ class UnlabeledFolder(FolderSource):
                 f"{cli_flag('data', 'source', flag)} {folder} overlaps the training images under {self.root}: BA and "
                 "ASR are measured on held-out images only; use separate folders."
             )
-        paths = [str(p) for p in image_files(folder)]
-        if not paths:
+        files = image_files(folder)
+        if not files:
             raise ConfigError(
                 f"No image files under {folder} (jpg, png, ppm, bmp, pgm, tif, webp): check "
                 f"{cli_flag('data', 'source', flag)}."
             )
-        return paths
+        # image_files follows links, so a link can bring images of the other side into a folder that does not
+        # overlap it (folders that overlap are refused, with that reason, when the held-out ones are read).
+        held_out = [f for f in (self.test_root, self.triggered_root) if f is not None]
+        apart = [f for f in held_out if not (_inside(f, folder) or _inside(folder, f))]
+        others = [self.root] if flag != "root" else apart
+        for other in others:
+            linked = next((path for path in files if _inside(path, other)), None)
+            if linked is not None:
+                raise ConfigError(
+                    f"{linked} under {cli_flag('data', 'source', flag)} links to {linked.resolve()}, under {other}: "
+                    "BA and ASR are measured on held-out images only; remove the link."
+                )
+        return [str(path) for path in files]
 
     def _test_set(self) -> ImageFileDataset:
         if self.test_root is None:

@@ -1,10 +1,13 @@
 """The LightningCLI of refine-pl (``refine-pl fit|validate|test|predict --config ...``, or ``python train.py ...``)."""
 
 import importlib
+import itertools
 import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+from jsonargparse import ArgumentError
 from pytorch_lightning import LightningDataModule, LightningModule, Trainer
 from pytorch_lightning.cli import ArgsType, LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger
@@ -20,7 +23,7 @@ from refine_pl.configs import resolve_config
 from refine_pl.console import exit_on_config_error
 from refine_pl.defended_module import DefendedLitModule
 from refine_pl.errors import ConfigError
-from refine_pl.internals import config_error_cause
+from refine_pl.internals import config_error_cause, parse_failure
 
 LINKED_DATA_FACTS = ("num_classes", "in_channels", "image_size", "mean", "std")
 """Datamodule properties passed to the model, so they are never typed twice."""
@@ -183,24 +186,93 @@ def checked_ckpt_path(
     return ckpt_path
 
 
+def _config_files(args: list[str]) -> list[str]:
+    """The ``--config`` files of a command line, in order."""
+    files = []
+    for previous, arg in itertools.pairwise(["", *args]):
+        if previous == "--config" or arg.startswith("--config="):
+            files.append(arg.removeprefix("--config="))
+    return files
+
+
+def _read_yaml(path: str) -> Any:
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+
+
+def _names(config: Any, keys: list[str]) -> bool:
+    """Whether a config file's content holds the dotted ``keys`` (``["trainer", "max_epochs"]``)."""
+    for key in keys:
+        if not isinstance(config, dict) or key not in config:
+            return False
+        config = config[key]
+    return True
+
+
+def parse_error_line(error: ArgumentError, args: list[str]) -> str:
+    """What jsonargparse refused in ``args``, in one line: the flag, the config file that sets it, and the fix.
+
+    A config file that is not YAML is named with the line and column of the mistake (jsonargparse names no file).
+    """
+    failure = parse_failure(error)
+    subcommand = next((arg for arg in args[:1] if arg in RefineCLI.subcommands()), None)
+    help_hint = f"see `refine-pl {subcommand + ' ' if subcommand else ''}--help` for the options."
+    files = _config_files(args)
+    if failure.syntax:
+        for path in files:
+            try:
+                yaml.safe_load(Path(path).read_text())
+            except yaml.MarkedYAMLError as mistake:
+                mark = mistake.problem_mark
+                at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                return f"{path} is not valid YAML ({mistake.problem}{at}): fix the file, or {help_hint}"
+            except (OSError, UnicodeDecodeError, yaml.YAMLError):
+                continue
+        return f"A value is not valid YAML ({failure.reason}): fix it, or {help_hint}"
+    reason = failure.reason.rstrip(".")
+    if not failure.keys:
+        return f"{reason}: {help_hint}"
+    flag = "--" + ".init_args.".join(failure.keys)
+    setters = [file for file in files if _names(_read_yaml(file), flag.removeprefix("--").split("."))]
+    if any(arg == flag or arg.startswith(f"{flag}=") for arg in args):
+        where = " (on the command line)"
+    else:
+        where = f" (in {setters[-1]})" if setters else ""  # the last config file that sets a key decides it
+    return f"{flag}{where}: {reason}; fix it, or {help_hint}"
+
+
 def cli_main(args: ArgsType = None, run: bool = True) -> RefineCLI:
     """Runs the CLI on ``args`` (``sys.argv[1:]`` when None) and returns it, for scripts and tests.
 
     ``--config`` files are resolved by :func:`~refine_pl.configs.resolve_config`, so the ``configs/...`` names of
     the shipped configs work from any folder.
+
+    Raises:
+        ConfigError: The command line or a config file does not parse (a misspelt key, a wrong type, a file that
+            is not YAML, an unknown class path), in one line from :func:`parse_error_line`; or any check of the
+            job's input.
     """
     if args is None or isinstance(args, list):
         args = _with_resolved_configs(sys.argv[1:] if args is None else args)
-    return RefineCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    try:
+        return RefineCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={
+                "exit_on_error": False,
+                **{name: {"exit_on_error": False} for name in RefineCLI.subcommands()},
+            },
+            args=args,
+            run=run,
+        )
+    except ArgumentError as error:
+        raise ConfigError(parse_error_line(error, args if isinstance(args, list) else [])) from None
 
 
 def run() -> None:

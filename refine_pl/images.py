@@ -4,6 +4,7 @@ The data sources (``datamodules``) and ``refine-pl-predict`` read images through
 read the same way for training, testing and prediction.
 """
 
+import os
 import warnings
 from pathlib import Path
 
@@ -84,8 +85,31 @@ def decode_image(path: str) -> Image.Image:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """Image files anywhere below ``folder``, sorted (extensions as torchvision's, any case)."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    """Image files anywhere below ``folder``, sorted (extensions as torchvision's, any case).
+
+    The folder the user names is read whole: symbolic links to files and to folders are followed, wherever they
+    lead, as torchvision's ``ImageFolder`` does. A folder reached twice (a link loop, or two links to one folder)
+    is refused rather than read once in silence or forever, and so is a sub-folder that cannot be listed.
+
+    Raises:
+        ConfigError: A folder below ``folder`` is reached twice or cannot be listed.
+    """
+    files, read = [], {}
+
+    def unreadable(error: OSError) -> None:
+        raise ConfigError(f"Cannot list {error.filename} ({error.strerror}): make it readable or remove it.")
+
+    for current, folders, names in os.walk(folder, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(current)
+        if real in read:
+            raise ConfigError(
+                f"{current} is {real} again, already read as {read[real]} (a link loop, or two links to one folder): "
+                "remove the link so that every image is read once."
+            )
+        read[real] = current
+        folders.sort()
+        files += [Path(current, name) for name in names if Path(name).suffix.lower() in IMG_EXTENSIONS]
+    return sorted(path for path in files if path.is_file())
 
 
 def load_image_file(path: str, image_size: int, crop: bool, channels: int = 3) -> Tensor:

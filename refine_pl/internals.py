@@ -8,6 +8,8 @@ LightningCLI's merging of a checkpoint's hyper-parameters into the config.
 
 import io
 import os
+import re
+from typing import NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -60,6 +62,40 @@ def config_error_cause(error: BaseException) -> ConfigError | None:
     while cause is not None and not isinstance(cause, ConfigError):
         cause = cause.__cause__
     return cause
+
+
+class ParseFailure(NamedTuple):
+    """Where and why jsonargparse refused a command line: the config keys down to the value, and the reason."""
+
+    keys: list[str]
+    reason: str
+    syntax: bool
+
+
+def parse_failure(error: BaseException) -> ParseFailure:
+    """What a jsonargparse parse error (``exit_on_error=False``) says, without its usage and union listings.
+
+    jsonargparse raises its ``ArgumentError`` from a chain of errors (``__cause__``), one per nesting level: a
+    level's message starts with ``Parser key "KEY"`` (KEY is dotted, ``trainer.max_epochs``) where a value of a
+    key is refused, a class's nested options each start a new level, and the last error holds the reason itself
+    (``Option 'X' is not accepted`` for an unknown option X, which is then one more key; a YAML parser's error
+    for a config that is not valid YAML).
+    """
+    keys: list[str] = []
+    deepest: BaseException = error
+    cause: BaseException | None = error
+    while cause is not None:
+        found = re.match(r'Parser key "([^"]+)"', str(cause))
+        if found and (not keys or keys[-1] != found[1]):
+            keys.append(found[1])
+        deepest, cause = cause, cause.__cause__
+    reason = str(deepest).strip().splitlines()[0] if str(deepest).strip() else type(deepest).__name__
+    unknown = re.match(r"Option '([^']+)' is not accepted", reason)
+    if unknown:
+        keys.append(unknown[1])
+        reason = "no such option"
+    syntax = type(deepest).__module__.startswith("yaml")
+    return ParseFailure(keys, re.sub(r"<class '([\w.]+)'>", r"\1", reason), syntax)
 
 
 def message_without_worker_traceback(message: str) -> str:

@@ -7,16 +7,21 @@ KEY_PREFIXES = ("net.", "module.", "model.")
 ``model.`` of Lightning modules that hold their network as ``model``."""
 
 
-def strip_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Removes wrapper prefixes shared by every key (``net.`` of refine-pl, ``module.`` of DDP, ...)."""
-    stripped = True
-    while stripped and state_dict:
-        stripped = False
-        for prefix in KEY_PREFIXES:
-            if all(key.startswith(prefix) for key in state_dict):
-                state_dict = {key[len(prefix) :]: value for key, value in state_dict.items()}
-                stripped = True
-    return state_dict
+def fitting_state_dict(expected: dict[str, Tensor], found: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``found`` with the keys of ``expected``: as they are, else with wrapper prefixes removed one at a time.
+
+    The keys are tried as they are first, so a network that holds its layers as ``self.net`` (or ``self.model``)
+    keeps its own prefix; then without each wrapper prefix that every key shares (``net.`` of refine-pl,
+    ``module.`` of DDP, ...). When no form has exactly the expected keys, the one sharing the most keys with
+    ``expected`` (the most stripped on a tie) comes back, for :func:`describe_key_mismatch` to describe.
+    """
+    forms = [found]
+    while prefix := next((p for p in KEY_PREFIXES if forms[-1] and all(k.startswith(p) for k in forms[-1])), None):
+        forms.append({key[len(prefix) :]: value for key, value in forms[-1].items()})
+    exact = next((form for form in forms if form.keys() == expected.keys()), None)
+    if exact is not None:
+        return exact
+    return max(reversed(forms), key=lambda form: len(form.keys() & expected.keys()))
 
 
 def _some(keys: list[str], limit: int = 3) -> str:

@@ -17,7 +17,7 @@ from refine_pl.archives import PT2_ARCH, ExportedNet
 from refine_pl.attacks import Attack, attack_from_spec
 from refine_pl.classifier import NormalizedClassifier, check_normalisation
 from refine_pl.errors import ConfigError, cli_flag, first_sentence
-from refine_pl.state_dicts import describe_key_mismatch
+from refine_pl.state_dicts import describe_key_mismatch, fitting_state_dict
 from refine_pl.weights import WeightsFile, read_weights_file
 
 
@@ -149,10 +149,11 @@ def _victim_network(path: Path, weights: WeightsFile, arch: str, num_classes: in
         net = import_builder(arch)(num_classes, in_channels)
     else:
         net = build_architecture(arch, num_classes, in_channels)
-    problem = describe_key_mismatch(net.state_dict(), weights.state_dict)
+    state_dict = fitting_state_dict(net.state_dict(), weights.state_dict)
+    problem = describe_key_mismatch(net.state_dict(), state_dict)
     if problem is None:
         try:
-            net.load_state_dict(weights.state_dict, strict=True)
+            net.load_state_dict(state_dict, strict=True)
         except RuntimeError as error:
             problem = " ".join(str(error).split())
     if problem is not None:

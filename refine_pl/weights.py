@@ -22,7 +22,6 @@ from torch import Tensor
 from refine_pl.archives import ExportedNet, archive_kind, load_exported_program, refuse_archive
 from refine_pl.errors import ConfigError, cli_flag, first_sentence
 from refine_pl.internals import archive_records
-from refine_pl.state_dicts import strip_prefixes
 
 ATTACK_KEY = "backdoor_attack"
 """Key under which a victim checkpoint stores the spec of the attack it was trained with."""
@@ -33,7 +32,8 @@ class WeightsFile:
     """What a weights file holds.
 
     Attributes:
-        state_dict: The network's weights, key prefixes (``net.``, ``module.``, ``model.``) removed.
+        state_dict: The network's weights, keys as the file holds them (matched to a network by
+            :func:`~refine_pl.state_dicts.fitting_state_dict`).
         hparams: Hyper-parameters recorded by a refine-pl victim checkpoint (architecture, classes,
             channels, image size, normalisation); empty for a plain ``state_dict`` or safetensors file.
         attack_spec: The attack a refine-pl victim was trained with (spec and state), if any.
@@ -177,7 +177,7 @@ def read_weights_file(path: str | Path) -> WeightsFile:
                 f"{path} is a safetensors file that cannot be read ({first_sentence(error)}): it is truncated or "
                 "damaged; get the file again."
             ) from error
-        return WeightsFile(state_dict=strip_prefixes(_checked_state_dict(path, tensors)), sha256=sha256)
+        return WeightsFile(state_dict=_checked_state_dict(path, tensors), sha256=sha256)
     if kind == "torch-legacy":
         # torch's legacy loader allocates every storage at the size the pickle declares before it compares that
         # size with the data (a 400-byte file can ask for gigabytes); the zip format checks first.
@@ -210,9 +210,9 @@ def read_weights_file(path: str | Path) -> WeightsFile:
                 f"victim checkpoint: {_SAVE_ADVICE}."
             )
         return WeightsFile(
-            state_dict=strip_prefixes(_checked_state_dict(path, content["state_dict"])),
+            state_dict=_checked_state_dict(path, content["state_dict"]),
             hparams=dict(hparams),
             attack_spec=attack_spec,
             sha256=sha256,
         )
-    return WeightsFile(state_dict=strip_prefixes(_checked_state_dict(path, content)), sha256=sha256)
+    return WeightsFile(state_dict=_checked_state_dict(path, content), sha256=sha256)

@@ -1,4 +1,5 @@
 import functools
+import re
 import subprocess
 import sys
 import warnings
@@ -9,7 +10,7 @@ import torch
 import yaml
 from pytorch_lightning import Trainer
 
-from refine_pl.cli import cli_main
+from refine_pl.cli import cli_main, run
 from refine_pl.configs import CONFIGS
 from refine_pl.errors import ConfigError
 from refine_pl.pipeline import config_flags, parse_args
@@ -115,15 +116,53 @@ def test_unknown_architecture_stops_before_training(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
-def test_unknown_attack_class_stops_before_training(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(SystemExit) as stop:
+def test_unknown_attack_class_stops_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="^--data.init_args.attack .*has no attribute 'NoSuchAttack'"):
         cli_main(
             ["fit", *BACKDOORED_VICTIM, "--data.init_args.attack", "refine_pl.attacks.NoSuchAttack",
              *_root(tmp_path / "run")]
         )  # fmt: skip
-    assert stop.value.code != 0
-    assert "NoSuchAttack" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+CONFIG_MISTAKES = {
+    "misspelt key": (
+        "model:\n  init_args:\n    learning_rat: 0.1\n",
+        [],
+        r"--model.init_args.learning_rat \(in {file}\)",
+    ),
+    "wrong type": ("trainer:\n  max_epochs: many\n", [], r"--trainer.max_epochs \(in {file}\): Expected a int"),
+    "not YAML": ("model:\n  init_args: [oops\n", [], r"{file} is not valid YAML \(.* at line 3, column 1\)"),
+    "misspelt flag": ("", ["--model.init_args.learning_rat", "0.1"], r"--model.init_args.learning_rat \(on the comm"),
+    "flag type": ("", ["--trainer.max_epochs", "many"], r"--trainer.max_epochs \(on the command line\)"),
+    "unknown attack": ("", ["--data.init_args.attack", "refine_pl.attacks.Nope"], r"--data.init_args.attack .*'Nope'"),
+    "missing --config": ("", ["--config", "{file}.nope"], r"--config .*File does not exist: '{file}.nope'"),
+}
+
+
+@pytest.mark.parametrize("mistake", CONFIG_MISTAKES)
+def test_a_config_mistake_is_one_line_naming_the_file_or_flag_and_help(
+    mistake: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    text, flags, message = CONFIG_MISTAKES[mistake]
+    config = tmp_path / "mine.yaml"
+    config.write_text(text or "{}\n")
+    flags = [flag.format(file=config) for flag in flags]
+    argv = ["refine-pl", "fit", *BACKDOORED_VICTIM, "--config", str(config), *flags, *_root(tmp_path / "run")]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stop:
+        run()
+    line = str(stop.value.code)
+    assert "\n" not in line and capsys.readouterr().err == ""  # no usage listing before it
+    assert re.match("refine-pl: error: " + message.format(file=re.escape(str(config))), line), line
+    assert line.endswith("see `refine-pl fit --help` for the options.")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_nested_value_is_nullable_from_the_command_line_as_in_yaml(tmp_path: Path) -> None:
+    nulls = ["--data.init_args.attack", "null", "--model.init_args.scheduler", "null"]
+    cli = cli_main([*BACKDOORED_VICTIM, *nulls, *_root(tmp_path)], run=False)
+    assert cli.datamodule.attack is None and cli.model.scheduler_factory is None
 
 
 def test_unknown_attack_recorded_in_a_checkpoint_stops_before_training(tmp_path: Path) -> None:

@@ -142,3 +142,16 @@ def test_native_bf16_on_cpu_agrees_with_the_cpu_flags() -> None:
              for flag in line.split(":", 1)[1].split()}  # fmt: skip
     assert native_bf16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_bf16"})
     assert not native_bf16(torch.device("meta"))
+
+
+def test_jsonargparse_chains_a_parse_error_down_to_the_refused_key_and_its_reason() -> None:
+    from jsonargparse import ArgumentError, ArgumentParser
+
+    from refine_pl.internals import parse_failure
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--trainer.max_epochs", type=int | None)
+    with pytest.raises(ArgumentError) as refused:
+        parser.parse_args(["--trainer.max_epochs", "many"])
+    failure = parse_failure(refused.value)
+    assert failure.keys == ["trainer.max_epochs"] and failure.reason.startswith("Expected a int") and not failure.syntax

@@ -163,3 +163,29 @@ def test_prediction_rows_say_where_the_defended_model_and_the_victim_disagree(tm
     assert list(prediction_rows(["a.png"], {k: v[:1] for k, v in predictions.items()}, None)[0]) == [
         "path", "defended_class", "defended_probability", "victim_class", "disagree",
     ]  # fmt: skip
+
+
+def test_images_in_a_linked_sub_folder_are_read_and_a_link_loop_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    write_images(root, 2, nested=False)
+    write_images(tmp_path / "elsewhere", 5, seed=1)
+    (root / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    data = RefineDataModule(UnlabeledFolder(str(root), num_classes=4, image_size=16), augment=False)
+    data.setup("fit")
+    assert len(data.train_set) == 7
+    (tmp_path / "elsewhere" / "sub0" / "back").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(ConfigError, match=r"back is .*elsewhere again, already read as .*linked \(a link loop"):
+        RefineDataModule(UnlabeledFolder(str(root), num_classes=4, image_size=16)).setup("fit")
+
+
+def test_a_link_that_brings_training_images_into_the_test_folder_is_refused(images: Path, tmp_path: Path) -> None:
+    write_test_folder(tmp_path / "test", ["a", "b", "c", "d"])
+    (tmp_path / "test" / "a" / "more").symlink_to(images / "sub1", target_is_directory=True)
+    data = RefineDataModule(UnlabeledFolder(str(images), 4, test_root=str(tmp_path / "test")))
+    with pytest.raises(ConfigError, match=r"a/more/.* under --data.init_args.source.init_args.test_root links to "):
+        data.setup("test")
+
+
+def test_duplicate_class_names_are_refused_by_name(images: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^--data.init_args.source.init_args.class_names names 'cat', 'dog' more th"):
+        UnlabeledFolder(str(images), num_classes=5, class_names=["dog", "cat", "dog", "cat", "emu"])

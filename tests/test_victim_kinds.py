@@ -208,3 +208,14 @@ def test_a_victim_of_each_kind_is_defended_through_the_cli(kind: str, own_nets: 
     assert f"Architecture: `{arch or 'pt2'}`" in (tmp_path / "run" / "MODEL_CARD.md").read_text()
     loaded = load_defended(tmp_path / "run" / "defended.safetensors", victim_arch=arch)  # the import path confirmed
     _same_outputs(loaded, tested.model.defended, (3, 1, 28, 28))
+
+
+def test_an_own_network_that_holds_its_layers_as_self_net_loads(own_nets: str, tmp_path: Path) -> None:
+    net = import_builder(f"{own_nets}:AnyChannels")(4, 3)
+    assert all(key.startswith("net.") for key in net.state_dict())
+    path = tmp_path / "suspect.pt"
+    torch.save(net.state_dict(), path)
+    classifier, _ = load_victim(path, **RGB, arch=f"{own_nets}:AnyChannels")
+    _same_outputs(classifier.net, net, (2, 3, 32, 32))
+    torch.save({f"module.{key}": value for key, value in net.state_dict().items()}, path)  # as DDP saves it
+    _same_outputs(load_victim(path, **RGB, arch=f"{own_nets}:AnyChannels").classifier.net, net, (2, 3, 32, 32))
