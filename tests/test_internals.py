@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from jsonargparse import ArgumentError, ArgumentParser
 from pytorch_lightning import Trainer, seed_everything
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.trainer.states import RunningStage
@@ -27,6 +28,7 @@ from refine_pl.internals import (
     global_seed,
     message_without_worker_traceback,
     native_bf16,
+    parse_failure,
     unrepeated_sampler,
 )
 from tests.conftest import QUIET, REFINE_JOB, SmallDigits, quiet_trainer, tiny_refine_module
@@ -145,10 +147,6 @@ def test_native_bf16_on_cpu_agrees_with_the_cpu_flags() -> None:
 
 
 def test_jsonargparse_chains_a_parse_error_down_to_the_refused_key_and_its_reason() -> None:
-    from jsonargparse import ArgumentError, ArgumentParser
-
-    from refine_pl.internals import parse_failure
-
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--trainer.max_epochs", type=int | None)
     with pytest.raises(ArgumentError) as refused:
