@@ -9,6 +9,7 @@ from pytorch_lightning import LightningModule
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from refine_pl.errors import ConfigError, cli_flag, first_sentence
 from refine_pl.internals import native_bf16
 from refine_pl.metric_names import DER, RA, ClassifierRow
 from refine_pl.metrics import POISONED_LOADER, BackdoorMetrics, DefenseEffectivenessRating
@@ -128,7 +129,13 @@ class BackdoorLitModule(LightningModule):
         self._evaluate("test", batch, dataloader_idx)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.trainable_parameters())
+        try:
+            optimizer = self.optimizer_factory(self.trainable_parameters())
+        except ValueError as error:  # torch's optimizers check their settings (lr >= 0, betas in [0, 1), ...)
+            raise ConfigError(
+                f"The optimizer refuses its settings ({first_sentence(error)}): fix them in "
+                f"{cli_flag('model', 'optimizer')}."
+            ) from error
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

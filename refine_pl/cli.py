@@ -139,7 +139,8 @@ def checked_ckpt_path(
     - ``last`` is the newest checkpoint of the run that reads completely (see
       :func:`~refine_pl.checkpoints.newest_complete_checkpoint`); a run with none is refused.
     - A named file must read as a training checkpoint; if it does not, the error offers the run's newest
-      complete one. ``best`` and ``hpc`` are left to Lightning.
+      complete one. ``best`` is refused: a refine-pl run monitors no metric, so it keeps no best checkpoint.
+      ``hpc`` is left to Lightning.
 
     Returns:
         The path to pass to the trainer (None for a fresh ``fit``).
@@ -165,7 +166,12 @@ def checked_ckpt_path(
                 "resume it with --ckpt_path last, or train anew in another --trainer.default_root_dir."
             )
         return None
-    if ckpt_path in ("best", "hpc"):
+    if ckpt_path == "best":
+        raise ConfigError(
+            f"--ckpt_path best: a refine-pl run monitors no metric, so it keeps no best checkpoint: pass last (the "
+            f"newest complete checkpoint in {folder}) or a file of it."
+        )
+    if ckpt_path == "hpc":
         return ckpt_path
     newest, unreadable = newest_complete_checkpoint(root, weights_only)
     if ckpt_path == "last":

@@ -102,3 +102,13 @@ def test_defended_prediction_is_the_remapped_victim_prediction_on_transformed_im
     with torch.no_grad():
         victim_on_transformed = module.victim(module.transform(images)).argmax(1)
         assert torch.equal(module(images).argmax(1), module.remap.permutation[victim_on_transformed])
+
+
+def test_an_optimizer_setting_torch_refuses_is_one_config_error_naming_the_flag(untrained_victim: Path) -> None:
+    module = tiny_refine_module(untrained_victim, optimizer=partial(torch.optim.SGD, lr=-0.1))
+    with pytest.raises(
+        ConfigError,
+        match=r"The optimizer refuses its settings \(Invalid learning rate: -0\.1\).*"
+        r"--model\.init_args\.optimizer",
+    ):
+        module.configure_optimizers()

@@ -231,3 +231,8 @@ def test_a_moved_run_folder_is_tested_with_the_victim_the_command_names(
     tested = cli_main(["test", *_job(moved / "victim" / "last.ckpt", moved), *TINY, "--ckpt_path", str(checkpoint)])
     assert tested.model.victim_record.path == str(moved / "victim" / "last.ckpt")
     assert (moved / "report.json").is_file()
+
+
+def test_ckpt_path_best_is_refused_in_one_line_before_anything_is_built(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--ckpt_path best: a refine-pl run monitors no metric.*pass last"):
+        cli_main(["test", *_job(tmp_path / "no_victim.ckpt", tmp_path), "--ckpt_path", "best"])
