@@ -168,10 +168,9 @@ def _open(path: Path) -> Any:
 def _recorded_description(path: Path, file: Any) -> dict[str, Any]:
     try:
         description = json.loads((file.metadata() or {}).get("refine_pl", "{}"))
-    except ValueError as error:
-        raise ConfigError(
-            f"{path} has damaged refine-pl metadata (not JSON: {error}): export the model again."
-        ) from error
+    except (ValueError, RecursionError) as error:  # a RecursionError: nesting deeper than the parser's stack
+        reason = "nested too deeply" if isinstance(error, RecursionError) else f"not JSON: {error}"
+        raise ConfigError(f"{path} has damaged refine-pl metadata ({reason}): export the model again.") from error
     found = description.get("format") if isinstance(description, dict) else None
     if found not in READABLE_FORMATS:
         raise ConfigError(

@@ -178,8 +178,11 @@ def test_a_billion_classes_are_refused_before_anything_is_built(
         ({"num_classes": True}, r"num_classes=True, which is not an integer"),
         ({"in_channels": 0}, r"in_channels=0, which is not an integer in \[1, 64\]"),
         ({"image_size": 10**6}, r"image_size=1000000, which is not an integer in \[1, 4096\]"),
-        ({"mean": [0.1, 0.2, 0.3]}, r"mean=\[0\.1, 0\.2, 0\.3\], but the images have 1 channel"),
-        ({"std": [0.0]}, r"std=\[0\.0\], but the images have 1 channel\(s\): it needs 1 finite number\(s\) > 0"),
+        ({"mean": [0.1, 0.2, 0.3]}, r"mean=\[0\.1, 0\.2, 0\.3\], which is not 1 number"),
+        ({"std": [0.0]}, r"std=\[0\.0\], which is not 1 number\(s\) in \[0\.001, 100\]"),
+        ({"std": [1e-300]}, r"std=\[1e-300\], which is not 1 number\(s\) in \[0\.001, 100\] \(one per channel\)"),
+        ({"mean": [1e308]}, r"mean=\[1e\+308\], which is not 1 number\(s\) in \[-10, 10\]"),
+        ({"mean": [float("nan")]}, r"mean=\[nan\], which is not"),
         ({"mean": "0.1"}, r"mean='0\.1'"),
         ({"victim_arch": "resnet9000"}, r"architecture 'resnet9000', which this refine-pl does not know"),
         ({"victim_arch": ["small_cnn"]}, r"architecture \['small_cnn'\]"),
@@ -210,6 +213,15 @@ def test_metadata_that_is_not_json_is_refused(defended_file: Path) -> None:
     save_file(tensors, str(defended_file), metadata={"refine_pl": "{not json"})
     with pytest.raises(ConfigError, match="damaged refine-pl metadata"):
         load_defended(defended_file)
+
+
+def test_metadata_nested_too_deeply_for_the_parser_is_one_error(defended_file: Path) -> None:
+    with safe_open(str(defended_file), framework="pt") as file:
+        tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+    save_file(tensors, str(defended_file), metadata={"refine_pl": "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(ConfigError, match=r"damaged refine-pl metadata \(nested too deeply\)") as error:
+        load_defended(defended_file)
+    assert "\n" not in str(error.value)
 
 
 def test_one_nan_image_cannot_silently_become_class_0(defended_file: Path) -> None:

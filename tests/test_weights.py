@@ -195,11 +195,13 @@ def test_weights_that_are_not_finite_are_refused(tmp_path: Path, value: float) -
 @pytest.mark.parametrize(
     ("hparams", "message"),
     [
-        ({"mean": (0.1, 0.2, 0.3), "std": (0.3,)}, r"mean=\(0\.1, 0\.2, 0\.3\), but the images have 1 channel"),
-        ({"mean": (0.1,), "std": (0.3, 0.3)}, r"std=\(0\.3, 0\.3\), but the images have 1 channel"),
-        ({"mean": (0.1,), "std": (0.0,)}, r"std=\(0\.0,\).*finite number\(s\) > 0"),
+        ({"mean": (0.1, 0.2, 0.3), "std": (0.3,)}, r"mean=\(0\.1, 0\.2, 0\.3\), which is not 1 number\(s\) in \[-10"),
+        ({"mean": (0.1,), "std": (0.3, 0.3)}, r"std=\(0\.3, 0\.3\), which is not 1 number"),
+        ({"mean": (0.1,), "std": (0.0,)}, r"std=\(0\.0,\), which is not 1 number\(s\) in \[0\.001, 100\]"),
         ({"mean": (float("nan"),), "std": (0.3,)}, r"mean=\(nan,\)"),
         ({"std": "0.3"}, r"std='0\.3'"),
+        ({"mean": (0.1,), "std": (1e-300,)}, r"std=\(1e-300,\), which is not 1 number"),
+        ({"mean": (1e308,), "std": (0.3,)}, r"mean=\(1e\+308,\), which is not 1 number"),
         ({"arch": 5}, r"records architecture 5, not a name"),
         ({"num_classes": "10"}, r"trained with num_classes=10 but the data has num_classes=10"),
     ],
