@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -13,6 +14,7 @@ from refine_pl.classifier import DefendedClassifier
 from refine_pl.cli import cli_main
 from refine_pl.errors import ConfigError
 from refine_pl.export import export_defended, load_defended, read_description
+from refine_pl.predict import main as predict_main
 from tests.conftest import QUIET, REFINE_JOB, tiny_refine_module
 
 
@@ -275,3 +277,32 @@ def test_class_names_crop_and_import_paths_in_a_file_are_checked(defended_file: 
     _rewritten(defended_file, metadata_edit=lambda description: description.update(edit))
     with pytest.raises(ConfigError, match=message):
         load_defended(defended_file)
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ("{model}", r"--output .*defended\.safetensors is the defended model file"),
+        ("{images}/b/two.png", r"--output .*two\.png is one of the images to classify"),
+        ("{images}", r"--output .* is a directory: name a CSV file"),
+        ("{model}/p.csv", r"--output .*p\.csv lies under .*defended\.safetensors, which is a file"),
+    ],
+)
+def test_predict_refuses_an_output_it_would_destroy_or_cannot_write_before_predicting(
+    defended_file: Path, tmp_path: Path, output: str, message: str
+) -> None:
+    images = tmp_path / "images"
+    for name in ("a/one.png", "b/two.png"):
+        (images / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (28, 28), 128).save(images / name)
+    before = {path: path.read_bytes() for path in (defended_file, images / "b/two.png")}
+    output = output.format(model=defended_file, images=images)
+    with pytest.raises(ConfigError, match=message) as error:
+        predict_main([str(defended_file), str(images), "--output", output])
+    assert "\n" not in str(error.value)
+    assert {path: path.read_bytes() for path in before} == before
+    with pytest.raises(ConfigError, match=r"--batch-size 0 is not a number of images: pass 1 or more"):
+        predict_main([str(defended_file), str(images), "--output", str(tmp_path / "p.csv"), "--batch-size", "0"])
+    assert not (tmp_path / "p.csv").exists()
+    predict_main([str(defended_file), str(images), "--output", str(images / "predictions.csv")])
+    assert len((images / "predictions.csv").read_text().splitlines()) == 3
