@@ -62,22 +62,54 @@ class DefendedClassifier(nn.Module):
         transform: The input transform ``T`` (images in [0, 1] to images in [0, 1]).
         victim: The frozen suspect classifier ``f`` on images in [0, 1].
         remap: The fixed output remap ``M``.
+        in_channels: Channels of the images the victim was built for; other inputs are refused (None: any).
+        image_size: Side of the square images the victim was built for; other inputs are refused (None: any).
     """
 
-    def __init__(self, transform: nn.Module, victim: NormalizedClassifier, remap: OutputRemap) -> None:
+    def __init__(
+        self,
+        transform: nn.Module,
+        victim: NormalizedClassifier,
+        remap: OutputRemap,
+        in_channels: int | None = None,
+        image_size: int | None = None,
+    ) -> None:
         super().__init__()
         self.transform = transform
         self.victim = victim
         self.remap = remap
+        self.in_channels = in_channels
+        self.image_size = image_size
 
     def forward(self, images: Tensor) -> Tensor:
         """Defended logits ``[B, num_classes]`` for images ``[B, C, H, W]`` in [0, 1].
 
         Raises:
-            ConfigError: The images are not float, hold a NaN or infinite pixel, or leave [0, 1].
+            ConfigError: The images are not a ``[B, in_channels, image_size, image_size]`` batch, are not float,
+                hold a NaN or infinite pixel, or leave [0, 1].
         """
+        self._check_shape(images)
         check_images(images, "The defended classifier's input")
         return self.unchecked(images)
+
+    def _check_shape(self, images: Tensor) -> None:
+        # A victim runs on other sizes and channel counts too (global pooling, the U-Net's padding), but what it
+        # answers there was never measured: the shape it was built and tested for is the only one accepted.
+        side = self.image_size
+        fixes = []
+        if images.ndim != 4:
+            fixes.append("pass a batch [B, C, H, W]")
+        else:
+            if self.in_channels is not None and images.shape[1] != self.in_channels:
+                fixes.append(f"read the images with {self.in_channels} channel(s)")
+            if side is not None and tuple(images.shape[2:]) != (side, side):
+                fixes.append(f"resize them to {side}x{side} (refine-pl-predict reads image files at the recorded size)")
+        if fixes:
+            expected = f"[B, {self.in_channels or 'C'}, {f'{side}, {side}' if side else 'H, W'}]"
+            raise ConfigError(
+                f"The defended classifier takes images {expected} (the victim's input), got a tensor of shape "
+                f"{tuple(images.shape)}: {' and '.join(fixes)}."
+            )
 
     def unchecked(self, images: Tensor) -> Tensor:
         """:meth:`forward` without the input check, for exporters that trace the computation (ONNX, TorchScript)."""

@@ -352,7 +352,13 @@ def load_defended(path: str | Path, victim_arch: str | None = None) -> DefendedC
             raise ConfigError(f"{path} holds NaN or infinite values in {name}: the file is damaged; export it again.")
     net = _archive_victim(path, archive) if from_archive else build(num_classes, in_channels)
     victim = NormalizedClassifier(net, description["mean"], description["std"], arch=description["victim_arch"])
-    defended = DefendedClassifier(UNet(in_channels, **description["transform"]), victim, OutputRemap(num_classes))
+    defended = DefendedClassifier(
+        UNet(in_channels, **description["transform"]),
+        victim,
+        OutputRemap(num_classes),
+        in_channels=in_channels,
+        image_size=description["image_size"],
+    )
     parts = {"transform": defended.transform, "remap": defended.remap}
     if not from_archive:
         parts["victim.net"] = victim.net

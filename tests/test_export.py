@@ -253,6 +253,26 @@ def test_defended_classifier_says_how_to_fix_its_input(defended_file: Path, imag
         load_defended(defended_file)(images)
 
 
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ((2, 1, 8, 8), r"takes images \[B, 1, 28, 28\] .*shape \(2, 1, 8, 8\): resize them to 28x28"),
+        ((2, 1, 56, 56), r"shape \(2, 1, 56, 56\): resize them to 28x28"),
+        ((2, 1, 28, 100), r"shape \(2, 1, 28, 100\): resize them to 28x28"),
+        ((2, 3, 28, 28), r"shape \(2, 3, 28, 28\): read the images with 1 channel\(s\)\.$"),
+        ((1, 28, 28), r"shape \(1, 28, 28\): pass a batch \[B, C, H, W\]"),
+    ],
+)
+def test_a_loaded_defended_model_takes_only_the_recorded_image_shape(
+    defended_file: Path, shape: tuple[int, ...], message: str
+) -> None:
+    model = load_defended(defended_file)
+    with pytest.raises(ConfigError, match=message) as error:
+        model(torch.rand(shape))
+    assert "\n" not in str(error.value) and "in_channels" not in str(error.value)
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
 def test_a_file_of_format_version_1_still_loads_with_the_defaults_it_implies(defended_file: Path) -> None:
     def as_version_1(description: dict) -> None:
         del description["class_names"], description["crop"]
