@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from refine_pl.architectures import build_architecture
 from refine_pl.errors import ConfigError
@@ -220,10 +221,19 @@ def test_a_victim_that_cannot_take_the_image_size_is_refused_before_training(tmp
     net = build_architecture("vgg16_bn_cifar", 10, 1)  # five max-pools: 28 px shrink to nothing
     path = tmp_path / "vgg.pt"
     torch.save(net.state_dict(), path)
-    expected = r"'vgg16_bn_cifar' cannot take 1-channel 28x28 images .*larger image size or another architecture"
+    expected = r"'vgg16_bn_cifar' cannot take 1-channel 28x28 images .*the image size this network was built for"
     with pytest.raises(ConfigError, match=expected) as error:
         load_victim(path, arch="vgg16_bn_cifar", **MNIST)
     assert "\n" not in str(error.value)
     net.train()
     check_victim_accepts(net, 1, 32, "vgg16_bn_cifar")  # 32 px fit, and the network's mode is restored
     assert net.training
+
+
+def test_a_network_of_exactly_32_px_given_48_is_not_told_to_use_a_larger_size() -> None:
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    with pytest.raises(ConfigError, match=r"cannot take 3-channel 48x48 images") as error:
+        check_victim_accepts(net, 3, 48, "own:net")
+    message = str(error.value)
+    assert "larger" not in message and "\n" not in message
+    assert "the image size this network was built for (--data.init_args.source.init_args.image_size" in message
