@@ -13,10 +13,7 @@ from refine_pl.errors import ConfigError, cli_flag
 from refine_pl.metric_names import CLEAN_FLOOR, DEFENDED, NO_DEFENSE
 from refine_pl.state_dicts import describe_key_mismatch
 from refine_pl.victims import load_victim
-
-VICTIM_KEY = "victim"
-"""Key under which a defense's checkpoint identifies its victim (the weights file's sha256 and path) instead of
-holding a copy of the victim's weights."""
+from refine_pl.weights import VICTIM_KEY
 
 DATA_FACTS_KEY = "data_facts"
 """Key under which a defense's checkpoint records the data facts it was fitted with (:data:`DATA_FACTS`)."""

@@ -326,3 +326,23 @@ def test_predict_refuses_an_output_it_would_destroy_or_cannot_write_before_predi
     assert not (tmp_path / "p.csv").exists()
     predict_main([str(defended_file), str(images), "--output", str(images / "predictions.csv")])
     assert len((images / "predictions.csv").read_text().splitlines()) == 3
+
+
+def test_a_defended_file_or_a_defense_checkpoint_given_as_the_victim_is_named_for_what_it_is(
+    untrained_victim: Path, defended_file: Path, tmp_path: Path
+) -> None:
+    module = tiny_refine_module(untrained_victim)
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "refine.ckpt")
+    for path, message in (
+        (defended_file, r"is a defended classifier exported by refine-pl .*not a suspect model: pass "
+         r"--model\.init_args\.victim_checkpoint the model it was defended from"),
+        (tmp_path / "refine.ckpt", rf"is a checkpoint of a refine-pl defense \(trained in front of the victim "
+         rf"{untrained_victim}\), not a suspect model: pass --model\.init_args\.victim_checkpoint that victim, and "
+         r"this file with --ckpt_path"),
+    ):  # fmt: skip
+        for arch in (None, "small_cnn"):
+            with pytest.raises(ConfigError, match=message) as error:
+                tiny_refine_module(path, victim_arch=arch)
+            assert "bare weights" not in str(error.value) and "\n" not in str(error.value)
