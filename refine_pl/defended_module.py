@@ -13,10 +13,15 @@ from refine_pl.errors import ConfigError, cli_flag
 from refine_pl.metric_names import CLEAN_FLOOR, DEFENDED, NO_DEFENSE
 from refine_pl.state_dicts import describe_key_mismatch
 from refine_pl.victims import load_victim
+from refine_pl.weights import VICTIM_KEY
 
-VICTIM_KEY = "victim"
-"""Key under which a defense's checkpoint identifies its victim (the weights file's sha256 and path) instead of
-holding a copy of the victim's weights."""
+DATA_FACTS_KEY = "data_facts"
+"""Key under which a defense's checkpoint records the data facts it was fitted with (:data:`DATA_FACTS`)."""
+
+DATA_FACTS = ("num_classes", "in_channels", "image_size", "mean", "std")
+"""The constructor arguments that describe the data (linked from the datamodule by the CLI): a checkpoint is
+used only with the values it was fitted with, since a transform trained at one size or normalisation is neither
+measured nor exported faithfully at another."""
 
 DEFENSE_KINDS = {
     "input_transform": "an input transform T and an output map M around the frozen victim: M(f(T(x))) (ART's "
@@ -168,6 +173,27 @@ class DefendedLitModule(BackdoorLitModule):
             key: value for key, value in checkpoint["state_dict"].items() if not key.startswith(frozen)
         }
         checkpoint[VICTIM_KEY] = {"sha256": self.victim_record.sha256, "path": self.victim_record.path}
+        checkpoint[DATA_FACTS_KEY] = self._data_facts()
+
+    def _data_facts(self) -> dict[str, Any]:
+        """This module's :data:`DATA_FACTS`, as plain ints and lists of floats."""
+        facts = {fact: self.hparams[fact] for fact in DATA_FACTS}
+        return {fact: [float(v) for v in value] if fact in ("mean", "std") else value for fact, value in facts.items()}
+
+    def _check_data_facts(self, recorded: Any) -> None:
+        """Refuses a checkpoint fitted with other data facts than this module's.
+
+        A checkpoint that records none (written before they were recorded) is taken as it is.
+        """
+        if not isinstance(recorded, dict):
+            return
+        for fact, value in self._data_facts().items():
+            if fact in recorded and recorded[fact] != value:
+                raise ConfigError(
+                    f"The checkpoint was fitted with {fact}={recorded[fact]} but this run has {fact}={value}: pass "
+                    f"{cli_flag('data', 'source', fact)} {recorded[fact]} as the run was fitted with, or fit anew "
+                    "for the new value."
+                )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         recorded = checkpoint.get(VICTIM_KEY)
@@ -183,6 +209,7 @@ class DefendedLitModule(BackdoorLitModule):
                 f"{self.victim_record.sha256[:12]}...): pass the victim the run was trained with in "
                 f"{cli_flag('model', 'victim_checkpoint')}."
             )
+        self._check_data_facts(checkpoint.get(DATA_FACTS_KEY))
         for prefix, model in self._frozen_models().items():
             checkpoint["state_dict"].update({prefix + key: value for key, value in model.state_dict().items()})
         problem = describe_key_mismatch(self.state_dict(), checkpoint["state_dict"])

@@ -168,10 +168,9 @@ def _open(path: Path) -> Any:
 def _recorded_description(path: Path, file: Any) -> dict[str, Any]:
     try:
         description = json.loads((file.metadata() or {}).get("refine_pl", "{}"))
-    except ValueError as error:
-        raise ConfigError(
-            f"{path} has damaged refine-pl metadata (not JSON: {error}): export the model again."
-        ) from error
+    except (ValueError, RecursionError) as error:  # a RecursionError: nesting deeper than the parser's stack
+        reason = "nested too deeply" if isinstance(error, RecursionError) else f"not JSON: {error}"
+        raise ConfigError(f"{path} has damaged refine-pl metadata ({reason}): export the model again.") from error
     found = description.get("format") if isinstance(description, dict) else None
     if found not in READABLE_FORMATS:
         raise ConfigError(
@@ -353,7 +352,13 @@ def load_defended(path: str | Path, victim_arch: str | None = None) -> DefendedC
             raise ConfigError(f"{path} holds NaN or infinite values in {name}: the file is damaged; export it again.")
     net = _archive_victim(path, archive) if from_archive else build(num_classes, in_channels)
     victim = NormalizedClassifier(net, description["mean"], description["std"], arch=description["victim_arch"])
-    defended = DefendedClassifier(UNet(in_channels, **description["transform"]), victim, OutputRemap(num_classes))
+    defended = DefendedClassifier(
+        UNet(in_channels, **description["transform"]),
+        victim,
+        OutputRemap(num_classes),
+        in_channels=in_channels,
+        image_size=description["image_size"],
+    )
     parts = {"transform": defended.transform, "remap": defended.remap}
     if not from_archive:
         parts["victim.net"] = victim.net

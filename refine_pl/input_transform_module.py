@@ -41,7 +41,10 @@ class InputTransformDefense(DefendedLitModule):
     ) -> None:
         super().__init__(**kwargs)
         remap = OutputRemap(self.hparams["num_classes"], seed=remap_seed, derange=derange)
-        self.defended = DefendedClassifier(transform(self.hparams["in_channels"]), self.victim, remap)
+        in_channels = self.hparams["in_channels"]
+        self.defended = DefendedClassifier(
+            transform(in_channels), self.victim, remap, in_channels=in_channels, image_size=self.hparams["image_size"]
+        )
         if self.channels_last:
             self.defended.transform.to(memory_format=torch.channels_last)
 

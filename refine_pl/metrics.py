@@ -71,10 +71,12 @@ def robust_accuracy_counts(preds: Tensor, labels: Tensor, target_labels: Tensor)
         target_labels: ``[N]`` the class the attack wants for each image.
 
     Returns:
-        ``(correct, total)`` as long scalars; samples whose true class is the target are not counted (as for ASR).
+        ``(correct, total)`` as long scalars; samples whose true class is the target are not counted (as for ASR),
+        nor are samples of unknown class (a negative label, such as a folder of triggered images carries): their RA
+        cannot be measured, and over no counted sample the rate is NaN (not measured), never 0.
     """
     check_class_vectors(preds=preds, labels=labels, target_labels=target_labels)
-    counted = labels != target_labels
+    counted = (labels != target_labels) & (labels >= 0)
     return (preds[counted] == labels[counted]).sum(), counted.sum()
 
 

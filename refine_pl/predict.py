@@ -96,6 +96,31 @@ def predict_folder(
     return prediction_rows(paths, predictions, description["class_names"])
 
 
+def check_output(output: str | Path, defended_file: str | Path, folder: str | Path) -> Path:
+    """Refuses an ``--output`` that writing the CSV would destroy or cannot create, before anything is predicted.
+
+    Raises:
+        ConfigError: ``output`` is the defended file, one of the images under ``folder``, a directory, or lies under
+            a path that is a file.
+    """
+    output = Path(output)
+    target = output.resolve()
+    if target == Path(defended_file).resolve():
+        raise ConfigError(
+            f"--output {output} is the defended model file, which the CSV would overwrite: name a new file."
+        )
+    if target.is_dir():
+        raise ConfigError(f"--output {output} is a directory: name a CSV file, e.g. {output / 'predictions.csv'}.")
+    if Path(folder).is_dir() and target in {path.resolve() for path in image_files(Path(folder))}:
+        raise ConfigError(
+            f"--output {output} is one of the images to classify, which the CSV would overwrite: name a new file."
+        )
+    blocking = next((parent for parent in output.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"--output {output} lies under {blocking}, which is a file: name a file in a folder.")
+    return output
+
+
 def main(argv: list[str] | None = None) -> None:
     """``refine-pl-predict defended.safetensors FOLDER [--output predictions.csv]``: classifies a folder."""
     parser = argparse.ArgumentParser(description="Classify a folder of images with an exported defended classifier.")
@@ -105,8 +130,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--victim-arch", default=None, help="the import path of the victim's builder, when the file records one"
     )
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch, >= 1")
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size} is not a number of images: pass 1 or more.")
+    check_output(args.output, args.defended_file, args.folder)
     rows = predict_folder(args.defended_file, args.folder, args.victim_arch, args.batch_size)
     print(f"{len(rows)} predictions written to {write_predictions_csv(args.output, rows)}")
 

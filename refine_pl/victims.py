@@ -96,7 +96,11 @@ def check_victim_accepts(
                     f"export it for {in_channels}-channel {image_size}x{image_size} images with a dynamic batch "
                     "(dynamic_shapes=({0: torch.export.Dim('batch')},))"
                     if isinstance(net, ExportedNet)
-                    else f"use data of a larger image size or another architecture ({flag})"
+                    else (
+                        "use data of the image size this network was built for "
+                        f"({cli_flag('data', 'source', 'image_size')} of a folder source) or another architecture "
+                        f"({flag})"
+                    )
                 )
                 in_batch = " in a batch of 2" if batch == 2 else ""
                 raise ConfigError(

@@ -26,6 +26,14 @@ from refine_pl.internals import archive_records
 ATTACK_KEY = "backdoor_attack"
 """Key under which a victim checkpoint stores the spec of the attack it was trained with."""
 
+VICTIM_KEY = "victim"
+"""Key under which a defense's checkpoint identifies its victim (the weights file's sha256 and path) instead of
+holding a copy of the victim's weights; a file with it is a defense's checkpoint, never a suspect model."""
+
+DEFENDED_TENSORS = ("remap.permutation", "transform.")
+"""The remap and the transform's prefix, which every defended classifier file (``defended.safetensors``, written by
+:func:`refine_pl.export.export_defended`) holds: such a file is the defended model, never a suspect one."""
+
 
 @dataclass
 class WeightsFile:
@@ -177,6 +185,13 @@ def read_weights_file(path: str | Path) -> WeightsFile:
                 f"{path} is a safetensors file that cannot be read ({first_sentence(error)}): it is truncated or "
                 "damaged; get the file again."
             ) from error
+        remap, transform = DEFENDED_TENSORS
+        if remap in tensors and any(name.startswith(transform) for name in tensors):
+            raise ConfigError(
+                f"{path} is a defended classifier exported by refine-pl (transform, victim and remap), not a suspect "
+                f"model: pass {cli_flag('model', 'victim_checkpoint')} the model it was defended from; use this file "
+                "with refine-pl-predict or refine_pl.export.load_defended."
+            )
         return WeightsFile(state_dict=_checked_state_dict(path, tensors), sha256=sha256)
     if kind == "torch-legacy":
         # torch's legacy loader allocates every storage at the size the pickle declares before it compares that
@@ -202,6 +217,12 @@ def read_weights_file(path: str | Path) -> WeightsFile:
     content = _torch_load(path, data, kind)
     if not isinstance(content, dict):
         raise ConfigError(f"{path} holds a {type(content).__name__}, not a state_dict or a checkpoint.")
+    if isinstance(content.get(VICTIM_KEY), dict):
+        victim = content[VICTIM_KEY].get("path")
+        raise ConfigError(
+            f"{path} is a checkpoint of a refine-pl defense (trained in front of the victim {victim}), not a suspect "
+            f"model: pass {cli_flag('model', 'victim_checkpoint')} that victim, and this file with --ckpt_path."
+        )
     if isinstance(content.get("state_dict"), dict):  # a Lightning checkpoint
         hparams, attack_spec = content.get("hyper_parameters") or {}, content.get(ATTACK_KEY)
         if not isinstance(hparams, dict) or not (attack_spec is None or isinstance(attack_spec, dict)):

@@ -125,9 +125,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def tiny_refine_module(victim: Path, **kwargs) -> RefineLitModule:
-    """REFINE with a U-Net of first width 4 (unless ``kwargs`` give a transform) in front of ``victim``."""
+    """REFINE with a U-Net of first width 4 in front of ``victim``, on MNIST's data facts; ``kwargs`` replace them."""
     return RefineLitModule(
-        victim_checkpoint=str(victim), **MNIST_FACTS, **{"transform": partial(UNet, base_width=4), **kwargs}
+        victim_checkpoint=str(victim), **{**MNIST_FACTS, "transform": partial(UNet, base_width=4), **kwargs}
     )
 
 

@@ -235,3 +235,25 @@ def test_the_pipeline_finds_its_configs_from_any_folder_and_its_stages_do_not_wa
         warnings.simplefilter("error")  # LightningCLI's "args parameter is intended..." would raise here
         config = _printed_config(["fit", *flags], capsys)
     assert config["trainer"]["default_root_dir"] == "runs/mnist"  # relative: outputs go under the current folder
+
+
+def test_a_model_side_data_fact_the_data_contradicts_is_refused_and_the_data_side_one_takes_effect(
+    untrained_victim: Path, tmp_path: Path
+) -> None:
+    weights = tmp_path / "suspect.pt"  # bare weights: they record no normalisation of their own
+    torch.save(torch.load(untrained_victim, weights_only=True)["state_dict"], weights)
+    args = [
+        *REFINE_JOB, *QUIET, "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--model.init_args.victim_checkpoint", str(weights), "--model.init_args.victim_arch", "small_cnn",
+    ]  # fmt: skip
+    message = (
+        r"--model\.init_args\.mean \[0\.0\] cannot take effect: the model's mean is linked from the data, which has "
+        r"\[0\.1307\]; state it on the data source instead \(--data\.init_args\.source\.init_args\.mean\)\.$"
+    )
+    with pytest.raises(ConfigError, match=message):
+        cli_main([*args, "--model.init_args.mean", "[0.0]"], run=False)
+    source = "--data.init_args.source.init_args"
+    raw = cli_main([*args, f"{source}.mean", "[0.0]", f"{source}.std", "[1.0]"], run=False)
+    assert raw.model.victim.mean.flatten().tolist() == [0.0] and raw.model.victim.std.flatten().tolist() == [1.0]
+    same = cli_main([*args, "--model.init_args.mean", "[0.1307]"], run=False)  # agrees with the data: harmless
+    assert same.model.victim.mean.flatten().tolist() == pytest.approx([0.1307])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import CIFAR10, GTSRB, ImageFolder, RefineDataModule, VictimDataModule
+from datamodules import CIFAR10, GTSRB, EmbeddedMNIST, ImageFolder, RefineDataModule, VictimDataModule
 from datamodules.backdoor import victim_augmentation
 from datamodules.datasets import ImageFileDataset, LabeledImageDataset, PoisonedTestSet
 from refine_pl.attacks import BadNets
@@ -45,7 +45,7 @@ def test_cifar10_normalisation_reaches_the_victim_and_can_be_replaced(tmp_path: 
     assert datamodule.mean == CIFAR10.mean and datamodule.in_channels == 3 and datamodule.image_size == 32
     own = CIFAR10(root=str(tmp_path), mean=(0.5, 0.5, 0.5), std=(0.247, 0.243, 0.261))
     assert own.mean == (0.5, 0.5, 0.5) and own.std == (0.247, 0.243, 0.261)
-    with pytest.raises(ConfigError, match="3 channels but got mean=\\(0.5,\\)"):
+    with pytest.raises(ConfigError, match=r"3 channel\(s\) but got mean=\(0\.5,\), which is not 3 number"):
         CIFAR10(root=str(tmp_path), mean=(0.5,))
 
 
@@ -176,3 +176,14 @@ def test_victim_augmentation_is_off_by_default_and_crops_the_padded_image_when_a
     assert len(offsets) > 1  # the crop moves
     flipped = {torch.equal(victim_augmentation(32, 0, True)(image), image.flip(-1)) for _ in range(20)}
     assert flipped == {True, False}
+
+
+@pytest.mark.parametrize("source", [EmbeddedMNIST, CIFAR10, GTSRB])
+def test_every_source_takes_the_normalisation_its_model_expects(source, tmp_path: Path) -> None:
+    channels = source.in_channels
+    kwargs = {} if source is EmbeddedMNIST else {"root": str(tmp_path)}
+    raw = source(**kwargs, mean=(0.0,) * channels, std=(1.0,) * channels)
+    assert raw.mean == (0.0,) * channels and raw.std == (1.0,) * channels
+    assert source(**kwargs).mean == source.mean
+    with pytest.raises(ConfigError, match=r"std=\(1e-300,.*--data\.init_args\.source\.init_args\.std"):
+        source(**kwargs, std=(1e-300,) * channels)

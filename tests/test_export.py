@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -13,6 +14,7 @@ from refine_pl.classifier import DefendedClassifier
 from refine_pl.cli import cli_main
 from refine_pl.errors import ConfigError
 from refine_pl.export import export_defended, load_defended, read_description
+from refine_pl.predict import main as predict_main
 from tests.conftest import QUIET, REFINE_JOB, tiny_refine_module
 
 
@@ -178,8 +180,11 @@ def test_a_billion_classes_are_refused_before_anything_is_built(
         ({"num_classes": True}, r"num_classes=True, which is not an integer"),
         ({"in_channels": 0}, r"in_channels=0, which is not an integer in \[1, 64\]"),
         ({"image_size": 10**6}, r"image_size=1000000, which is not an integer in \[1, 4096\]"),
-        ({"mean": [0.1, 0.2, 0.3]}, r"mean=\[0\.1, 0\.2, 0\.3\], but the images have 1 channel"),
-        ({"std": [0.0]}, r"std=\[0\.0\], but the images have 1 channel\(s\): it needs 1 finite number\(s\) > 0"),
+        ({"mean": [0.1, 0.2, 0.3]}, r"mean=\[0\.1, 0\.2, 0\.3\], which is not 1 number"),
+        ({"std": [0.0]}, r"std=\[0\.0\], which is not 1 number\(s\) in \[0\.001, 100\]"),
+        ({"std": [1e-300]}, r"std=\[1e-300\], which is not 1 number\(s\) in \[0\.001, 100\] \(one per channel\)"),
+        ({"mean": [1e308]}, r"mean=\[1e\+308\], which is not 1 number\(s\) in \[-10, 10\]"),
+        ({"mean": [float("nan")]}, r"mean=\[nan\], which is not"),
         ({"mean": "0.1"}, r"mean='0\.1'"),
         ({"victim_arch": "resnet9000"}, r"architecture 'resnet9000', which this refine-pl does not know"),
         ({"victim_arch": ["small_cnn"]}, r"architecture \['small_cnn'\]"),
@@ -212,6 +217,15 @@ def test_metadata_that_is_not_json_is_refused(defended_file: Path) -> None:
         load_defended(defended_file)
 
 
+def test_metadata_nested_too_deeply_for_the_parser_is_one_error(defended_file: Path) -> None:
+    with safe_open(str(defended_file), framework="pt") as file:
+        tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+    save_file(tensors, str(defended_file), metadata={"refine_pl": "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(ConfigError, match=r"damaged refine-pl metadata \(nested too deeply\)") as error:
+        load_defended(defended_file)
+    assert "\n" not in str(error.value)
+
+
 def test_one_nan_image_cannot_silently_become_class_0(defended_file: Path) -> None:
     model = load_defended(defended_file)
     images = torch.rand(4, 1, 28, 28)
@@ -239,6 +253,26 @@ def test_defended_classifier_says_how_to_fix_its_input(defended_file: Path, imag
         load_defended(defended_file)(images)
 
 
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ((2, 1, 8, 8), r"takes images \[B, 1, 28, 28\] .*shape \(2, 1, 8, 8\): resize them to 28x28"),
+        ((2, 1, 56, 56), r"shape \(2, 1, 56, 56\): resize them to 28x28"),
+        ((2, 1, 28, 100), r"shape \(2, 1, 28, 100\): resize them to 28x28"),
+        ((2, 3, 28, 28), r"shape \(2, 3, 28, 28\): read the images with 1 channel\(s\)\.$"),
+        ((1, 28, 28), r"shape \(1, 28, 28\): pass a batch \[B, C, H, W\]"),
+    ],
+)
+def test_a_loaded_defended_model_takes_only_the_recorded_image_shape(
+    defended_file: Path, shape: tuple[int, ...], message: str
+) -> None:
+    model = load_defended(defended_file)
+    with pytest.raises(ConfigError, match=message) as error:
+        model(torch.rand(shape))
+    assert "\n" not in str(error.value) and "in_channels" not in str(error.value)
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
 def test_a_file_of_format_version_1_still_loads_with_the_defaults_it_implies(defended_file: Path) -> None:
     def as_version_1(description: dict) -> None:
         del description["class_names"], description["crop"]
@@ -263,3 +297,52 @@ def test_class_names_crop_and_import_paths_in_a_file_are_checked(defended_file: 
     _rewritten(defended_file, metadata_edit=lambda description: description.update(edit))
     with pytest.raises(ConfigError, match=message):
         load_defended(defended_file)
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ("{model}", r"--output .*defended\.safetensors is the defended model file"),
+        ("{images}/b/two.png", r"--output .*two\.png is one of the images to classify"),
+        ("{images}", r"--output .* is a directory: name a CSV file"),
+        ("{model}/p.csv", r"--output .*p\.csv lies under .*defended\.safetensors, which is a file"),
+    ],
+)
+def test_predict_refuses_an_output_it_would_destroy_or_cannot_write_before_predicting(
+    defended_file: Path, tmp_path: Path, output: str, message: str
+) -> None:
+    images = tmp_path / "images"
+    for name in ("a/one.png", "b/two.png"):
+        (images / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (28, 28), 128).save(images / name)
+    before = {path: path.read_bytes() for path in (defended_file, images / "b/two.png")}
+    output = output.format(model=defended_file, images=images)
+    with pytest.raises(ConfigError, match=message) as error:
+        predict_main([str(defended_file), str(images), "--output", output])
+    assert "\n" not in str(error.value)
+    assert {path: path.read_bytes() for path in before} == before
+    with pytest.raises(ConfigError, match=r"--batch-size 0 is not a number of images: pass 1 or more"):
+        predict_main([str(defended_file), str(images), "--output", str(tmp_path / "p.csv"), "--batch-size", "0"])
+    assert not (tmp_path / "p.csv").exists()
+    predict_main([str(defended_file), str(images), "--output", str(images / "predictions.csv")])
+    assert len((images / "predictions.csv").read_text().splitlines()) == 3
+
+
+def test_a_defended_file_or_a_defense_checkpoint_given_as_the_victim_is_named_for_what_it_is(
+    untrained_victim: Path, defended_file: Path, tmp_path: Path
+) -> None:
+    module = tiny_refine_module(untrained_victim)
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "refine.ckpt")
+    for path, message in (
+        (defended_file, r"is a defended classifier exported by refine-pl .*not a suspect model: pass "
+         r"--model\.init_args\.victim_checkpoint the model it was defended from"),
+        (tmp_path / "refine.ckpt", rf"is a checkpoint of a refine-pl defense \(trained in front of the victim "
+         rf"{untrained_victim}\), not a suspect model: pass --model\.init_args\.victim_checkpoint that victim, and "
+         r"this file with --ckpt_path"),
+    ):  # fmt: skip
+        for arch in (None, "small_cnn"):
+            with pytest.raises(ConfigError, match=message) as error:
+                tiny_refine_module(path, victim_arch=arch)
+            assert "bare weights" not in str(error.value) and "\n" not in str(error.value)

@@ -80,6 +80,17 @@ def test_robust_accuracy_counts_true_classes_of_poisoned_non_target_images() -> 
     assert (correct.item(), total.item()) == (2, 4)
 
 
+def test_robust_accuracy_of_images_of_unknown_class_is_not_measured_not_zero() -> None:
+    # A triggered_root folder gives its images the label UNLABELED (-1): they count for ASR, never for RA.
+    preds, labels, target = torch.tensor([0, 2, 1]), torch.full((3,), -1), torch.full((3,), 2)
+    ra = RobustAccuracy()
+    ra.update(preds, labels, target)
+    assert ra.total == 0 and ra.compute().isnan()
+    assert attack_success_counts(preds, labels, target)[1].item() == 3
+    mixed = robust_accuracy_counts(torch.tensor([0, 1, 0]), torch.tensor([0, -1, 1]), target)
+    assert (mixed[0].item(), mixed[1].item()) == (1, 2)
+
+
 @pytest.mark.parametrize(
     ("rates", "expected"),
     [

@@ -8,7 +8,7 @@ from pytorch_lightning import Trainer, seed_everything
 from datamodules import EmbeddedMNIST, RefineDataModule
 from refine_pl import ConfigError, RefineLitModule
 from refine_pl.transform import UNet
-from tests.conftest import benign_data, quiet_trainer, tiny_refine_module
+from tests.conftest import MNIST_FACTS, benign_data, quiet_trainer, tiny_refine_module
 
 
 def _fit(module: RefineLitModule, datamodule: RefineDataModule, steps: int, root: Path) -> Trainer:
@@ -58,6 +58,34 @@ def _restored(module: RefineLitModule, checkpoint: dict) -> RefineLitModule:
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
     return module
+
+
+@pytest.mark.parametrize(
+    ("facts", "message"),
+    [
+        ({"image_size": 32}, r"fitted with image_size=28 but this run has image_size=32: pass "
+         r"--data\.init_args\.source\.init_args\.image_size 28"),
+        ({"mean": (0.5,)}, r"fitted with mean=\[0\.1307\] but this run has mean=\[0\.5\]: pass "
+         r"--data\.init_args\.source\.init_args\.mean \[0\.1307\]"),
+        ({"std": (0.5,)}, r"fitted with std=\[0\.3081\] but this run has std=\[0\.5\]"),
+    ],
+)  # fmt: skip
+def test_a_checkpoint_is_refused_with_data_facts_other_than_it_was_fitted_with(
+    untrained_victim: Path, tmp_path: Path, facts: dict, message: str
+) -> None:
+    # Bare weights: a victim that records no data facts of its own, so that only the checkpoint can tell.
+    weights = tmp_path / "suspect.pt"
+    torch.save(torch.load(untrained_victim, weights_only=True)["state_dict"], weights)
+
+    def module(**changed) -> RefineLitModule:
+        return tiny_refine_module(weights, victim_arch="small_cnn", **{**MNIST_FACTS, **changed})
+
+    trainer = _fit(module(), _refine_data(), steps=1, root=tmp_path)
+    trainer.save_checkpoint(tmp_path / "refine.ckpt")
+    with pytest.raises(ConfigError, match=message) as error:
+        module(**facts).on_load_checkpoint(torch.load(tmp_path / "refine.ckpt", weights_only=True))
+    assert "\n" not in str(error.value)
+    _restored(module(), torch.load(tmp_path / "refine.ckpt", weights_only=True))
 
 
 def test_remap_survives_a_checkpoint_round_trip(untrained_victim: Path, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from refine_pl.architectures import build_architecture
 from refine_pl.errors import ConfigError
@@ -195,11 +196,13 @@ def test_weights_that_are_not_finite_are_refused(tmp_path: Path, value: float) -
 @pytest.mark.parametrize(
     ("hparams", "message"),
     [
-        ({"mean": (0.1, 0.2, 0.3), "std": (0.3,)}, r"mean=\(0\.1, 0\.2, 0\.3\), but the images have 1 channel"),
-        ({"mean": (0.1,), "std": (0.3, 0.3)}, r"std=\(0\.3, 0\.3\), but the images have 1 channel"),
-        ({"mean": (0.1,), "std": (0.0,)}, r"std=\(0\.0,\).*finite number\(s\) > 0"),
+        ({"mean": (0.1, 0.2, 0.3), "std": (0.3,)}, r"mean=\(0\.1, 0\.2, 0\.3\), which is not 1 number\(s\) in \[-10"),
+        ({"mean": (0.1,), "std": (0.3, 0.3)}, r"std=\(0\.3, 0\.3\), which is not 1 number"),
+        ({"mean": (0.1,), "std": (0.0,)}, r"std=\(0\.0,\), which is not 1 number\(s\) in \[0\.001, 100\]"),
         ({"mean": (float("nan"),), "std": (0.3,)}, r"mean=\(nan,\)"),
         ({"std": "0.3"}, r"std='0\.3'"),
+        ({"mean": (0.1,), "std": (1e-300,)}, r"std=\(1e-300,\), which is not 1 number"),
+        ({"mean": (1e308,), "std": (0.3,)}, r"mean=\(1e\+308,\), which is not 1 number"),
         ({"arch": 5}, r"records architecture 5, not a name"),
         ({"num_classes": "10"}, r"trained with num_classes=10 but the data has num_classes=10"),
     ],
@@ -218,10 +221,19 @@ def test_a_victim_that_cannot_take_the_image_size_is_refused_before_training(tmp
     net = build_architecture("vgg16_bn_cifar", 10, 1)  # five max-pools: 28 px shrink to nothing
     path = tmp_path / "vgg.pt"
     torch.save(net.state_dict(), path)
-    expected = r"'vgg16_bn_cifar' cannot take 1-channel 28x28 images .*larger image size or another architecture"
+    expected = r"'vgg16_bn_cifar' cannot take 1-channel 28x28 images .*the image size this network was built for"
     with pytest.raises(ConfigError, match=expected) as error:
         load_victim(path, arch="vgg16_bn_cifar", **MNIST)
     assert "\n" not in str(error.value)
     net.train()
     check_victim_accepts(net, 1, 32, "vgg16_bn_cifar")  # 32 px fit, and the network's mode is restored
     assert net.training
+
+
+def test_a_network_of_exactly_32_px_given_48_is_not_told_to_use_a_larger_size() -> None:
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    with pytest.raises(ConfigError, match=r"cannot take 3-channel 48x48 images") as error:
+        check_victim_accepts(net, 3, 48, "own:net")
+    message = str(error.value)
+    assert "larger" not in message and "\n" not in message
+    assert "the image size this network was built for (--data.init_args.source.init_args.image_size" in message
