@@ -5,6 +5,8 @@ file's record, the architecture registry, the user's builder or the torch.export
 data's images, and returns the classifier with its :class:`VictimRecord`.
 """
 
+import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -169,6 +171,14 @@ def _victim_network(path: Path, weights: WeightsFile, arch: str, num_classes: in
     return net
 
 
+def _same_normalisation(first: tuple[Any, Any], second: tuple[Any, Any]) -> bool:
+    """Whether two ``(mean, std)`` pairs hold the same numbers (up to float32 rounding)."""
+    return all(
+        len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-7) for x, y in zip(a, b, strict=True))
+        for a, b in zip(first, second, strict=True)
+    )
+
+
 def load_victim(
     path: str | Path,
     num_classes: int,
@@ -237,9 +247,17 @@ def load_victim(
     _check_agrees(path, hparams, "image_size", image_size)
     recorded_mean, recorded_std = hparams.get("mean"), hparams.get("std")
     if recorded_mean is not None or recorded_std is not None:
+        data_normalisation = (tuple(mean), tuple(std))
         mean = mean if recorded_mean is None else recorded_mean
         std = std if recorded_std is None else recorded_std
         check_normalisation(mean, std, in_channels, f"Victim checkpoint {path}")
+        if not _same_normalisation(data_normalisation, (mean, std)):
+            warnings.warn(
+                f"Victim checkpoint {path} records the normalisation it was trained with (mean {list(mean)}, std "
+                f"{list(std)}), which is used; the data's (mean {list(data_normalisation[0])}, std "
+                f"{list(data_normalisation[1])}) is not.",
+                stacklevel=2,
+            )
     net = _victim_network(path, weights, arch, num_classes, in_channels)
     check_victim_accepts(net, in_channels, image_size, arch, num_classes)
     classifier = NormalizedClassifier(net, mean, std, arch=arch)

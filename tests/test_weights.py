@@ -1,6 +1,7 @@
 import contextlib
 import hashlib
 import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from refine_pl.architectures import build_architecture
 from refine_pl.errors import ConfigError
 from refine_pl.victims import check_victim_accepts, load_victim
 from refine_pl.weights import read_weights_file
-from tests.conftest import CodeOnUnpickle, write_victim_checkpoint
+from tests.conftest import MNIST_FACTS, CodeOnUnpickle, write_victim_checkpoint
 
 MNIST = {"num_classes": 10, "in_channels": 1, "image_size": 28, "mean": (0.5,), "std": (0.25,)}
 
@@ -237,3 +238,19 @@ def test_a_network_of_exactly_32_px_given_48_is_not_told_to_use_a_larger_size() 
     message = str(error.value)
     assert "larger" not in message and "\n" not in message
     assert "the image size this network was built for (--data.init_args.source.init_args.image_size" in message
+
+
+def test_a_victim_checkpoint_s_own_normalisation_is_used_and_a_different_one_of_the_data_is_said_loudly(
+    victim_checkpoint: Path,
+) -> None:
+    facts = {**MNIST_FACTS, "mean": (0.0,), "std": (1.0,)}
+    with pytest.warns(
+        UserWarning,
+        match=r"records the normalisation it was trained with \(mean \[0\.1307\].*the data's "
+        r"\(mean \[0\.0\], std \[1\.0\]\) is not",
+    ):
+        classifier = load_victim(victim_checkpoint, **facts).classifier
+    assert torch.allclose(classifier.mean.flatten(), torch.tensor([0.1307]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_victim(victim_checkpoint, **MNIST_FACTS)
