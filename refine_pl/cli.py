@@ -67,6 +67,7 @@ class RefineCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._held = ExitStack()
+        self._fit_record: tuple[Path, dict[str, Any]] | None = None
         with self._held:
             super().__init__(*args, **kwargs)
 
@@ -103,7 +104,11 @@ class RefineCLI(LightningCLI):
                 trains=model_trains(config["model"].get("class_path")),
             )
             if subcommand == "fit" and rank_zero_only.rank == 0:
-                record_fit(root, fit_settings(config))
+                self._fit_record = checked_fit_record(root, fit_settings(config))
+
+    def before_fit(self) -> None:
+        if self._fit_record is not None:  # written once the fit starts: a refused command leaves nothing behind
+            write_record(*self._fit_record)
 
     def parse_arguments(self, parser: Any, args: ArgsType) -> None:
         # LightningCLI warns when it is given args while sys.argv holds arguments too. pipeline.py and the
@@ -156,11 +161,11 @@ def fit_settings(config: Any) -> dict[str, Any]:
     return {"model": model, "data": config["data"].as_dict(), "seed_everything": config.get("seed_everything")}
 
 
-def record_fit(root: Path, settings: dict[str, Any]) -> None:
-    """Records ``settings`` in ``root/run.json``; a folder with a run's checkpoints must have been started with them.
+def checked_fit_record(root: Path, settings: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """The record of a fit into ``root`` with ``settings`` and its path; a run there must have been started with them.
 
     Raises:
-        ConfigError: ``root`` holds checkpoints of a run started with other settings.
+        ConfigError: ``root`` holds checkpoints of a run whose ``run.json`` names other settings.
     """
     path = root / RUN_RECORD
     if run_checkpoints(root):
@@ -168,7 +173,7 @@ def record_fit(root: Path, settings: dict[str, Any]) -> None:
             path, settings, "resume it with those settings, start over with --fresh true, or fit into another "
             "--trainer.default_root_dir"
         )  # fmt: skip
-    write_record(path, settings)
+    return path, settings
 
 
 def model_trains(class_path: str | None) -> bool:

@@ -121,11 +121,13 @@ def _refuse_if_held(path: Path, holder: tuple[str, int] | None) -> None:
 def run_lock(folder: Path) -> Iterator[None]:
     """Holds ``folder/run.lock`` (this host and process id) while the block runs; removes it at the end.
 
-    A lock left by a process of this host that no longer runs (killed) is taken over with a warning.
+    A lock left by a process of this host that no longer runs (killed) is taken over with a warning. Folders the
+    lock had to create are removed again if nothing else was written into them (a refused job leaves no trace).
 
     Raises:
         ConfigError: Another live process holds the lock.
     """
+    created = [parent for parent in (folder, *folder.parents) if not parent.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
     while True:
@@ -152,3 +154,7 @@ def run_lock(folder: Path) -> Iterator[None]:
     finally:
         if _lock_holder(path) == (socket.gethostname(), os.getpid()):
             path.unlink()
+        for parent in created:
+            if any(parent.iterdir()):
+                break
+            parent.rmdir()

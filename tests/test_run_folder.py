@@ -16,6 +16,7 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 
 from refine_pl.cli import cli_main
 from refine_pl.errors import ConfigError
+from refine_pl.pipeline import main, parse_args, record_job
 from refine_pl.run_folder import LOCK, run_lock
 from tests.conftest import QUIET, REFINE_JOB, REPO
 
@@ -123,3 +124,24 @@ def test_a_lock_held_by_a_live_process_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=f"{tmp_path} is in use by process {os.getppid()}"), run_lock(tmp_path):
         pass
     assert (tmp_path / LOCK).exists()  # not ours to remove
+
+
+def test_the_pipeline_rerun_with_another_attack_is_refused_before_any_stage_and_fresh_starts_over(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "job"
+    record_job(parse_args(["--run-dir", str(run), "--victim-arg=--trainer.max_epochs=1"]))
+    (run / "victim").mkdir()
+    other = ["--run-dir", str(run), "--victim-config", "configs/victim/mnist.yaml", "configs/attacks/blended.yaml"]
+    with pytest.raises(
+        ConfigError, match=r"job holds a run started with victim_config \[.*badnets.yaml'\], not .*--fresh"
+    ):
+        main([*other, "--victim-arg=--trainer.max_epochs=1"])  # refused before the first stage trains anything
+    with pytest.raises(ConfigError, match=r"started with victim_arg \['--trainer.max_epochs=1'\], not \[\]"):
+        main(["--run-dir", str(run)])
+    assert sorted(path.name for path in run.iterdir()) == ["pipeline.json", "victim"]
+
+    record_job(parse_args([*other, "--fresh"]))
+    (moved,) = tmp_path.glob("job.replaced-*")
+    assert (moved / "victim").is_dir()
+    assert json.loads((run / "pipeline.json").read_text())["victim_config"][1] == "configs/attacks/blended.yaml"
