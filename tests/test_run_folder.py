@@ -145,3 +145,16 @@ def test_the_pipeline_rerun_with_another_attack_is_refused_before_any_stage_and_
     (moved,) = tmp_path.glob("job.replaced-*")
     assert (moved / "victim").is_dir()
     assert json.loads((run / "pipeline.json").read_text())["victim_config"][1] == "configs/attacks/blended.yaml"
+
+
+@pytest.mark.slow  # CLI runs
+def test_a_finished_run_resumed_with_more_epochs_is_refused_not_trained_at_rate_zero(
+    victim_checkpoint: Path, tmp_path: Path
+) -> None:
+    cli_main(_fit(victim_checkpoint, tmp_path))  # the MNIST job's WarmupCosineLR ends at max_epochs: 1
+    last = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
+    longer = _fit(victim_checkpoint, tmp_path, "--trainer.max_epochs", "3", "--ckpt_path", "last")
+    with pytest.raises(ConfigError, match=r"decays to 0 at epoch 1, .* resume with --trainer.max_epochs 1, or train 3"):
+        cli_main(longer)
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == last
+    assert not (tmp_path / LOCK).exists()
