@@ -54,6 +54,7 @@ from refine_pl.defenses import DEFENSES
 from refine_pl.errors import ConfigError
 from refine_pl.metric_names import ASR, BA, CLEAN_FLOOR, DEFENDED, DER, NO_DEFENSE
 from refine_pl.pipeline import add_job_arguments, config_flags, resume_flag, run_defense
+from refine_pl.run_folder import recorded_settings
 
 REFINE_JOB = RECIPES["refine"]
 """The MNIST REFINE job (the attacks benchmark's recipe ``refine``), which every defense's overlay is merged after."""
@@ -73,13 +74,7 @@ def run_record(path: Path, args: list[str]) -> dict[str, Any]:
         ConfigError: The run was started with other ``args``: resuming it would continue another run's training
             with these settings, reusing it would report other settings' figures.
     """
-    record = json.loads(path.read_text()) if path.is_file() else {"args": args}
-    if record["args"] != args:
-        raise ConfigError(
-            f"{path.parent} holds a run started with the arguments {record['args']}, not {args}: delete the folder "
-            "or use another --run-dir."
-        )
-    return record
+    return recorded_settings(path, {"args": args}, "delete the folder or use another --run-dir")
 
 
 def defense_report(defense: str, suspect: Path, clean: Path, run_dir: Path, args: list[str]) -> dict[str, Any]:

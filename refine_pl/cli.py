@@ -3,6 +3,7 @@
 import importlib
 import itertools
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from jsonargparse import ArgumentError
 from pytorch_lightning import LightningDataModule, LightningModule, Trainer
 from pytorch_lightning.cli import ArgsType, LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
 from refine_pl.checkpoints import (
     CHECKPOINT_FOLDER,
@@ -24,9 +25,17 @@ from refine_pl.console import exit_on_config_error
 from refine_pl.defended_module import DefendedLitModule
 from refine_pl.errors import ConfigError, cli_flag
 from refine_pl.internals import config_error_cause, parse_failure
+from refine_pl.run_folder import recorded_settings, run_lock, start_over, write_record
 
 LINKED_DATA_FACTS = ("num_classes", "in_channels", "image_size", "mean", "std")
 """Datamodule properties passed to the model, so they are never typed twice."""
+
+RUN_RECORD = "run.json"
+"""The settings a ``fit`` was started with, in its run folder."""
+
+UNRECORDED = ("victim_checkpoint", "clean_reference")
+"""Model arguments a run's record leaves out: paths that change when a folder moves. The victim is checked by its
+content on resume (its sha256 is in every checkpoint); the clean reference is only used by ``test``."""
 
 
 def _with_resolved_configs(args: list[str]) -> list[str]:
@@ -53,11 +62,26 @@ class RefineCLI(LightningCLI):
 
     A checkpoint given with ``--ckpt_path`` is loaded with ``weights_only=True`` unless ``--weights_only false``
     says otherwise, whatever torch's default: a checkpoint that would unpickle Python objects is refused.
+
+    A ``fit`` holds the run folder's lock (:func:`~refine_pl.run_folder.run_lock`) from before its checks to its
+    end, and records the model, data and seed it was started with in ``run.json``: resuming with others is refused
+    (see :func:`fit_settings`); ``--fresh true`` moves the folder's earlier run aside and starts anew.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._held = ExitStack()
+        self._fit_record: tuple[Path, dict[str, Any]] | None = None
+        with self._held:
+            super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         for fact in LINKED_DATA_FACTS:
             parser.link_arguments(f"data.{fact}", f"model.init_args.{fact}", apply_on="instantiate")
+        parser.add_argument(
+            "--fresh", type=bool, default=False,
+            help="fit only: move an earlier run in --trainer.default_root_dir aside (to <folder>.replaced-<time>) and "
+            "start anew",
+        )  # fmt: skip
 
     def _parse_ckpt_path(self) -> None:
         # Lightning's LightningCLI would merge the hyper-parameters saved in the --ckpt_path checkpoint into the
@@ -68,13 +92,26 @@ class RefineCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand is not None:
             config = self.config[subcommand]
+            root = Path(config["trainer"].get("default_root_dir") or ".")
+            if config.get("fresh") and subcommand != "fit":
+                raise ConfigError(f"--fresh starts a fit anew; `{subcommand}` writes no run: drop --fresh.")
+            if subcommand == "fit" and rank_zero_only.rank == 0:
+                if config.get("fresh"):
+                    start_over(root)
+                self._held.enter_context(run_lock(root))
             config["ckpt_path"] = checked_ckpt_path(
                 subcommand,
                 config.get("ckpt_path"),
-                Path(config["trainer"].get("default_root_dir") or "."),
+                root,
                 weights_only=config.get("weights_only") is not False,
                 trains=model_trains(config["model"].get("class_path")),
             )
+            if subcommand == "fit" and rank_zero_only.rank == 0:
+                self._fit_record = checked_fit_record(root, fit_settings(config))
+
+    def before_fit(self) -> None:
+        if self._fit_record is not None:  # written once the fit starts: a refused command leaves nothing behind
+            write_record(*self._fit_record)
 
     def parse_arguments(self, parser: Any, args: ArgsType) -> None:
         # LightningCLI warns when it is given args while sys.argv holds arguments too. pipeline.py and the
@@ -131,6 +168,33 @@ def _plain(value: Any) -> Any:
 
 
 NEEDS_TRAINED_WEIGHTS = ("validate", "test", "predict")
+
+
+def fit_settings(config: Any) -> dict[str, Any]:
+    """What decides a fit's result, from its parsed config: the model and data (without :data:`UNRECORDED`), the seed.
+
+    The trainer's settings are left out: a resume may change the devices, or stop at another ``max_steps``
+    (a schedule that depends on ``max_epochs`` refuses another length itself, see
+    :meth:`~refine_pl.schedules.WarmupCosineLR.load_state_dict`).
+    """
+    model = config["model"].as_dict()
+    model["init_args"] = {k: v for k, v in model.get("init_args", {}).items() if k not in UNRECORDED}
+    return {"model": model, "data": config["data"].as_dict(), "seed_everything": config.get("seed_everything")}
+
+
+def checked_fit_record(root: Path, settings: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """The record of a fit into ``root`` with ``settings`` and its path; a run there must have been started with them.
+
+    Raises:
+        ConfigError: ``root`` holds checkpoints of a run whose ``run.json`` names other settings.
+    """
+    path = root / RUN_RECORD
+    if run_checkpoints(root):
+        recorded_settings(
+            path, settings, "resume it with those settings, start over with --fresh true, or fit into another "
+            "--trainer.default_root_dir"
+        )  # fmt: skip
+    return path, settings
 
 
 def model_trains(class_path: str | None) -> bool:

@@ -14,9 +14,12 @@ from refine_pl.cli import cli_main
 from refine_pl.configs import resolve_config
 from refine_pl.console import exit_on_config_error
 from refine_pl.errors import ConfigError
+from refine_pl.run_folder import recorded_settings, start_over, write_record
 
 DEFAULT_VICTIM_CONFIGS = ["configs/victim/mnist.yaml", "configs/attacks/badnets.yaml"]
 DEFAULT_REFINE_CONFIGS = ["configs/refine/reference.yaml", "configs/refine/mnist.yaml"]
+RECORD = "pipeline.json"
+"""The configs and extra arguments the main job in a run folder was started with."""
 
 
 def config_flags(configs: list[str]) -> list[str]:
@@ -155,14 +158,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--predict-dir", default=None, metavar="FOLDER",
         help="classify the images of this folder with the defended model at the end (RUN_DIR/predictions.csv)",
     )  # fmt: skip
+    parser.add_argument(
+        "--fresh", action="store_true",
+        help="move an earlier job in RUN_DIR aside (to RUN_DIR.replaced-<time>) and start anew; without it, a RUN_DIR "
+        "started with other configs or arguments is refused",
+    )  # fmt: skip
     add_job_arguments(parser, "victim", "the victim job")
     add_job_arguments(parser, "refine", "the REFINE job")
     return parser.parse_args(argv)
 
 
+def record_job(args: argparse.Namespace) -> None:
+    """Records the configs and extra arguments of the main job in ``RUN_DIR/pipeline.json`` before its first stage.
+
+    Raises:
+        ConfigError: ``RUN_DIR`` holds a job started with others (it would reuse that job's victim and report it
+            under these settings); ``--fresh`` moves it aside first.
+    """
+    run_dir = Path(args.run_dir)
+    if args.fresh:
+        start_over(run_dir)
+    settings = {
+        "victim_config": args.victim_config,
+        "refine_config": args.refine_config,
+        "victim_arg": args.victim_arg,
+        "refine_arg": args.refine_arg,
+        "floor": args.floor,
+    }
+    fix = "run it again with those settings, start over with --fresh, or choose another --run-dir"
+    write_record(run_dir / RECORD, recorded_settings(run_dir / RECORD, settings, fix))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Runs the main job with the command line ``argv`` (``sys.argv[1:]`` when None)."""
     args = parse_args(argv)
+    record_job(args)
     clean = train_victim(args.victim_config[:1], Path(args.run_dir) / "clean", args.victim_arg) if args.floor else None
     run_pipeline(
         args.victim_config, args.refine_config, args.run_dir, args.victim_arg, args.refine_arg, clean, args.predict_dir

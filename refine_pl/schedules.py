@@ -1,6 +1,7 @@
 """Learning-rate schedules that torch does not have in one class (a YAML config names one class)."""
 
 import math
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -17,7 +18,7 @@ class WarmupCosineLR(LambdaLR):
 
     Without ``T_max`` the decay ends with the training: a LightningModule of refine-pl sets it to the trainer's
     ``max_epochs`` (:meth:`end_with_training`), so a config types the length once and ``--trainer.max_epochs``
-    alone changes it.
+    alone changes it. A run resumed with another length is refused (:meth:`load_state_dict`).
 
     Args:
         optimizer: The optimizer whose rates are scaled.
@@ -60,6 +61,24 @@ class WarmupCosineLR(LambdaLR):
         """Sets ``T_max`` to the trainer's ``max_epochs`` if no ``T_max`` was given (else changes nothing)."""
         if self.T_max is None:
             self._set_length(max_epochs, "the trainer's max_epochs")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores a checkpoint's schedule, which must end where this one does.
+
+        Raises:
+            ConfigError: The checkpoint's cosine ends at another epoch than this one's ``T_max`` (e.g. a finished
+                run resumed with a higher ``--trainer.max_epochs``: its extra epochs would run at rate 0, and a
+                lower one would stop before the decay ends).
+        """
+        length = self.T_max
+        if length is not None and state_dict.get("T_max") not in (None, length):
+            raise ConfigError(
+                f"The run's learning rate decays to 0 at epoch {state_dict['T_max']}, and resuming it with {length} "
+                f"epochs would not lengthen or shorten that schedule: resume with --trainer.max_epochs "
+                f"{state_dict['T_max']}, or train {length} epochs as a new run (--fresh true or another "
+                "--trainer.default_root_dir)."
+            )
+        super().load_state_dict(state_dict)
 
     def factor(self, epoch: int) -> float:
         """The share of the full rate in ``epoch`` (0-based).

@@ -61,7 +61,7 @@ def test_a_plain_cosine_gets_no_warmup_argument() -> None:
 
 def test_a_run_started_with_other_settings_is_refused_not_resumed(tmp_path: Path) -> None:
     (tmp_path / "benchmark.json").write_text(json.dumps({"args": ["--trainer.max_epochs=2"]}))
-    with pytest.raises(ConfigError, match="holds a run started with the arguments .*max_epochs=2.*, not \\[\\]"):
+    with pytest.raises(ConfigError, match="holds a run started with args .*max_epochs=2.*, not \\[\\]"):
         defense_report("refine", tmp_path / "victim.ckpt", tmp_path / "clean.ckpt", tmp_path, [])
 
 

@@ -12,6 +12,7 @@ from torch.optim.lr_scheduler import MultiStepLR
 
 from datamodules import RefineDataModule
 from refine_pl.cli import cli_main
+from refine_pl.errors import ConfigError
 from tests.conftest import QUIET, REFINE_JOB, SmallDigits, quiet_trainer, tiny_refine_module
 
 TOTAL_STEPS = 12  # 90 training images, batch 16: 5 steps per epoch, so 2.4 epochs
@@ -113,8 +114,9 @@ def test_a_run_with_cached_pseudo_labels_resumes_exactly(untrained_victim: Path,
 
 @pytest.mark.slow  # a CLI run or worker processes
 def test_cli_resumes_from_last_with_the_saved_remap(victim_checkpoint: Path, tmp_path: Path) -> None:
-    """``train.py fit ... --ckpt_path last`` continues mid-epoch and keeps the remap of the checkpoint, even when
-    the resumed command asks for another remap seed. With the REFINE config (validation every 5 epochs) the
+    """``train.py fit ... --ckpt_path last`` continues mid-epoch and keeps the remap of the checkpoint; a resume
+    that asks for another remap seed is refused (the run folder's ``run.json`` records the one it started with).
+    With the REFINE config (validation every 5 epochs) the
     checkpoint of a run stopped by max_steps is written at the end of training, after Lightning has counted the
     cut epoch as completed; the data, weights, optimizer and scheduler still continue exactly.
     """
@@ -136,9 +138,9 @@ def test_cli_resumes_from_last_with_the_saved_remap(victim_checkpoint: Path, tmp
 
     uninterrupted = torch.load(fit(tmp_path / "uninterrupted", 10), weights_only=True)
     first = torch.load(fit(tmp_path / "resumed", 6), weights_only=True)
-    resumed = torch.load(
-        fit(tmp_path / "resumed", 10, "--ckpt_path", "last", "--model.init_args.remap_seed", "7"), weights_only=True
-    )
+    with pytest.raises(ConfigError, match="started with model.init_args.remap_seed 0, not 7"):
+        fit(tmp_path / "resumed", 10, "--ckpt_path", "last", "--model.init_args.remap_seed", "7")
+    resumed = torch.load(fit(tmp_path / "resumed", 10, "--ckpt_path", "last"), weights_only=True)
     assert first["global_step"] == 6 and resumed["global_step"] == uninterrupted["global_step"] == 10
     assert torch.equal(
         resumed["state_dict"]["defended.remap.permutation"], first["state_dict"]["defended.remap.permutation"]
