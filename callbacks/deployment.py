@@ -11,7 +11,7 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.utilities import rank_zero_only
 
 from callbacks.export import exportable_defense
-from callbacks.report import defense_report, format_report_table
+from callbacks.report import defense_report, format_report_table, report_path
 from refine_pl.errors import ConfigError, cli_flag
 from refine_pl.export import ONNX_OPSET, export_onnx, export_torchscript
 from refine_pl.input_transform_module import InputTransformDefense
@@ -68,8 +68,8 @@ def model_card(
             "Not measured yet: `test` the run (`--ckpt_path last`) to measure BA and ASR; it writes this card again."
         ]
     else:
-        counts = [len(loader.dataset) for loader in data.test_dataloader()]
-        clean, poisoned = counts[0], sum(counts[1:])
+        images = report["test_images"]
+        clean, poisoned = images["clean"]["measured"], images["triggered"]["measured"]
         if report["attack"]:
             asr_from = f"attack {report['attack']}, target class {report['target_label']}"
         elif poisoned:
@@ -169,7 +169,7 @@ class DeploymentFiles(Callback):
             FORMATS["onnx"]: f"ONNX opset {ONNX_OPSET}, input `images`, output `logits`, dynamic batch",
             FORMATS["torchscript"]: "TorchScript (`torch.jit.trace`), dynamic batch",
         }
-        card = root / CARD
+        card = root / CARD if report is None else report_path(root / CARD, report)
         card.write_text(model_card(trainer, defense, report, files))
         print(f"Deployment files and model card saved to {root}")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from pytorch_lightning import Callback, LightningModule, Trainer
-from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
 from callbacks.checkpoint import require_trained_weights
 from refine_pl.defended_module import DefendedLitModule
@@ -21,8 +21,39 @@ def _measured(metrics: dict[str, Any], key: str) -> float | None:
     return None if value is None or math.isnan(float(value)) else round(float(value), 6)
 
 
+def test_images(trainer: Trainer, pl_module: DefendedLitModule) -> dict[str, dict[str, int]]:
+    """How many clean and triggered test images the last test measured, of how many the test sets hold.
+
+    Fewer are measured than there are when the test was cut short (``limit_test_batches``, ``fast_dev_run``).
+    """
+    measured = pl_module.evaluated_images("test")
+    available = [len(loader.dataset) for loader in trainer.test_dataloaders or []] + [0, 0]
+    return {
+        kind: {"measured": count, "of": total}
+        for kind, count, total in zip(("clean", "triggered"), measured, available[:2], strict=True)
+    }
+
+
+def is_partial(report: dict[str, Any]) -> bool:
+    """Whether a report's figures come from a test cut short (fewer images measured than its test sets hold)."""
+    return any(images["measured"] < images["of"] for images in report.get("test_images", {}).values())
+
+
+def partial_notice(report: dict[str, Any]) -> str:
+    """One sentence that a report's test was cut short, with its image counts; empty for a full test."""
+    if not is_partial(report):
+        return ""
+    counts = ", ".join(
+        f"{images['measured']} of {images['of']} {kind}" for kind, images in report["test_images"].items()
+    )
+    return f"**Partial test** ({counts} test images): these figures are not the defense's."
+
+
 def format_report_table(report: dict[str, Any]) -> str:
-    """The before/after table of a report as markdown; a rate is ``n/a`` when it was not measured."""
+    """The before/after table of a report as markdown; a rate is ``n/a`` when it was not measured.
+
+    A partial test's table is headed by :func:`partial_notice`.
+    """
 
     def cell(row: dict[str, Any], key: str) -> str:
         return "n/a" if row.get(key) is None else f"{row[key]:.4f}"
@@ -35,7 +66,8 @@ def format_report_table(report: dict[str, Any]) -> str:
         if report.get(row.key) is not None:
             cells = " | ".join(cell(report[row.key], rate) for rate in rates)
             lines.append(f"| {labels.get(row.key, row.label)} | {cells} |")
-    return "\n".join(lines)
+    notice = partial_notice(report)
+    return "\n".join([notice, "", *lines] if notice else lines)
 
 
 def defense_report(
@@ -82,7 +114,35 @@ def defense_report(
         "victim_checkpoint": pl_module.hparams.get("victim_checkpoint"),
         "clean_reference": pl_module.hparams.get("clean_reference"),
         "defense_checkpoint": trainer.ckpt_path,
+        "test_images": test_images(trainer, pl_module),
     }
+
+
+def report_path(path: Path, report: dict[str, Any]) -> Path:
+    """Where a report (or a file made from it) goes: ``path``, unless a partial test would overwrite a full one.
+
+    A partial test then writes ``<stem>.partial<suffix>`` beside it, so that a full test's figures are never
+    replaced by figures measured on part of the test sets; either way a warning says the test was partial.
+    """
+    if not is_partial(report):
+        return path
+    if path.is_file() and _holds_full_figures(path):
+        partial = path.with_name(f"{path.stem}.partial{path.suffix}")
+        rank_zero_warn(f"{partial_notice(report)} Written to {partial}, beside the full test's {path}.")
+        return partial
+    rank_zero_warn(f"{partial_notice(report)} Written to {path}.")
+    return path
+
+
+def _holds_full_figures(path: Path) -> bool:
+    """Whether a report file (JSON, or markdown with the table) holds the figures of a full test."""
+    text = path.read_text(errors="replace")
+    if path.suffix == ".json":
+        try:
+            return not is_partial(json.loads(text))
+        except ValueError:
+            return False
+    return "| BA |" in text and "**Partial test**" not in text
 
 
 class DefenseReport(Callback):
@@ -113,7 +173,7 @@ class DefenseReport(Callback):
     def _write(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         table = format_report_table(self.report)
-        json_path = directory / self.filename
+        json_path = report_path(directory / self.filename, self.report)
         json_path.write_text(json.dumps(self.report, indent=2) + "\n")
         json_path.with_suffix(".md").write_text(table + "\n")
         print(f"\nDefense report ({self.report['dataset']}, attack: {self.report['attack']}):\n{table}\n")

@@ -72,6 +72,7 @@ class BackdoorLitModule(LightningModule):
         self.der_metrics = nn.ModuleDict(
             {stage: DefenseEffectivenessRating() for stage in STAGES} if undefended_row is not None else {}
         )
+        self._evaluated_images = {stage: [0, 0] for stage in STAGES}  # this process's (clean, poisoned) images
 
     def uses_bf16(self) -> bool:
         """Whether the training step runs under bfloat16 autocast (see ``bf16``)."""
@@ -99,6 +100,7 @@ class BackdoorLitModule(LightningModule):
         raise NotImplementedError
 
     def _evaluate(self, stage: str, batch: tuple[Tensor, ...], dataloader_idx: int) -> None:
+        self._evaluated_images[stage][dataloader_idx] += len(batch[0])
         classifiers = zip(self.classifier_rows, self.evaluated_classifiers(), strict=True)
         preds = {row: classifier(batch[0]).argmax(1) for row, classifier in classifiers}
         for row, predicted in preds.items():
@@ -111,16 +113,28 @@ class BackdoorLitModule(LightningModule):
             if dataloader_idx == POISONED_LOADER:  # logged once, where its last counts (ASR) come in
                 self.log(first.logged(stage, DER), der, add_dataloader_idx=False)
 
-    def _reset_der(self, stage: str) -> None:
+    def _start_evaluation(self, stage: str) -> None:
+        self._evaluated_images[stage] = [0, 0]
         # Lightning resets a logged metric after the epoch; a DER never logged (no poisoned loader) is reset here.
         if stage in self.der_metrics:
             self.der_metrics[stage].reset()
 
+    def evaluated_images(self, stage: str) -> tuple[int, int]:
+        """The clean and the poisoned images the last ``stage`` pass measured, summed over every process.
+
+        A collective in a multi-process run: every process must call it.
+        """
+        counts = torch.tensor(self._evaluated_images[stage], device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        clean, poisoned = (int(count) for count in counts)
+        return clean, poisoned
+
     def on_validation_epoch_start(self) -> None:
-        self._reset_der("val")
+        self._start_evaluation("val")
 
     def on_test_epoch_start(self) -> None:
-        self._reset_der("test")
+        self._start_evaluation("test")
 
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate("val", batch, dataloader_idx)

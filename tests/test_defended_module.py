@@ -21,7 +21,11 @@ def test_the_report_and_the_logged_keys_are_exactly_those_of_the_metric_table(
     data = RefineDataModule(SmallDigits(train_per_class=(4,) * 10, test_per_class=(3,) * 10), batch_size=16)
     trainer, report = fit_and_test_with_report(module, data, tmp_path)
 
-    rows = {key: value for key, value in report.report.items() if isinstance(value, dict) and key != "attack_spec"}
+    rows = {
+        key: value
+        for key, value in report.report.items()
+        if isinstance(value, dict) and key not in ("attack_spec", "test_images")
+    }
     assert {row.key: set(row.rates) for row in REPORT_ROWS} == {key: set(value) for key, value in rows.items()}
     assert all(rate in RATES for row in REPORT_ROWS for rate in row.rates)
     logged = {key for key in trainer.callback_metrics if key.startswith("test/")}

@@ -2,6 +2,7 @@
 command silently evaluates untrained weights or trains over a run, and a killed run resumes exactly.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -236,3 +237,37 @@ def test_a_moved_run_folder_is_tested_with_the_victim_the_command_names(
 def test_ckpt_path_best_is_refused_in_one_line_before_anything_is_built(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--ckpt_path best: a refine-pl run monitors no metric.*pass last"):
         cli_main(["test", *_job(tmp_path / "no_victim.ckpt", tmp_path), "--ckpt_path", "best"])
+
+
+@pytest.mark.slow
+def test_a_partial_test_says_so_and_never_replaces_a_full_tests_report_or_card(
+    victim_checkpoint: Path, tmp_path: Path
+) -> None:
+    job = [
+        *_job(victim_checkpoint, tmp_path), *QUIET,
+        "--model.init_args.transform.init_args.base_width", "4",
+        "--data.init_args.batch_size", "16",
+        "--trainer.limit_train_batches", "2",
+        "--trainer.limit_val_batches", "0",
+    ]  # fmt: skip
+    cli_main(["fit", *job, "--trainer.max_epochs", "1"])
+    with pytest.warns(UserWarning, match=r"Partial test.*Written to .*report\.json"):  # no full report yet
+        cli_main(["test", *job, "--ckpt_path", "last", "--trainer.limit_test_batches", "2"])
+    first = json.loads((tmp_path / "report.json").read_text())
+    assert first["test_images"]["clean"]["measured"] == 32 < first["test_images"]["clean"]["of"]
+    assert (tmp_path / "report.md").read_text().startswith("**Partial test** (32 of ")
+
+    cli_main(["test", *job, "--ckpt_path", "last"])  # the full test replaces the partial one
+    full = json.loads((tmp_path / "report.json").read_text())
+    assert all(images["measured"] == images["of"] > 0 for images in full["test_images"].values())
+    card = (tmp_path / "MODEL_CARD.md").read_text()
+    assert "**Partial test**" not in card and f"BA on {full['test_images']['clean']['of']} labeled" in card
+
+    with pytest.warns(UserWarning, match=r"Partial test.*Written to .*report\.partial\.json, beside the full test"):
+        cli_main(["test", *job, "--ckpt_path", "last", "--trainer.limit_test_batches", "2"])
+    assert json.loads((tmp_path / "report.json").read_text()) == full
+    assert (tmp_path / "MODEL_CARD.md").read_text() == card
+    partial = json.loads((tmp_path / "report.partial.json").read_text())
+    assert partial["test_images"]["triggered"]["measured"] == 32
+    assert (tmp_path / "report.partial.md").read_text().startswith("**Partial test**")
+    assert "BA on 32 labeled" in (tmp_path / "MODEL_CARD.partial.md").read_text()
