@@ -25,7 +25,7 @@ from refine_pl.console import exit_on_config_error
 from refine_pl.defended_module import DefendedLitModule
 from refine_pl.errors import ConfigError, cli_flag
 from refine_pl.internals import config_error_cause, parse_failure
-from refine_pl.run_folder import recorded_settings, run_lock, start_over, write_record
+from refine_pl.run_folder import check_run_folder, recorded_settings, run_lock, start_over, write_record
 
 LINKED_DATA_FACTS = ("num_classes", "in_channels", "image_size", "mean", "std")
 """Datamodule properties passed to the model, so they are never typed twice."""
@@ -93,6 +93,7 @@ class RefineCLI(LightningCLI):
         if subcommand is not None:
             config = self.config[subcommand]
             root = Path(config["trainer"].get("default_root_dir") or ".")
+            check_run_folder(root, CHECKPOINT_FOLDER)
             if config.get("fresh") and subcommand != "fit":
                 raise ConfigError(f"--fresh starts a fit anew; `{subcommand}` writes no run: drop --fresh.")
             if subcommand == "fit" and rank_zero_only.rank == 0:

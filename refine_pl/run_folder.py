@@ -117,6 +117,31 @@ def _refuse_if_held(path: Path, holder: tuple[str, int] | None) -> None:
         )
 
 
+def check_run_folder(folder: Path, checkpoints: str) -> None:
+    """Refuses, before anything is built, a run folder that cannot hold the run's files.
+
+    Args:
+        folder: The run folder (``--trainer.default_root_dir``); it may not exist yet.
+        checkpoints: The name of the sub-folder that holds the checkpoints.
+
+    Raises:
+        ConfigError: ``folder`` is a file, lies under a file, cannot be written into, or its checkpoint sub-folder
+            is a file.
+    """
+    flag = "--trainer.default_root_dir"
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == folder else f"lies under the file {existing}"
+        raise ConfigError(f"{flag} {folder} {where}: pass a folder (it is made if it does not exist).")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {folder}: {existing} cannot be written into: pass a folder you can write to.")
+    kept = folder / checkpoints
+    if kept.exists() and not kept.is_dir():
+        raise ConfigError(
+            f"{kept} is a file, where the run keeps its checkpoints: move it away, or pass another {flag}."
+        )
+
+
 @contextmanager
 def run_lock(folder: Path) -> Iterator[None]:
     """Holds ``folder/run.lock`` (this host and process id) while the block runs; removes it at the end.

@@ -271,3 +271,26 @@ def test_a_partial_test_says_so_and_never_replaces_a_full_tests_report_or_card(
     assert partial["test_images"]["triggered"]["measured"] == 32
     assert (tmp_path / "report.partial.md").read_text().startswith("**Partial test**")
     assert "BA on 32 labeled" in (tmp_path / "MODEL_CARD.partial.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("root", "message"),
+    [
+        ("afile", r"default_root_dir .*afile is a file: pass a folder"),
+        ("afile/run", r"default_root_dir .*afile/run lies under the file .*afile: pass a folder"),
+        ("with_file", r"with_file/checkpoints is a file, where the run keeps its checkpoints"),
+        ("locked", r"locked cannot be written into: pass a folder you can write to"),
+    ],
+)
+def test_a_run_folder_that_cannot_hold_the_run_is_refused_in_one_line_before_anything_is_built(
+    root: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "afile").touch()
+    (tmp_path / "with_file").mkdir()
+    (tmp_path / "with_file" / "checkpoints").touch()
+    (tmp_path / "locked").mkdir()
+    writable = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path).name != "locked" and writable(path, mode))
+    with pytest.raises(ConfigError, match=message):  # the victim file does not exist: nothing was built
+        cli_main(["fit", *_job(tmp_path / "no_victim.ckpt", tmp_path / root), *TINY])
+    assert (tmp_path / "afile").read_bytes() == b"" and not (tmp_path / "locked" / "run.lock").exists()
