@@ -104,8 +104,10 @@ def test_spec_and_learned_networks_round_trip_through_a_checkpoint_state() -> No
 
 @pytest.mark.slow
 def test_victim_training_with_iad_and_refine_rebuilding_its_poisoned_test_set(tmp_path: Path) -> None:
+    # Stopped after its first epoch (max_steps) of a 2-epoch schedule, as an interrupted run, so that it resumes.
     short = [
-        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
+        "--trainer.max_epochs", "2", "--trainer.max_steps", "3",
+        "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
         "--data.init_args.attack.init_args.mask_epochs", "1", "--data.init_args.attack.init_args.width", "4",
         "--trainer.default_root_dir", str(tmp_path / "victim"), *QUIET,
     ]  # fmt: skip
@@ -128,6 +130,6 @@ def test_victim_training_with_iad_and_refine_rebuilding_its_poisoned_test_set(tm
     assert len(ours) == len(theirs) == 900
     assert all(torch.equal(ours[i][0], theirs[i][0]) for i in range(0, 900, 37))
 
-    longer = [*short[2:], "--trainer.max_epochs", "2", "--ckpt_path", str(checkpoint)]
+    longer = [*short[4:], "--trainer.max_epochs", "2", "--ckpt_path", str(checkpoint)]
     resumed = cli_main(["fit", "--config", VICTIM_CONFIG, "--config", IAD_CONFIG, *longer])
     assert resumed.trainer.current_epoch == 2
