@@ -2,7 +2,7 @@
 
 The matrix: for each attack, its victim (seed 0) is defended by every registered defense
 (:data:`refine_pl.defenses.DEFENSES`), each run as the pipeline runs REFINE (:func:`refine_pl.pipeline.run_defense`:
-``train.py fit`` when it trains, then ``train.py test``) with the MNIST REFINE job (``configs/refine/reference.yaml``
+``train.py fit`` when it trains, then ``train.py test``) with the MNIST REFINE job (``configs/refine/recipe.yaml``
 + ``configs/refine/mnist.yaml``) and the defense's overlay (``configs/defenses/<defense>.yaml``), the clean model
 given as the reference of the ASR floor. Every figure comes from the test's ``report.json``: BA, ASR, RA of the
 defended classifier and its DER against the victim, and the victim's and the clean model's, measured in one pass on

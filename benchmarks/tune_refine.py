@@ -3,14 +3,15 @@
 A defender does not know the attack, so the MNIST config must be chosen without looking at the rows of
 ``benchmarks/attacks.py``. This script trains a *tuning set* of victims - variants of the poison-only attacks
 with other triggers, targets and seeds (100 and up) than the table's - and defends each with every candidate
-config (overrides of ``configs/refine/mnist.yaml`` on the reference recipe). For each candidate it reports, per
-victim, the margin to the gate of the table (ASR <= max(0.01, floor + 0.005), BA >= victim BA - 0.005) and the
-REFINE stage's seconds; the candidate with the best worst-case margin that fits the time budget is the one to
-adopt. Results: ``tuning.csv`` and ``tuning.md`` (its table rendered from the csv by
+config (overrides of the MNIST REFINE job, ``configs/refine/recipe.yaml`` + ``configs/refine/mnist.yaml``). For
+each candidate it reports, per victim, the margin to the gate of the table (ASR <= max(0.01, floor + 0.005), BA >=
+victim BA - 0.005), the REFINE stage's seconds, the epochs it trained (the label-free stopping rule may end it
+before ``max_epochs``) and its label-free agreement; the fastest candidate whose worst-case margins are positive
+is the one to adopt. Results: ``tuning.csv`` and ``tuning.md`` (its table rendered from the csv by
 :func:`benchmarks.render.tuning`) in ``--results-dir``.
 
     python benchmarks/tune_refine.py                         # every candidate on every tuning victim
-    python benchmarks/tune_refine.py --candidates config no_warmup   # a subset
+    python benchmarks/tune_refine.py --candidates recipe e12   # a subset
 """
 
 import argparse
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 from benchmarks import render
 from benchmarks.victims import QUIET, RECIPES, REPO, VICTIM_CONFIG, attack_config
-from refine_pl.metric_names import ASR, BA, CLEAN_FLOOR, DEFENDED, NO_DEFENSE
+from refine_pl.metric_names import AGREEMENT, ASR, BA, CLEAN_FLOOR, DEFENDED, LABEL_FREE, NO_DEFENSE
 from refine_pl.pipeline import run_defense, train_victim
 
 TUNING_SEED = 100
@@ -54,20 +55,16 @@ TUNING_VICTIMS: dict[str, tuple[str, list[str]]] = {
                                              "--data.init_args.attack.init_args.target_label=9"]),
 }  # fmt: skip
 
-D = "--data.init_args."
-E20 = ["--trainer.max_epochs=20"]  # the cosine ends with the training
-COSINE = ["--model.init_args.scheduler.init_args.warmup_epochs=0"]  # the full rate from the first step, no warmup
+EPOCHS = "--trainer.max_epochs="
 CANDIDATES: dict[str, list[str]] = {
-    # configs/refine/mnist.yaml as it is: consistency views rotated up to 15 degrees, 30 epochs, the first epoch at a
-    # tenth of the rate
-    "config": [],
-    "no_warmup": COSINE,  # the full rate from the first step
-    "no_warmup_e20": [*COSINE, *E20],  # the same over 20 epochs
-    "no_rotation_no_warmup_e20": [f"{D}max_rotation=0", *COSINE, *E20],  # random resized crops only
-    # the config before this tuning: no augmentation, 20 epochs, no warmup
-    "previous_config": [f"{D}augment=false", f"{D}consistency=false", f"{D}max_rotation=0", *COSINE, *E20],
+    "recipe": [],  # configs/refine/recipe.yaml + configs/refine/mnist.yaml as they are
+    "e30": [f"{EPOCHS}30"],  # the epochs of the recipe before the stopping rule (issue 23)
+    "e12": [f"{EPOCHS}12"],
+    "e8": [f"{EPOCHS}8"],
+    "e12_w8": [f"{EPOCHS}12", "--model.init_args.transform.init_args.base_width=8"],  # a U-Net of first width 8
 }
-"""Candidate configs: overrides of the REFINE job (``train.py`` arguments) on top of the MNIST config."""
+"""Candidate configs: overrides of the REFINE job (``train.py`` arguments) on top of the MNIST job's configs. The
+cosine of every candidate ends at its ``max_epochs``; the label-free stopping rule may end it sooner."""
 
 GATE_ASR, FLOOR_MARGIN, GATE_BA_DROP = 0.01, 0.005, 0.005
 
@@ -120,6 +117,8 @@ def candidate_row(run_dir: Path, name: str, candidate: str) -> dict[str, Any]:
         "asr_margin": max(GATE_ASR, floor + FLOOR_MARGIN) - defended[ASR],
         "ba_margin": defended[BA] - (victim[BA] - GATE_BA_DROP),
         "seconds": json.loads(timing.read_text())["seconds"],
+        "epochs": (report.get(LABEL_FREE) or {}).get("epoch"),
+        "agreement": (report.get(LABEL_FREE) or {}).get(AGREEMENT),
     }
 
 

@@ -12,7 +12,7 @@ from callbacks.checkpoint import require_trained_weights
 from refine_pl.defended_module import DefendedLitModule
 from refine_pl.defenses import DEFENSES
 from refine_pl.errors import ConfigError
-from refine_pl.metric_names import CLEAN_FLOOR, DEFENDED, NO_DEFENSE, REPORT_ROWS
+from refine_pl.metric_names import AGREEMENT, CLEAN_FLOOR, DEFENDED, LABEL_FREE, NO_DEFENSE, REPORT_ROWS
 
 
 def _measured(metrics: dict[str, Any], key: str) -> float | None:
@@ -49,10 +49,22 @@ def partial_notice(report: dict[str, Any]) -> str:
     return f"**Partial test** ({counts} test images): these figures are not the defense's."
 
 
+def label_free_line(estimate: dict[str, Any] | None) -> str:
+    """One sentence with the label-free agreement of a run (:data:`~refine_pl.metric_names.LABEL_FREE`), or empty."""
+    if not estimate:
+        return ""
+    return (
+        f"Label-free agreement with the victim on {estimate['held_out_images']} held-out training images "
+        f"(epoch {estimate['epoch']}): {estimate[AGREEMENT]:.4f}, an estimate of the defended BA relative to the "
+        "victim's that reads no label."
+    )
+
+
 def format_report_table(report: dict[str, Any]) -> str:
     """The before/after table of a report as markdown; a rate is ``n/a`` when it was not measured.
 
-    A partial test's table is headed by :func:`partial_notice`.
+    A partial test's table is headed by :func:`partial_notice`; the label-free agreement, when the run measured
+    one, follows it (:func:`label_free_line`).
     """
 
     def cell(row: dict[str, Any], key: str) -> str:
@@ -66,8 +78,8 @@ def format_report_table(report: dict[str, Any]) -> str:
         if report.get(row.key) is not None:
             cells = " | ".join(cell(report[row.key], rate) for rate in rates)
             lines.append(f"| {labels.get(row.key, row.label)} | {cells} |")
-    notice = partial_notice(report)
-    return "\n".join([notice, "", *lines] if notice else lines)
+    notice, label_free = partial_notice(report), label_free_line(report.get(LABEL_FREE))
+    return "\n".join([*([notice, ""] if notice else []), *lines, *(["", label_free] if label_free else [])])
 
 
 def defense_report(
@@ -76,6 +88,7 @@ def defense_report(
     """BA / ASR / RA of the victim alone and of the defended classifier (and its DER), as the last test measured them.
 
     A rate is None when it was not measured (no labeled test images for BA, no attack or triggered images for ASR).
+    ``label_free`` is the tested checkpoint's label-free agreement (None when its run held no images out).
 
     Args:
         trainer: The trainer that tested ``pl_module``.
@@ -115,6 +128,7 @@ def defense_report(
         "clean_reference": pl_module.hparams.get("clean_reference"),
         "defense_checkpoint": trainer.ckpt_path,
         "test_images": test_images(trainer, pl_module),
+        LABEL_FREE: pl_module.label_free_estimate,
     }
 
 

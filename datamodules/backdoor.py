@@ -4,8 +4,9 @@ Both split the source's training set into train / validation (stratified, seeded
 two validation and two test loaders, clean and poisoned, in the order of
 :data:`refine_pl.metrics.CLEAN_LOADER` and :data:`refine_pl.metrics.POISONED_LOADER`, so one evaluation
 pass reports BA and ASR together. Without an attack only the clean loader is given. A source whose training
-images are unlabeled (:class:`~datamodules.sources.UnlabeledFolder`) gives no validation loaders, and a clean test
-loader that may be empty (BA is then not measured).
+images are unlabeled (:class:`~datamodules.sources.UnlabeledFolder`) holds out a uniform share of them instead,
+whose one validation loader measures only the label-free agreement, and gives a clean test loader that may be
+empty (BA is then not measured).
 """
 
 from pathlib import Path
@@ -67,7 +68,8 @@ class BackdoorDataModule(LightningDataModule):
         source: Where the images come from.
         attack: The backdoor attack that poisons evaluation images (and, for victims, training images).
         batch_size: Batch size of every loader.
-        val_fraction: Share of each class of the training set held out for validation.
+        val_fraction: Share of each class of the training set held out for validation (of unlabeled training
+            images: a share drawn uniformly, :func:`uniform_fraction`).
         split_seed: Seed of the train / validation split.
         num_workers: DataLoader worker processes.
     """
@@ -130,8 +132,14 @@ class BackdoorDataModule(LightningDataModule):
         if self.train_set is not None:
             return
         train, self.test_set = self.source.load()
-        if not self.source.labeled_train:  # no label to measure validation BA with: every image trains
-            self.train_set, self.val_set = train, train.subset(torch.empty(0, dtype=torch.long))
+        if not self.source.labeled_train:  # no label to stratify by: a uniform share, for the label-free agreement
+            held_out = torch.zeros(len(train), dtype=torch.bool)
+            if self.val_fraction > 0 and len(train) > 1:
+                held_out[uniform_fraction(len(train), self.val_fraction, self.split_seed)] = True
+            self.train_set, self.val_set = (
+                train.subset((~held_out).nonzero()[:, 0]),
+                train.subset(held_out.nonzero()[:, 0]),
+            )
             return
         train_idx, val_idx = stratified_split(train.labels, self.val_fraction, self.split_seed)
         self.train_set, self.val_set = train.subset(train_idx), train.subset(val_idx)
@@ -379,7 +387,9 @@ class RefineDataModule(BackdoorDataModule):
         return self._loader(UnlabeledImages(self.train_set, augmentation), shuffle=True)
 
     def val_dataloader(self) -> list[DataLoader]:
-        return super().val_dataloader() if self.source.labeled_train else []
+        if self.source.labeled_train:
+            return super().val_dataloader()
+        return [self._loader(self.val_set)] if len(self.val_set) else []  # label-free agreement only
 
     def test_dataloader(self) -> list[DataLoader]:
         triggered = self.source.triggered_test_set()

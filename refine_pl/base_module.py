@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from refine_pl.errors import ConfigError, cli_flag, first_sentence
 from refine_pl.internals import native_bf16
-from refine_pl.metric_names import DER, RA, ClassifierRow
-from refine_pl.metrics import POISONED_LOADER, BackdoorMetrics, DefenseEffectivenessRating
+from refine_pl.metric_names import AGREEMENT, DER, RA, ClassifierRow
+from refine_pl.metrics import CLEAN_LOADER, POISONED_LOADER, Agreement, BackdoorMetrics, DefenseEffectivenessRating
 from refine_pl.schedules import WarmupCosineLR
 
 STAGES = ("val", "test")
@@ -27,6 +27,11 @@ class BackdoorLitModule(LightningModule):
     ``undefended_row``, the first classifier's DER against that one is logged too (when there is a poisoned
     loader: DER needs ASR). The optimizer is built from the parameters of
     :meth:`trainable_parameters`, the scheduler (stepped every epoch) from the optimizer.
+
+    With an ``undefended_row``, validation also measures the label-free agreement of the first classifier with the
+    undefended one on the clean images (``val/agreement``, in the progress bar; :attr:`label_free_estimate` after
+    each validation). Clean images without a label (``label < 0``: a held-out share of unlabeled training images)
+    count towards the agreement only.
 
     The training step runs under :meth:`training_autocast` and, with ``channels_last``, on images and networks in
     channels-last memory layout (:meth:`training_layout`; subclasses convert their networks). Validation and test
@@ -73,6 +78,9 @@ class BackdoorLitModule(LightningModule):
             {stage: DefenseEffectivenessRating() for stage in STAGES} if undefended_row is not None else {}
         )
         self._evaluated_images = {stage: [0, 0] for stage in STAGES}  # this process's (clean, poisoned) images
+        self.agreement = Agreement() if undefended_row is not None else None
+        self.label_free_estimate: dict[str, Any] | None = None
+        """The last validation's agreement (``agreement``, ``held_out_images``, ``epoch``: epochs trained), or None."""
 
     def uses_bf16(self) -> bool:
         """Whether the training step runs under bfloat16 autocast (see ``bf16``)."""
@@ -100,9 +108,14 @@ class BackdoorLitModule(LightningModule):
         raise NotImplementedError
 
     def _evaluate(self, stage: str, batch: tuple[Tensor, ...], dataloader_idx: int) -> None:
-        self._evaluated_images[stage][dataloader_idx] += len(batch[0])
         classifiers = zip(self.classifier_rows, self.evaluated_classifiers(), strict=True)
         preds = {row: classifier(batch[0]).argmax(1) for row, classifier in classifiers}
+        clean = dataloader_idx == CLEAN_LOADER
+        if stage == "val" and clean and self.agreement is not None:
+            self.agreement.update(preds[self.classifier_rows[0]], preds[self.undefended_row])
+        if clean and bool((batch[1] < 0).any()):  # held-out unlabeled images: nothing else to measure on them
+            return
+        self._evaluated_images[stage][dataloader_idx] += len(batch[0])
         for row, predicted in preds.items():
             for rate, metric in self.metrics[f"{stage}_{row.key}"].update(predicted, batch, dataloader_idx).items():
                 show = row == self.classifier_rows[0] and rate != RA
@@ -132,6 +145,22 @@ class BackdoorLitModule(LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._start_evaluation("val")
+        if self.agreement is not None:
+            self.agreement.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        if self.agreement is None or self.trainer.sanity_checking:
+            return
+        with self.agreement.sync_context():  # the counts of every process
+            agreed, held_out = int(self.agreement.hits), int(self.agreement.total)
+        if held_out == 0:
+            return
+        self.log(self.classifier_rows[0].logged("val", AGREEMENT), agreed / held_out, prog_bar=True)
+        self.label_free_estimate = {
+            AGREEMENT: round(agreed / held_out, 6),
+            "held_out_images": held_out,
+            "epoch": self.current_epoch + 1,
+        }
 
     def on_test_epoch_start(self) -> None:
         self._start_evaluation("test")

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from refine_pl.base_module import BackdoorLitModule
 from refine_pl.classifier import NormalizedClassifier
 from refine_pl.errors import ConfigError, cli_flag
-from refine_pl.metric_names import CLEAN_FLOOR, DEFENDED, NO_DEFENSE
+from refine_pl.metric_names import AGREEMENT, CLEAN_FLOOR, DEFENDED, LABEL_FREE, NO_DEFENSE
 from refine_pl.state_dicts import describe_key_mismatch
 from refine_pl.victims import load_victim
 from refine_pl.weights import VICTIM_KEY
@@ -45,7 +45,8 @@ class DefendedLitModule(BackdoorLitModule):
     (``clean_*``, the ASR floor).
 
     Checkpoints hold what the defense trained, not the victim or the clean reference: they record the victim
-    file's sha256, and loading one checks that this module's victim is the same file's model.
+    file's sha256, and loading one checks that this module's victim is the same file's model. They also hold the
+    label-free estimate of their epoch (:attr:`label_free_estimate`), which a test of the checkpoint reports.
 
     Subclasses set :attr:`defended` (a module of the frozen victim and what the defense adds), say which kind of
     defense they are (:attr:`kind`, a key of :data:`DEFENSE_KINDS`), whether they train (:attr:`trains`) and
@@ -174,6 +175,7 @@ class DefendedLitModule(BackdoorLitModule):
         }
         checkpoint[VICTIM_KEY] = {"sha256": self.victim_record.sha256, "path": self.victim_record.path}
         checkpoint[DATA_FACTS_KEY] = self._data_facts()
+        checkpoint[LABEL_FREE] = self.label_free_estimate
 
     def _data_facts(self) -> dict[str, Any]:
         """This module's :data:`DATA_FACTS`, as plain ints and lists of floats."""
@@ -210,6 +212,9 @@ class DefendedLitModule(BackdoorLitModule):
                 f"{cli_flag('model', 'victim_checkpoint')}."
             )
         self._check_data_facts(checkpoint.get(DATA_FACTS_KEY))
+        estimate = checkpoint.get(LABEL_FREE)
+        valid = isinstance(estimate, dict) and isinstance(estimate.get(AGREEMENT), float)
+        self.label_free_estimate = dict(estimate) if valid else None
         for prefix, model in self._frozen_models().items():
             checkpoint["state_dict"].update({prefix + key: value for key, value in model.state_dict().items()})
         problem = describe_key_mismatch(self.state_dict(), checkpoint["state_dict"])

@@ -12,6 +12,7 @@ BA = "ba"
 ASR = "asr"
 RA = "ra"
 DER = "der"
+AGREEMENT = "agreement"
 
 RATES: dict[str, str] = {
     BA: "benign accuracy: share of the clean test images classified as their true class",
@@ -20,11 +21,18 @@ RATES: dict[str, str] = {
     RA: "robust accuracy: share of those triggered images classified as their true class",
     DER: "defense effectiveness rating (BackdoorBench): (max(0, ASR drop) - max(0, BA drop) + 1) / 2 against the "
     "victim, in [0, 1]; 0.5 means nothing removed and nothing lost",
+    AGREEMENT: "label-free agreement: share of held-out unlabeled images on which the defended classifier gives the "
+    "victim's class; without reading a label it estimates the defended BA relative to the victim's",
 }
 """Every rate, by key, with its meaning."""
 
 MEASURED_RATES = (BA, ASR, RA)
 """The rates measured for each classifier; DER compares two classifiers and belongs to the defended one."""
+
+LABEL_FREE = "label_free"
+"""Key of the label-free estimate in checkpoints and ``report.json``: the :data:`AGREEMENT` of the defended
+classifier with the victim on the held-out unlabeled images at the last validation (``val/agreement`` in the
+logs and the progress bar), with how many images and at which epoch."""
 
 
 @dataclass(frozen=True)

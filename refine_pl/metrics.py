@@ -159,6 +159,17 @@ class RobustAccuracy(CountRatio):
         self._count(*robust_accuracy_counts(preds, labels, target_labels))
 
 
+class Agreement(CountRatio):
+    """Fraction of images on which two classifiers give the same class (no label is read)."""
+
+    higher_is_better = True
+
+    def update(self, preds: Tensor, reference_preds: Tensor) -> None:
+        """Counts a batch: the classes two classifiers predict on the same images, both ``[N]``."""
+        check_class_vectors(preds=preds, reference_preds=reference_preds)
+        self._count((preds == reference_preds).sum(), torch.tensor(preds.numel(), device=preds.device))
+
+
 def _ratio(hits: Tensor, total: Tensor) -> Tensor:
     """``hits / total`` as a float, NaN when ``total`` is 0."""
     return hits.double() / total if total > 0 else torch.tensor(float("nan"), dtype=torch.float64)

@@ -17,7 +17,7 @@ from refine_pl.errors import ConfigError
 from refine_pl.run_folder import recorded_settings, start_over, write_record
 
 DEFAULT_VICTIM_CONFIGS = ["configs/victim/mnist.yaml", "configs/attacks/badnets.yaml"]
-DEFAULT_REFINE_CONFIGS = ["configs/refine/reference.yaml", "configs/refine/mnist.yaml"]
+DEFAULT_REFINE_CONFIGS = ["configs/refine/recipe.yaml", "configs/refine/mnist.yaml"]
 RECORD = "pipeline.json"
 """The configs and extra arguments the main job in a run folder was started with."""
 

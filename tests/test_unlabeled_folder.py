@@ -52,7 +52,9 @@ def images(tmp_path: Path) -> Path:
 
 
 def test_every_image_of_any_kind_and_depth_trains_without_a_label(images: Path) -> None:
-    data = RefineDataModule(UnlabeledFolder(str(images), num_classes=4, image_size=20), batch_size=4, augment=False)
+    data = RefineDataModule(
+        UnlabeledFolder(str(images), num_classes=4, image_size=20), batch_size=4, augment=False, val_fraction=0
+    )
     data.setup("fit")
     assert len(data.train_set) == 10 and bool((data.train_set.labels == UNLABELED).all())
     batch = next(iter(data.train_dataloader()))
@@ -60,7 +62,20 @@ def test_every_image_of_any_kind_and_depth_trains_without_a_label(images: Path) 
     assert isinstance(batch, IndexedImages) and batch.images.shape == (4, 3, 20, 20)
     assert len(set(batch.indices.tolist())) == 4 and all(0 <= index < 10 for index in batch.indices.tolist())
     assert float(batch.images.min()) >= 0 and float(batch.images.max()) <= 1
-    assert data.val_dataloader() == []  # nothing to measure validation BA with
+    assert data.val_dataloader() == []  # nothing held out: no label-free agreement
+
+
+def test_a_share_of_the_unlabeled_images_is_held_out_for_the_label_free_agreement(images: Path) -> None:
+    data = RefineDataModule(UnlabeledFolder(str(images), num_classes=4, image_size=20), batch_size=4, val_fraction=0.2)
+    data.setup("fit")
+    trained, held_out = set(data.train_set.paths.tolist()), set(data.val_set.paths.tolist())
+    assert len(held_out) == 2 and len(trained) == 8 and not trained & held_out
+    (loader,) = data.val_dataloader()
+    _, labels = next(iter(loader))
+    assert bool((labels == UNLABELED).all())  # the agreement reads no label
+    again = RefineDataModule(UnlabeledFolder(str(images), num_classes=4, image_size=20), batch_size=4, val_fraction=0.2)
+    again.setup("fit")
+    assert set(again.val_set.paths.tolist()) == held_out  # the same share on every run of the seed
 
 
 def test_labeled_test_images_give_the_clean_loader_and_their_class_names(images: Path, tmp_path: Path) -> None:
@@ -170,7 +185,7 @@ def test_images_in_a_linked_sub_folder_are_read_and_a_link_loop_is_refused(tmp_p
     write_images(root, 2, nested=False)
     write_images(tmp_path / "elsewhere", 5, seed=1)
     (root / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
-    data = RefineDataModule(UnlabeledFolder(str(root), num_classes=4, image_size=16), augment=False)
+    data = RefineDataModule(UnlabeledFolder(str(root), num_classes=4, image_size=16), augment=False, val_fraction=0)
     data.setup("fit")
     assert len(data.train_set) == 7
     (tmp_path / "elsewhere" / "sub0" / "back").symlink_to(tmp_path / "elsewhere", target_is_directory=True)

@@ -23,7 +23,7 @@ class Defense:
         label: Name in tables.
         summary: One line: ``T``, ``M`` and what trains ``T``.
         module: The LightningModule class its config builds.
-        overlay: Config merged after a dataset's REFINE job (``configs/refine/reference.yaml`` and
+        overlay: Config merged after a dataset's REFINE job (``configs/refine/recipe.yaml`` and
             ``configs/refine/<dataset>.yaml``), by name (see :mod:`refine_pl.configs`); None for REFINE itself.
     """
 
