@@ -23,12 +23,9 @@ from datamodules.datasets import (
     TriggeredImages,
     stratified_split,
 )
-from refine_pl.classifier import normalisation_problem
+from refine_pl.classifier import IMAGENET_MEAN, IMAGENET_STD, normalisation_problem
 from refine_pl.errors import ConfigError, cli_flag
 from refine_pl.images import image_files
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DatasetSource(ABC):
