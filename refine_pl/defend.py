@@ -344,6 +344,12 @@ def _normalisation(
 def _recorded(inference: _Inference, weights: WeightsFile, args: argparse.Namespace) -> ModelFacts:
     """The facts of a refine-pl victim checkpoint: its record, unless a flag gives one (the job then checks it)."""
     hparams = weights.hparams
+    if weights.attack_spec is not None and args.triggered_root is not None:
+        attack = weights.attack_spec.get("name", "its attack")
+        raise ConfigError(
+            f"{inference.path} records the attack it was trained with ({attack}), which stamps its trigger on "
+            "--test-root's images to measure ASR: drop --triggered-root (and --target-label)."
+        )
     where = f"recorded in {inference.path} (a refine-pl victim checkpoint of {hparams['arch']})"
     recorded = {}
     for fact, flag in (("num_classes", "--num-classes"), ("in_channels", "channels"), ("image_size", "--image-size")):
@@ -469,7 +475,7 @@ def _built(inference: _Inference, weights: WeightsFile, args: argparse.Namespace
     num_classes = args.num_classes
     if num_classes is None:
         num_classes = _class_count(inference, builder, weights, arch, channels, image_size)
-    default = f"ImageNet's, which torchvision's {arch} is trained with" if torchvision else None
+    default = f"ImageNet's, which torchvision's {arch} is trained with" if torchvision and channels == 3 else None
     mean, std = _normalisation(inference, args.mean, args.std, channels, default)
     return ModelFacts(num_classes, channels, image_size, mean, std, arch)
 

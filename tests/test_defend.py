@@ -23,6 +23,7 @@ from torchvision.models import get_model
 
 from refine_pl import commands
 from refine_pl.architectures import build_architecture
+from refine_pl.attacks import BadNets, attack_record
 from refine_pl.cli import cli_main
 from refine_pl.defend import (
     DEFEND_CONFIGS,
@@ -224,6 +225,23 @@ def test_weights_that_do_not_fit_the_architecture_are_refused_naming_arch(tmp_pa
         ConfigError, match=r"do not fit architecture 'resnet18' \(.* keys missing .*\): check --arch\.$"
     ):
         facts_of(str(path), "--arch", "resnet18")
+
+
+def test_a_grayscale_resnet_is_not_given_imagenets_rgb_normalisation(tmp_path: Path) -> None:
+    path = tmp_path / "xray.pt"
+    torch.save(build_architecture("resnet18", 3, 1).state_dict(), path)  # refine-pl's resnet18 takes in_channels
+    with pytest.raises(ConfigError, match=r"normalisation .*xray.pt expects cannot be told from the file"):
+        facts_of(str(path), "--arch", "resnet18")
+    facts, lines = facts_of(str(path), "--arch", "resnet18", "--mean", "0.5", "--std", "0.25")
+    assert (facts["in_channels"], facts["num_classes"], facts["image_size"]) == (1, 3, 224)
+    assert lines[0] == f"Inferred channels 1: conv1.weight [64, 1, 7, 7] in {path}, the first convolution of resnet18."
+
+
+def test_a_victim_that_records_its_attack_measures_asr_with_it_not_a_triggered_folder(tmp_path: Path) -> None:
+    path = write_victim_checkpoint(tmp_path / "victim.ckpt", attack=attack_record(BadNets()))
+    with pytest.raises(ConfigError, match=r"victim.ckpt records the attack it was trained with \(badnets\), .*: drop"):
+        facts_of(str(path), "--triggered-root", "t", "--target-label", "0")
+    assert facts_of(str(path), "--test-root", "t")[0]["num_classes"] == 10
 
 
 # ---- the job it builds -----------------------------------------------------------------------------------------------
