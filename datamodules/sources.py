@@ -23,12 +23,9 @@ from datamodules.datasets import (
     TriggeredImages,
     stratified_split,
 )
-from refine_pl.classifier import normalisation_problem
+from refine_pl.classifier import IMAGENET_MEAN, IMAGENET_STD, normalisation_problem
 from refine_pl.errors import ConfigError, cli_flag
 from refine_pl.images import image_files
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DatasetSource(ABC):
@@ -266,8 +263,10 @@ class CIFAR10(DownloadableSource):
         return ImageTensorDataset(train_images, train_labels), ImageTensorDataset(test_images, test_labels)
 
 
-def _labeled_images(folders: dict[str, Path], class_index: dict[str, int], image_size: int) -> ImageFileDataset:
-    """The images of class folders (``{class name: folder}``), labeled by ``class_index``, centre-cropped."""
+def _labeled_images(
+    folders: dict[str, Path], class_index: dict[str, int], image_size: int, channels: int = 3
+) -> ImageFileDataset:
+    """The images of class folders (``{class name: folder}``) in ``channels`` channels, labeled, centre-cropped."""
     paths, labels = [], []
     for class_name, folder in folders.items():
         files = image_files(folder)
@@ -276,7 +275,7 @@ def _labeled_images(folders: dict[str, Path], class_index: dict[str, int], image
     if not paths:
         where = next(iter(folders.values())).parent if folders else "the folder"
         raise ConfigError(f"No images under {where}: check {cli_flag('data', 'source', 'root')}.")
-    return ImageFileDataset(paths, torch.tensor(labels, dtype=torch.long), image_size, crop=True)
+    return ImageFileDataset(paths, torch.tensor(labels, dtype=torch.long), image_size, crop=True, channels=channels)
 
 
 class GTSRB(DownloadableSource):
@@ -357,19 +356,23 @@ class GTSRB(DownloadableSource):
 
 
 class FolderSource(DatasetSource):
-    """Images read from a folder tree as RGB, their shorter side resized to ``image_size`` and centre-cropped.
+    """Images read from a folder tree, their shorter side resized to ``image_size`` and centre-cropped.
 
     What :class:`ImageFolder` and :class:`UnlabeledFolder` share: the root, the victim's class count (given, not
-    counted: the model is built before any file is read) and its input size and normalisation.
+    counted: the model is built before any file is read) and its input channels, size and normalisation. Files are
+    read in the victim's channel count whatever their own mode: as RGB (grayscale repeated, alpha dropped) for a
+    3-channel model, as grayscale (ITU-R 601 luma) for a 1-channel one (X-rays, documents, digits).
 
     Args:
         root: The folder of the (training) images.
         num_classes: Number of classes of the victim (its output width).
         image_size: Side of the square images the victim takes.
         mean: Per-channel normalisation mean of the victim's training data (default: ImageNet's, as torchvision's
-            models).
+            models); one value per channel.
         std: Per-channel normalisation standard deviation of the victim's training data (default: ImageNet's).
         name: Name of the dataset in reports.
+        in_channels: Channels the victim takes: 3 (RGB, default) or 1 (grayscale; then give ``mean`` and ``std`` of
+            one value each).
     """
 
     in_channels = 3
@@ -379,20 +382,31 @@ class FolderSource(DatasetSource):
         root: str,
         num_classes: int,
         image_size: int = 224,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
         name: str = "image_folder",
+        in_channels: int = 3,
     ) -> None:
         if num_classes < 2 or image_size < 1:
             raise ConfigError(
                 f"{type(self).__name__} needs num_classes >= 2 and image_size >= 1, got {num_classes}, {image_size}: "
                 f"set {cli_flag('data', 'source', 'num_classes')} to the victim's class count."
             )
+        if in_channels not in (1, 3):
+            raise ConfigError(
+                f"{cli_flag('data', 'source', 'in_channels')} is {in_channels!r}: image files are read as 3 channels "
+                "(RGB) or 1 (grayscale); use a model that takes one of them."
+            )
         self.root = Path(root)
         self.num_classes = num_classes
         self.image_size = image_size
         self.name = name
+        self.in_channels = in_channels
         self._set_normalisation(mean, std)
+
+    def _files(self, paths: list[str], labels: torch.Tensor) -> ImageFileDataset:
+        """Image files of this source, read at its size and channels, centre-cropped."""
+        return ImageFileDataset(paths, labels, self.image_size, crop=True, channels=self.in_channels)
 
 
 class ImageFolder(FolderSource):
@@ -407,7 +421,7 @@ class ImageFolder(FolderSource):
         num_classes: Number of class folders in the training split.
         train_dir: Subfolder of the training split.
         test_dir: Subfolder of the test split.
-        **kwargs: ``image_size``, ``mean``, ``std`` and ``name`` (:class:`FolderSource`).
+        **kwargs: ``image_size``, ``mean``, ``std``, ``name`` and ``in_channels`` (:class:`FolderSource`).
     """
 
     def __init__(
@@ -440,8 +454,8 @@ class ImageFolder(FolderSource):
                 f"{self.root / self.test_dir} has class folders that are not in {self.root / self.train_dir}: "
                 f"{', '.join(unknown[:5])}. Both splits must use the same class folder names."
             )
-        train = _labeled_images(train_folders, class_index, self.image_size)
-        return train, _labeled_images(test_folders, class_index, self.image_size)
+        train = _labeled_images(train_folders, class_index, self.image_size, self.in_channels)
+        return train, _labeled_images(test_folders, class_index, self.image_size, self.in_channels)
 
 
 def _inside(inner: Path, outer: Path) -> bool:
@@ -462,7 +476,7 @@ class UnlabeledFolder(FolderSource):
       should hold images of classes other than the target); or an attack given to the datamodule, which poisons
       the labeled test images.
 
-    Images are read as RGB (grayscale repeated, alpha dropped), resized and cropped as :class:`FolderSource` says.
+    Images are read in ``in_channels`` channels, resized and cropped as :class:`FolderSource` says.
 
     Args:
         root: Folder of unlabeled training images.
@@ -472,7 +486,7 @@ class UnlabeledFolder(FolderSource):
         target_label: The class the trigger leads to; required with ``triggered_root``.
         class_names: Name of each of the victim's classes in class order (used in predictions), or None.
         name: Name of the dataset in reports.
-        **kwargs: ``image_size``, ``mean`` and ``std`` (:class:`FolderSource`).
+        **kwargs: ``image_size``, ``mean``, ``std`` and ``in_channels`` (:class:`FolderSource`).
     """
 
     labeled_train = False
@@ -544,7 +558,7 @@ class UnlabeledFolder(FolderSource):
 
     def _test_set(self) -> ImageFileDataset:
         if self.test_root is None:
-            return ImageFileDataset([], torch.empty(0, dtype=torch.long), self.image_size, crop=True)
+            return self._files([], torch.empty(0, dtype=torch.long))
         self._folder_images(self.test_root, "test_root")
         folders = {p.name: p for p in sorted(self.test_root.iterdir()) if p.is_dir()}
         if self.class_names is not None:
@@ -563,16 +577,16 @@ class UnlabeledFolder(FolderSource):
                 )
             class_index = {name: index for index, name in enumerate(folders)}
             self.class_names = tuple(folders)
-        return _labeled_images(folders, class_index, self.image_size)
+        return _labeled_images(folders, class_index, self.image_size, self.in_channels)
 
     def load(self) -> tuple[ImageFileDataset, ImageFileDataset]:
         paths = self._folder_images(self.root, "root")
-        train = ImageFileDataset(paths, torch.full((len(paths),), UNLABELED), self.image_size, crop=True)
+        train = self._files(paths, torch.full((len(paths),), UNLABELED))
         return train, self._test_set()
 
     def triggered_test_set(self) -> TriggeredImages | None:
         if self.triggered_root is None:
             return None
         paths = self._folder_images(self.triggered_root, "triggered_root")
-        images = ImageFileDataset(paths, torch.full((len(paths),), UNLABELED), self.image_size, crop=True)
+        images = self._files(paths, torch.full((len(paths),), UNLABELED))
         return TriggeredImages(images, self.target_label)

@@ -1,5 +1,5 @@
-"""``python -m refine_pl fit|validate|test|predict ...``: the same as the console command ``refine-pl``."""
+"""``python -m refine_pl fit|validate|test|predict|defend ...``: the same as the console command ``refine-pl``."""
 
-from refine_pl.cli import run
+from refine_pl.commands import run
 
 run()

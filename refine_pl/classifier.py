@@ -166,6 +166,12 @@ def check_images(images: Tensor, what: str, fix: str | None = None) -> None:
     raise ConfigError(f"{what} has pixel values in [{low:g}, {high:g}], outside [0, 1]: {fix or advice}.")
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+"""The per-channel mean of ImageNet's training images, which torchvision's classification models normalise with."""
+
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""The per-channel standard deviation of ImageNet's training images (torchvision's models)."""
+
 MEAN_BOUNDS = (-10.0, 10.0)
 """Inclusive bounds of a normalisation mean. Pixels lie in [0, 1], so a channel's mean does too; the margin admits
 other conventions (mean 0.5 with std 0.5 maps to [-1, 1]) and refuses values that are no one's statistics (1e308),

@@ -30,6 +30,12 @@ from refine_pl.run_folder import check_run_folder, recorded_settings, run_lock, 
 LINKED_DATA_FACTS = ("num_classes", "in_channels", "image_size", "mean", "std")
 """Datamodule properties passed to the model, so they are never typed twice."""
 
+DESCRIPTION = (
+    "refine-pl: the REFINE backdoor defense as a LightningCLI (fit, validate, test, predict with --config files). "
+    "To defend your own model in one command: refine-pl defend MODEL IMAGES (see refine-pl defend --help)."
+)
+"""The first lines of ``refine-pl --help``."""
+
 RUN_RECORD = "run.json"
 """The settings a ``fit`` was started with, in its run folder."""
 
@@ -62,6 +68,9 @@ class RefineCLI(LightningCLI):
 
     A checkpoint given with ``--ckpt_path`` is loaded with ``weights_only=True`` unless ``--weights_only false``
     says otherwise, whatever torch's default: a checkpoint that would unpickle Python objects is refused.
+
+    The run folder's ``config.yaml`` is the config of its last ``fit``, ``validate`` or ``test``, which ``test
+    --config RUN/config.yaml`` reads back; ``predict`` does not replace it.
 
     A ``fit`` holds the run folder's lock (:func:`~refine_pl.run_folder.run_lock`) from before its checks to its
     end, and records the model, data and seed it was started with in ``run.json``: resuming with others is refused
@@ -156,6 +165,10 @@ class RefineCLI(LightningCLI):
             self.datamodule.use_recorded_attack(self.model.victim_record)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        if self.subcommand == "predict":
+            # predict reads a run and writes predictions.csv: it leaves the run's config.yaml (the fit's or test's) as
+            # it is, since a predict config (return_predictions) cannot be read back by `test --config RUN/config.yaml`.
+            self.save_config_callback = None
         trainer_config = self._get(self.config_init, "trainer", default={})
         if trainer_config.get("logger") in (None, True) and "logger" not in kwargs:
             root = trainer_config.get("default_root_dir") or "."
@@ -354,6 +367,7 @@ def cli_main(args: ArgsType = None, run: bool = True) -> RefineCLI:
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={
+                "description": DESCRIPTION,
                 "exit_on_error": False,
                 **{name: {"exit_on_error": False} for name in RefineCLI.subcommands()},
             },
@@ -365,7 +379,7 @@ def cli_main(args: ArgsType = None, run: bool = True) -> RefineCLI:
 
 
 def run() -> None:
-    """The console command ``refine-pl`` (and ``python train.py``): the CLI on ``sys.argv``.
+    """The LightningCLI of the console command ``refine-pl`` (:func:`refine_pl.commands.run`) on ``sys.argv``.
 
     A ConfigError ends it with one line and exit status 1.
     """

@@ -94,7 +94,8 @@ def run_defense(
     clean_reference: str | Path | None = None,
     predict_root: str | Path | None = None,
     trains: bool = True,
-) -> dict[str, Any]:
+    test: bool = True,
+) -> dict[str, Any] | None:
     """A defense of ``victim_checkpoint`` in ``run_dir``: its training (or resumption), its test; returns the report.
 
     The one fit / test sequence of the project: the main job's REFINE stage and every defense of the benchmarks
@@ -110,6 +111,7 @@ def run_defense(
         trains: Whether the defense is fitted first (``fit``, then the stages from its last checkpoint); a
             training-free defense (``trains`` of its :data:`~refine_pl.defenses.DEFENSES` entry false) is only
             tested, as it is built.
+        test: Whether to test (False for a job without test images: it fits, predicts if asked, and returns None).
     """
     run_dir = Path(run_dir)
     common = [
@@ -123,10 +125,11 @@ def run_defense(
     if trains:
         cli_main(["fit", *common, *resume_flag(run_dir)])
         trained = ["--ckpt_path", "last"]
-    cli_main(["test", *common, *trained])
+    if test:
+        cli_main(["test", *common, *trained])
     if predict_root is not None:
         cli_main(["predict", *common, *trained, "--data.init_args.predict_root", str(predict_root)])
-    return json.loads((run_dir / "report.json").read_text())
+    return json.loads((run_dir / "report.json").read_text()) if test else None
 
 
 def add_job_arguments(parser: argparse.ArgumentParser, name: str, jobs: str) -> None:

@@ -1,4 +1,5 @@
-"""The test that plays the user of docs/own-model.md (README.md's "Defend your own model" in full).
+"""The test that plays the user of docs/own-model.md's walk-through by hand (its one command, ``refine-pl defend``,
+is tests/test_defend.py's).
 
 A torchvision model that is not a ResNet (MobileNetV3-small) saved as a bare state_dict, a flat folder of the
 user's unlabeled PNG and JPEG files (mixed sizes, grayscale and RGBA among them), labeled test images and triggered
@@ -51,8 +52,13 @@ ONNX_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 operators fused and reordered differently."""
 
 
+BY_HAND = "## The same job by hand, or extended"
+"""The heading of the page's LightningCLI walk-through, which this test plays: the page from there on."""
+
+
 def walkthrough() -> str:
-    return (REPO / "docs" / "own-model.md").read_text()
+    text = (REPO / "docs" / "own-model.md").read_text()
+    return text[text.index(BY_HAND) :]
 
 
 def section_blocks(language: str) -> list[str]:
@@ -71,6 +77,7 @@ def section_commands() -> list[list[str]]:
 
 
 def test_the_console_commands_are_the_entry_points_of_train_py_pipeline_py_and_the_file_predictor() -> None:
+    """``refine-pl`` is refine_pl.commands:run, which runs ``defend`` or else the LightningCLI (refine_pl.cli)."""
     config = configparser.ConfigParser()
     config.read(REPO / "setup.cfg")
     scripts = dict(
@@ -79,13 +86,13 @@ def test_the_console_commands_are_the_entry_points_of_train_py_pipeline_py_and_t
         if line
     )
     assert scripts == {
-        "refine-pl": "refine_pl.cli:run",
+        "refine-pl": "refine_pl.commands:run",
         "refine-pl-pipeline": "refine_pl.pipeline:run",
         "refine-pl-predict": "refine_pl.predict:run",
     }
-    for script, module in (("train.py", "refine_pl.cli"), ("pipeline.py", "refine_pl.pipeline")):
+    for script, module in (("train.py", "refine_pl.commands"), ("pipeline.py", "refine_pl.pipeline")):
         assert f"from {module} import" in (REPO / script).read_text() and "    run()" in (REPO / script).read_text()
-    assert "from refine_pl.cli import run" in (REPO / "refine_pl" / "__main__.py").read_text()
+    assert "from refine_pl.commands import run" in (REPO / "refine_pl" / "__main__.py").read_text()
     assert {words[0] for words in section_commands()} <= set(COMMANDS)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules import RefineDataModule, UnlabeledFolder
+from datamodules import ImageFolder, RefineDataModule, UnlabeledFolder
 from datamodules.datasets import UNLABELED
 from refine_pl.attacks import BadNets
 from refine_pl.batches import IndexedImages
@@ -204,3 +204,43 @@ def test_a_link_that_brings_training_images_into_the_test_folder_is_refused(imag
 def test_duplicate_class_names_are_refused_by_name(images: Path) -> None:
     with pytest.raises(ConfigError, match=r"^--data.init_args.source.init_args.class_names names 'cat', 'dog' more th"):
         UnlabeledFolder(str(images), num_classes=5, class_names=["dog", "cat", "dog", "cat", "emu"])
+
+
+def test_a_grayscale_source_reads_every_folder_and_image_kind_in_one_channel(images: Path, tmp_path: Path) -> None:
+    write_test_folder(tmp_path / "test", ["cat", "dog", "fox", "owl"])
+    write_images(tmp_path / "triggered", 3, seed=5)
+    gray = {"in_channels": 1, "mean": (0.5,), "std": (0.25,), "image_size": 12}
+    source = UnlabeledFolder(
+        str(images), 4, test_root=str(tmp_path / "test"), triggered_root=str(tmp_path / "triggered"), target_label=0,
+        **gray,
+    )  # fmt: skip
+    data = RefineDataModule(source, batch_size=4, predict_root=str(images))
+    data.setup("fit")
+    assert data.in_channels == 1 and data.mean == (0.5,)
+    training = next(iter(data.train_dataloader()))  # augmented: no random grayscale step for one channel
+    clean, triggered = data.test_dataloader()
+    predicted = torch.cat([batch.images for batch in data.predict_dataloader()])
+    for batch in (training, next(iter(clean))[0], next(iter(triggered))[0], predicted):
+        assert batch.shape[1:] == (1, 12, 12)
+    # The same files read in RGB: grayscale is their luma (ITU-R 601), so an RGB file's channels differ from it.
+    rgb = RefineDataModule(UnlabeledFolder(str(images), 4, image_size=12), batch_size=4, predict_root=str(images))
+    colour = torch.cat([batch.images for batch in rgb.predict_dataloader()])
+    luma = (colour * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    assert torch.allclose(predicted, luma, atol=2 / 255)  # 8-bit rounding of each
+    labeled = ImageFolder(str(tmp_path), 4, train_dir="test", test_dir="test", **gray)
+    assert labeled.load()[0][0][0].shape == (1, 12, 12)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"in_channels": 4}, r"in_channels is 4: image files are read as 3 channels \(RGB\) or 1"),
+        ({"in_channels": 1}, r"has 1 channel\(s\) but got mean=\(0.485, 0.456, 0.406\).*set --data.*mean and"),
+        ({"mean": (0.5,), "std": (0.5,)}, r"has 3 channel\(s\) but got mean=\(0.5,\)"),
+    ],
+)
+def test_channels_other_than_1_or_3_and_a_normalisation_of_another_width_are_refused(
+    arguments: dict, message: str, images: Path
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        UnlabeledFolder(str(images), 4, **arguments)
