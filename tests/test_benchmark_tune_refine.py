@@ -17,16 +17,17 @@ def test_a_victim_name_carries_its_seed_or_gets_the_tuning_seed() -> None:
 
 def test_a_finished_run_of_other_overrides_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tune_refine, "tuning_victim", lambda run_dir, name: (tmp_path / "victim", tmp_path / "clean"))
-    job = tmp_path / "batt_cw20" / "no_warmup"
+    first, other, *_ = (name for name, overrides in tune_refine.CANDIDATES.items() if overrides)  # two that differ
+    job = tmp_path / "batt_cw20" / other
     job.mkdir(parents=True)
     report = {
         "no_defense": {"ba": 0.98, "asr": 1.0}, "defended": {"ba": 0.99, "asr": 0.004}, "clean_floor": {"asr": 0.0}
     }  # fmt: skip
     (job / "report.json").write_text(json.dumps(report))
-    (job / "timing.json").write_text(json.dumps({"seconds": 12.0, "overrides": tune_refine.CANDIDATES["config"]}))
+    (job / "timing.json").write_text(json.dumps({"seconds": 12.0, "overrides": tune_refine.CANDIDATES[first]}))
     with pytest.raises(SystemExit, match="other overrides"):
-        tune_refine.candidate_row(tmp_path, "batt_cw20", "no_warmup")
+        tune_refine.candidate_row(tmp_path, "batt_cw20", other)
 
-    (job / "timing.json").write_text(json.dumps({"seconds": 12.0, "overrides": tune_refine.CANDIDATES["no_warmup"]}))
-    row = tune_refine.candidate_row(tmp_path, "batt_cw20", "no_warmup")
+    (job / "timing.json").write_text(json.dumps({"seconds": 12.0, "overrides": tune_refine.CANDIDATES[other]}))
+    row = tune_refine.candidate_row(tmp_path, "batt_cw20", other)
     assert row["asr_margin"] == pytest.approx(0.01 - 0.004) and row["ba_margin"] == pytest.approx(0.99 - 0.975)

@@ -11,7 +11,7 @@ import yaml
 from pytorch_lightning import Trainer
 
 from refine_pl.cli import cli_main, run
-from refine_pl.configs import CONFIGS
+from refine_pl.configs import CONFIGS, resolve_config
 from refine_pl.errors import ConfigError
 from refine_pl.pipeline import config_flags, parse_args
 from tests.conftest import (
@@ -60,29 +60,30 @@ def test_print_config_shows_the_merged_victim_job(capsys: pytest.CaptureFixture)
     assert attack["class_path"] == "refine_pl.attacks.BadNets" and attack["init_args"]["patch_size"] == 3
 
 
-def test_print_config_shows_the_overlay_on_top_of_the_reference_recipe(capsys: pytest.CaptureFixture) -> None:
+def test_print_config_shows_the_overlay_on_top_of_the_recipe(capsys: pytest.CaptureFixture) -> None:
     config = _printed_config(["fit", *REFINE_JOB], capsys)
+    recipe = yaml.safe_load(Path(resolve_config("configs/refine/recipe.yaml")).read_text())
     model, data = config["model"]["init_args"], config["data"]["init_args"]
     # From the MNIST overlay:
-    assert model["transform"]["init_args"]["base_width"] == 16 and config["trainer"]["max_epochs"] == 30
-    assert model["scheduler"] == {
-        "class_path": "refine_pl.schedules.WarmupCosineLR",
-        "init_args": {"T_max": None, "warmup_epochs": 1, "warmup_factor": 0.1, "last_epoch": -1},
-    }
-    assert data["source"]["class_path"] == "datamodules.EmbeddedMNIST" and data["batch_size"] == 64
-    assert {k: data[k] for k in ("augment", "horizontal_flip", "consistency", "max_rotation")} == {
-        "augment": True, "horizontal_flip": False, "consistency": True, "max_rotation": 15.0,
+    assert data["source"]["class_path"] == "datamodules.EmbeddedMNIST" and data["num_workers"] == 0
+    # From the recipe, untouched by the overlay:
+    assert config["trainer"]["max_epochs"] == recipe["trainer"]["max_epochs"]
+    assert config["trainer"]["gradient_clip_val"] == recipe["trainer"]["gradient_clip_val"]
+    assert model["transform"]["init_args"]["base_width"] == recipe["model"]["init_args"]["transform"]["init_args"][
+        "base_width"
+    ]
+    assert model["scheduler"]["class_path"] == "refine_pl.schedules.WarmupCosineLR"
+    assert data["batch_size"] == recipe["data"]["init_args"]["batch_size"]
+    assert {k: data[k] for k in ("augment", "horizontal_flip", "consistency", "val_fraction")} == {
+        "augment": True, "horizontal_flip": False, "consistency": True, "val_fraction": 0.1,
     }  # fmt: skip
-    # From the reference recipe, untouched by the overlay:
-    assert model["optimizer"]["class_path"] == "torch.optim.SGD"
-    assert {k: model["optimizer"]["init_args"][k] for k in ("lr", "momentum", "weight_decay")} == {
-        "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0005,
-    }  # fmt: skip
+    assert model["optimizer"]["class_path"] == recipe["model"]["init_args"]["optimizer"]["class_path"]
     assert (model["contrastive_weight"], model["temperature"]) == (0.1, 0.07)
     callbacks = [callback["class_path"] for callback in config["trainer"]["callbacks"]]
     assert callbacks == [
-        "callbacks.RunCheckpoint", "callbacks.DefenseReport", "callbacks.ExportDefendedClassifier",
-        "callbacks.TransformImageGrid", "callbacks.PredictionCSV", "callbacks.DeploymentFiles",
+        "callbacks.RunCheckpoint", "callbacks.LabelFreeStopping", "callbacks.DefenseReport",
+        "callbacks.ExportDefendedClassifier", "callbacks.TransformImageGrid", "callbacks.PredictionCSV",
+        "callbacks.DeploymentFiles",
     ]  # fmt: skip
 
 

@@ -356,7 +356,7 @@ def test_the_help_of_refine_pl_names_defend_and_defends_help_is_the_quick_refere
     for action in build_parser()._actions:
         if action.option_strings and action.dest != "help":  # every option says its default
             assert action.option_strings[0] in text and "(default: " in action.help, action.dest
-    assert "configs/refine/reference.yaml + configs/refine/own_model.yaml" in text  # the recipe it runs
+    assert " + ".join(DEFEND_CONFIGS) in text  # the recipe it runs
     assert "-- --trainer.accelerator gpu" in text and "refine-pl test --config RUN/config.yaml --ckpt_path last" in text
     # The examples of the epilog are printed as they are, and each parses.
     assert USAGE_EXAMPLES in printed
