@@ -48,13 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 from benchmarks import render
 from benchmarks.victims import ATTACKS, DEFAULT_ARCH, RECIPES, REPO, clean_model, defended_report, victim
 from refine_pl.architectures import ARCHITECTURES
-from refine_pl.metric_names import ASR, BA, CLEAN_FLOOR, DEFENDED, NO_DEFENSE
+from refine_pl.metric_names import AGREEMENT, ASR, BA, CLEAN_FLOOR, DEFENDED, LABEL_FREE, NO_DEFENSE
 from refine_pl.pipeline import add_job_arguments
 
 ZOO_ARCHS = ("resnet18_cifar_narrow",)
 ZOO_ATTACKS = ("badnets", "blended", "wanet")
 """The victim zoo's default: a second architecture, defended for the three poison-only attacks of the paper."""
-FIGURES = ("victim_ba", "victim_asr", "clean_floor_asr", "refine_ba", "refine_asr")
+FIGURES = ("victim_ba", "victim_asr", "clean_floor_asr", "refine_ba", "refine_agreement", "refine_asr")
 WORST_IS_HIGHEST = {"clean_floor_asr", "refine_asr"}
 """Figures whose worst seed is the highest (the others' is the lowest)."""
 SEED_COLUMNS = ("attack", "arch", "recipe", "seed", *FIGURES, "seconds")
@@ -101,6 +101,8 @@ def seed_row(
         "clean_floor_asr": report[CLEAN_FLOOR.key][ASR],
         "clean_ba": report[CLEAN_FLOOR.key][BA],
         "refine_ba": report[DEFENDED.key][BA],
+        # The label-free estimate of the REFINE BA relative to the victim's (NaN: the run held out no image)
+        "refine_agreement": (report.get(LABEL_FREE) or {}).get(AGREEMENT, float("nan")),
         "refine_asr": report[DEFENDED.key][ASR],
         "seconds": seconds,
     }

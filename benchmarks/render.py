@@ -79,10 +79,15 @@ def attacks(results_dir: Path = RESULTS, name: str = "attacks") -> str:
     """The before/after table of ``benchmarks/attacks.py`` from ``<name>.csv``: mean ± std (worst seed) per figure."""
 
     def figure(row: dict[str, str], key: str) -> str:
+        if key not in row:  # a figure its benchmark did not measure yet when the file was written
+            return "-"
         return f"{float(row[key]):.4f} ± {float(row[key + '_std']):.4f} ({float(row[key + '_worst']):.4f})"
 
-    figures = ("victim_ba", "victim_asr", "clean_floor_asr", "refine_ba", "refine_asr")
-    header = ["attack", "victim", "recipe", "seeds", "victim BA", "victim ASR", "clean floor ASR", "REFINE BA"]
+    figures = ("victim_ba", "victim_asr", "clean_floor_asr", "refine_ba", "refine_agreement", "refine_asr")
+    header = [
+        "attack", "victim", "recipe", "seeds", "victim BA", "victim ASR", "clean floor ASR", "REFINE BA",
+        "REFINE agreement", "REFINE ASR", "REFINE s",
+    ]  # fmt: skip
     rows = [
         [
             row["attack"],
@@ -95,10 +100,12 @@ def attacks(results_dir: Path = RESULTS, name: str = "attacks") -> str:
         for row in read_csv(results_dir / f"{name}.csv")
     ]
     note = (
-        "Mean ± standard deviation over the seeds of the row, the worst seed in parentheses (the lowest BA or victim "
-        "ASR, the highest floor or REFINE ASR). REFINE s: mean wall clock of the REFINE stage (fit and test)."
+        "Mean ± standard deviation over the seeds of the row, the worst seed in parentheses (the lowest BA, victim ASR "
+        "or agreement, the highest floor or REFINE ASR). REFINE agreement: the label-free estimate, the share of "
+        "held-out training images on which the defended model gives the victim's class (no label read). REFINE s: "
+        "mean wall clock of the REFINE stage (fit and test)."
     )
-    return table([*header, "REFINE ASR", "REFINE s"], rows) + "\n\n" + note
+    return table(header, rows) + "\n\n" + note
 
 
 def defenses(results_dir: Path = RESULTS, metric: str = "asr") -> str:
@@ -177,6 +184,38 @@ def tuning(results_dir: Path = RESULTS, name: str = "tuning") -> str:
     return table([*header, "max s"], body) + "\n\n" + note
 
 
+def time_to_defense(results_dir: Path = RESULTS) -> str:
+    """The main job's seconds before and after issue 23 (``time_to_defense.csv``), its conditions, the 224 px part."""
+    rows = {row["variant"]: row for row in read_csv(results_dir / "time_to_defense.csv")}
+    record = json.loads((results_dir / "time_to_defense.json").read_text())
+    body = [
+        [
+            variant, row["refine_s"], row["main_job_s"], row["epochs"] or "-", _fraction(row["victim_ba"]),
+            _fraction(row["defended_ba"]), _fraction(row["defended_asr"]), _fraction(row["agreement"]),
+        ]
+        for variant, row in rows.items()
+    ]  # fmt: skip
+    header = ["variant", "REFINE stage s", "main job s", "epochs", "victim BA", "defended BA", "ASR", "agreement"]
+    lines = [table(header, body)]
+    if {"before", "after"} <= rows.keys():
+        before, after = rows["before"], rows["after"]
+        lines.append(
+            f"After / before: REFINE stage {float(after['refine_s']) / float(before['refine_s']):.2f}x, main job "
+            f"{float(after['main_job_s']) / float(before['main_job_s']):.2f}x. Measured one after the other in one "
+            f"run on {record['conditions']}."
+        )
+    own = record.get("own_model_224")
+    if own:
+        lines.append(
+            f"224 px own-model job (`refine-pl defend`, {own['arch']}, batch {own['batch_size']}): "
+            f"{own['seconds_per_epoch']:.1f} s per epoch over {own['images_timed']} synthetic images, so "
+            f"{own['projected_epoch_s'] / 60:.1f} min per epoch over {own['projected_images']} images and at most "
+            f"{own['projected_run_min_at_max_epochs']:.0f} min for the default {own['max_epochs']} epochs (the "
+            "stopping rule may end it sooner)."
+        )
+    return "\n\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "main_job": main_job,
     "main_job_cost": main_job_cost,
@@ -187,6 +226,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "data_efficiency": data_efficiency,
     **{f"speed_{part}": partial(speed, part=part) for part in ("steps", "fit", "inference")},
     "tuning": tuning,
+    "time_to_defense": time_to_defense,
     "tuning_seed100": partial(tuning, name="tuning_seed100"),
 }
 """Region name -> the function that renders its content from a results folder."""

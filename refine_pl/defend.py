@@ -112,16 +112,22 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message}: see `refine-pl defend --help` for the options.")
 
 
-def recipe_value(key: str) -> str:
-    """What the recipe (:data:`DEFEND_CONFIGS`, the last config that sets it) gives the dotted ``key``, for the help."""
-    found = "the recipe's"
+def recipe_setting(key: str) -> Any:
+    """What the recipe (:data:`DEFEND_CONFIGS`, the last config that sets it) gives the dotted ``key``; None if none."""
+    found = None
     for config in DEFEND_CONFIGS:
         value: Any = yaml.safe_load(Path(resolve_config(config)).read_text())
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
         if value is not None:
-            found = f"the recipe's, {value}"
+            found = value
     return found
+
+
+def recipe_value(key: str) -> str:
+    """:func:`recipe_setting` as the help says it."""
+    value = recipe_setting(key)
+    return "the recipe's" if value is None else f"the recipe's, {value}"
 
 
 def build_parser() -> argparse.ArgumentParser:
