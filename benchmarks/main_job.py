@@ -8,7 +8,8 @@ Runs :func:`refine_pl.pipeline.main` (``python pipeline.py``) with its defaults 
 - ``wall_clock_s``: seconds from the start of the job to its report;
 - ``peak_memory_gb``: peak resident memory in GB (10^9 bytes), ``getrusage``'s ``ru_maxrss`` of this process plus
   that of its largest finished child (data-loader workers, spawned processes);
-- ``no_defense``, ``defended``, ``clean_floor``: the rows of the job's ``report.json``, as it wrote them.
+- ``no_defense``, ``defended``, ``clean_floor``, ``label_free``: the rows of the job's ``report.json`` and its
+  label-free agreement, as it wrote them.
 
 Arguments it does not know go to the pipeline unchanged (``--victim-arg``, ``--refine-arg``, ...)::
 
@@ -33,7 +34,7 @@ from benchmarks.victims import REPO
 from refine_pl import pipeline
 from refine_pl.console import exit_on_config_error
 from refine_pl.errors import ConfigError
-from refine_pl.metric_names import REPORT_ROWS
+from refine_pl.metric_names import LABEL_FREE, REPORT_ROWS
 
 RESULT = "main_job.json"
 
@@ -73,6 +74,7 @@ def measure(run_dir: Path, pipeline_args: list[str], conditions: str = "") -> di
         "wall_clock_s": round(wall_clock, 1),
         "peak_memory_gb": round(peak_memory_gb(), 2),
         **{row.key: report[row.key] for row in REPORT_ROWS},
+        LABEL_FREE: report.get(LABEL_FREE),
     }
 
 

@@ -62,7 +62,14 @@ def main_job(results_dir: Path = RESULTS) -> str:
         der = figures.get("der")
         cells = [f"{figures[name]:.4f}" for name in ("ba", "asr", "ra")]
         rows.append([label, *cells, "n/a" if der is None else f"{der:.4f}"])
-    return table(["", "BA", "ASR", "RA", "DER"], rows)
+    estimate = report.get("label_free")
+    agreement = (
+        f"\n\nLabel-free agreement with the victim on {estimate['held_out_images']} held-out training images "
+        f"(epoch {estimate['epoch']}): {estimate['agreement']:.4f}."
+        if estimate
+        else ""
+    )
+    return table(["", "BA", "ASR", "RA", "DER"], rows) + agreement
 
 
 def main_job_cost(results_dir: Path = RESULTS) -> str:
@@ -157,8 +164,12 @@ def speed(results_dir: Path = RESULTS, part: str = "steps") -> str:
 
 
 def tuning(results_dir: Path = RESULTS, name: str = "tuning") -> str:
-    """The candidates of ``benchmarks/tune_refine.py`` from ``<name>.csv``: worst margins to the gate, mean ASR."""
+    """The candidates of ``benchmarks/tune_refine.py`` from ``<name>.csv``: worst margins to the gate, mean ASR.
+
+    Files written since the label-free stopping rule also give the mean epochs trained and the mean agreement.
+    """
     rows = read_csv(results_dir / f"{name}.csv")
+    label_free = "epochs" in rows[0]
     body = []
     for candidate in dict.fromkeys(row["candidate"] for row in rows):
         group = [row for row in rows if row["candidate"] == candidate]
@@ -167,17 +178,19 @@ def tuning(results_dir: Path = RESULTS, name: str = "tuning") -> str:
             return [float(row[key]) for row in group]
 
         gains = [float(row["refine_ba"]) - float(row["victim_ba"]) for row in group]
-        body.append(
-            [
-                candidate,
-                f"{min(values('asr_margin')):+.4f}",
-                f"{min(values('ba_margin')):+.4f}",
-                f"{sum(values('refine_asr')) / len(group):.4f}",
-                f"{sum(gains) / len(gains):+.4f}",
-                f"{max(values('seconds')):.0f}",
-            ]
-        )
+        cells = [
+            candidate,
+            f"{min(values('asr_margin')):+.4f}",
+            f"{min(values('ba_margin')):+.4f}",
+            f"{sum(values('refine_asr')) / len(group):.4f}",
+            f"{sum(gains) / len(gains):+.4f}",
+        ]
+        if label_free:
+            cells += [f"{sum(values('epochs')) / len(group):.1f}", f"{sum(values('agreement')) / len(group):.4f}"]
+        body.append([*cells, f"{max(values('seconds')):.0f}"])
     header = ["candidate", "worst ASR margin", "worst BA margin", "mean REFINE ASR", "mean REFINE BA - victim BA"]
+    if label_free:
+        header += ["mean epochs", "mean agreement"]
     note = (
         "Victims: " + ", ".join(dict.fromkeys(row["victim"] for row in rows)) + ". A positive margin passes the gate."
     )
@@ -228,6 +241,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "tuning": tuning,
     "time_to_defense": time_to_defense,
     "tuning_seed100": partial(tuning, name="tuning_seed100"),
+    "tuning_speed": partial(tuning, name="tuning_speed"),
 }
 """Region name -> the function that renders its content from a results folder."""
 

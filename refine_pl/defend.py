@@ -41,7 +41,7 @@ from refine_pl.weights import WeightsFile, read_weights_file
 
 DEFEND_CONFIGS = ["configs/refine/recipe.yaml", "configs/refine/own_model.yaml"]
 """The REFINE recipe of ``refine-pl defend``, merged in order (resolved by :func:`~refine_pl.configs.resolve_config`):
-the reference recipe, then the own-model overlay (a folder of unlabeled images, the 224 px U-Net)."""
+the project's recipe, then the own-model overlay (a folder of unlabeled images)."""
 
 DEFENDED_FILES = ("defended.safetensors", "defended.onnx", "defended.torchscript.pt", "MODEL_CARD.md")
 """What a defense writes for deployment (the ONNX and TorchScript files unless their formats are turned off)."""

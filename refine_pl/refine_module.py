@@ -6,14 +6,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.cli import OptimizerCallable
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from refine_pl.batches import AugmentedViews, IndexedImages
 from refine_pl.distributed import gather_no_grad, use_global_batch_norm
 from refine_pl.errors import ConfigError
 from refine_pl.input_transform_module import InputTransformDefense
+from refine_pl.internals import global_seed
 from refine_pl.losses import SupConLoss, UtilityLoss
 from refine_pl.transform import UNet
+
+TRANSFORM_RESTARTS = "transform_restarts"
+"""Key of the number of dead-transform restarts (:meth:`RefineLitModule.redraw_transform`) in checkpoints."""
 
 
 def reference_sgd(params: Any) -> torch.optim.Optimizer:
@@ -33,6 +38,12 @@ class RefineLitModule(InputTransformDefense):
     In a multi-process run the contrastive loss covers the global batch and the transform's batch norm uses the
     global batch's statistics (``global_batch_norm``); the transform's gradients are then those of one process
     with the whole batch. Under mixed precision ``T`` and ``f`` run in 16 bits and the losses in float32.
+
+    A transform whose output has become one constant image on a whole training batch is dead: its output is
+    clamped to [0, 1] everywhere, so no gradient reaches it again (a tuning victim's transform went all black in its
+    first epoch and stayed so, at the BA of a constant guess). At the end of such an epoch ``T`` is drawn anew
+    (seeded by the run's seed and the restart's number), its optimizer state cleared, and training goes on;
+    :attr:`transform_restarts` counts the restarts (in checkpoints and the label-free estimate).
 
     Args:
         transform: Builds ``T`` from the channel count, e.g. ``UNet`` with its width set in the config.
@@ -78,6 +89,8 @@ class RefineLitModule(InputTransformDefense):
         self.global_batch_norm = global_batch_norm
         self.pseudo_label_cache = pseudo_label_cache
         self._cached_labels: Tensor | None = None  # [N] long, -1 where not yet computed
+        self._output_spread = float("nan")  # max - min of T's output on the last training batch
+        self.transform_restarts = 0
         if compile:
             self.transform.compile()
             self.victim.compile()
@@ -89,6 +102,37 @@ class RefineLitModule(InputTransformDefense):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         self._cached_labels = None  # the indices may belong to another training set than the last fit's
+
+    def on_train_epoch_end(self) -> None:
+        # Before the epoch's checkpoint is written (Lightning saves after the module's hook), so it holds the new T.
+        if self.trainer.strategy.reduce_boolean_decision(self._output_spread == 0.0, all=True):
+            self.redraw_transform()
+
+    def redraw_transform(self) -> None:
+        """Draws ``T``'s weights anew and clears their optimizer state (a dead transform, see the class)."""
+        self.transform_restarts += 1
+        rank_zero_warn(
+            f"The transform's output became one constant image in epoch {self.current_epoch + 1}, where no gradient "
+            f"can move it again: it is drawn anew (restart {self.transform_restarts}) and trains on."
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(global_seed() * 1000 + self.transform_restarts)
+            for module in self.transform.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        for optimizer in self.trainer.optimizers:
+            for parameter in self.transform.parameters():
+                optimizer.state.pop(parameter, None)
+        self._output_spread = float("nan")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[TRANSFORM_RESTARTS] = self.transform_restarts
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        restarts = checkpoint.get(TRANSFORM_RESTARTS, 0)
+        self.transform_restarts = restarts if isinstance(restarts, int) else 0
 
     def pseudo_labels(self, images: Tensor, indices: Tensor | None = None) -> Tensor:
         """The victim's predictions ``[B]`` (long) on images ``[B, C, H, W]``; no gradient flows.
@@ -139,6 +183,7 @@ class RefineLitModule(InputTransformDefense):
         with self.training_autocast():
             pseudo_labels = self.pseudo_labels(labelled, indices)
             transformed = self.transform(images)
+            self._output_spread = float(transformed.detach().amax() - transformed.detach().amin())
             utility = self.utility_loss(self.remap(self.victim(transformed)), pseudo_labels)
             features = F.normalize(transformed.flatten(1).float(), dim=1)
             contrastive = self.contrastive_loss(features, pseudo_labels)

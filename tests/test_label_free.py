@@ -1,5 +1,6 @@
 """The label-free agreement (no label read), its place in checkpoints, reports and cards, and the stopping rule."""
 
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,37 @@ def test_a_run_without_held_out_images_warns_and_trains_to_max_epochs(tmp_path: 
 def test_settings_that_cannot_work_are_refused(settings: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         LabelFreeStopping(**settings)
+
+
+def test_a_dead_transform_is_drawn_anew_at_the_end_of_its_epoch_and_the_restart_is_recorded(
+    victim_checkpoint: Path, tmp_path: Path
+) -> None:
+    module = tiny_refine_module(victim_checkpoint, optimizer=partial(torch.optim.SGD, lr=0.0, momentum=0.9))
+    with torch.no_grad():
+        module.transform.head.bias.fill_(-100.0)  # every output pixel clamped to 0: no gradient reaches T
+    data = RefineDataModule(SmallDigits(), batch_size=16, augment=False)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0)
+    with pytest.warns(UserWarning, match=r"became one constant image in epoch 1.*drawn anew \(restart 1\)"):
+        trainer.fit(module, datamodule=data)
+    assert module.transform_restarts == 1
+    assert float(module.transform.head.bias.abs().max()) < 1  # drawn again, not the dead weights
+    images = next(iter(data.val_dataloader()[0]))[0]
+    with torch.no_grad():
+        output = module.transform(images)
+    assert float(output.amax() - output.amin()) > 0  # alive: its output varies again
+    assert not trainer.optimizers[0].state  # no momentum of the dead weights pushes the new ones
+    trainer.save_checkpoint(tmp_path / "restarted.ckpt")
+    resumed = tiny_refine_module(victim_checkpoint)
+    resumed.on_load_checkpoint(torch.load(tmp_path / "restarted.ckpt", weights_only=True))
+    assert resumed.transform_restarts == 1
+
+
+def test_a_living_transform_is_never_redrawn(victim_checkpoint: Path, tmp_path: Path) -> None:
+    module = tiny_refine_module(victim_checkpoint)
+    before = {name: value.clone() for name, value in module.transform.state_dict().items()}
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(module, datamodule=RefineDataModule(SmallDigits(), batch_size=16, augment=False))
+    assert module.transform_restarts == 0
+    head = module.transform.head.weight
+    moved = float((head - before["head.weight"]).abs().max())
+    assert 0 < moved < 0.05  # one small SGD step, not a new draw (whose weights differ by the init's scale)
