@@ -18,7 +18,8 @@ class WarmupCosineLR(LambdaLR):
 
     Without ``T_max`` the decay ends with the training: a LightningModule of refine-pl sets it to the trainer's
     ``max_epochs`` (:meth:`end_with_training`), so a config types the length once and ``--trainer.max_epochs``
-    alone changes it. A run resumed with another length is refused (:meth:`load_state_dict`).
+    alone changes it. A run resumed with another length is refused (:meth:`load_state_dict`). A stopping rule can
+    end the decay sooner (:meth:`cool_down`).
 
     Args:
         optimizer: The optimizer whose rates are scaled.
@@ -43,6 +44,7 @@ class WarmupCosineLR(LambdaLR):
             )
         self.warmup_epochs = warmup_epochs
         self.warmup_factor = warmup_factor
+        self.cooldown: tuple[int, int, float] | None = None  # (first epoch, epochs, factor it starts from)
         self.T_max: int | None = None
         if T_max is not None:
             self._set_length(T_max, "T_max")
@@ -80,11 +82,30 @@ class WarmupCosineLR(LambdaLR):
             )
         super().load_state_dict(state_dict)
 
+    def cool_down(self, epochs: int) -> None:
+        """Ends the decay sooner: the rate falls along half a cosine over the next ``epochs`` epochs, then stays at 0.
+
+        The cooldown starts from the rate the schedule gives the epoch that trains next (:attr:`last_epoch`, whose
+        rate the optimizer holds and is now lowered) and reaches 0 one epoch after its last (its last epoch still
+        trains, at a small rate); the training is meant to end with it.
+        """
+        first = self.last_epoch
+        self.cooldown = (first, epochs, self._scheduled_factor(first))
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base_lr * self.factor(first)
+
     def factor(self, epoch: int) -> float:
-        """The share of the full rate in ``epoch`` (0-based).
+        """The share of the full rate in ``epoch`` (0-based), the cooldown's when one was started (:meth:`cool_down`).
 
         A training no longer than the warmup (``T_max <= warmup_epochs``, e.g. one epoch) is warmup only.
         """
+        if self.cooldown is not None and epoch >= self.cooldown[0]:
+            first, epochs, start = self.cooldown
+            progress = min(1.0, (epoch - first + 1) / (epochs + 1))
+            return start * 0.5 * (1 + math.cos(math.pi * progress))
+        return self._scheduled_factor(epoch)
+
+    def _scheduled_factor(self, epoch: int) -> float:
         if self.T_max is not None and epoch >= self.T_max:
             return 0.0
         if epoch < self.warmup_epochs:

@@ -1,5 +1,6 @@
 """The label-free agreement (no label read), its place in checkpoints, reports and cards, and the stopping rule."""
 
+import math
 from functools import partial
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from datamodules.datasets import UNLABELED
 from refine_pl import ConfigError
 from refine_pl.metric_names import AGREEMENT, LABEL_FREE
 from refine_pl.metrics import Agreement
+from refine_pl.schedules import WarmupCosineLR
 from tests.conftest import SmallDigits, quiet_trainer, tiny_refine_module
 from tests.test_unlabeled_folder import write_images
 
@@ -99,9 +101,11 @@ def test_an_unlabeled_folder_trains_on_the_rest_and_validates_on_its_held_out_sh
 class ScriptedAgreement(LightningModule):
     """Logs a given agreement at each validation, so the stopping rule meets a known curve."""
 
-    def __init__(self, curve: list[float]) -> None:
+    def __init__(self, curve: list[float], cosine: bool = False) -> None:
         super().__init__()
         self.curve = curve
+        self.cosine = cosine
+        self.rates: list[float] = []
         self.weight = nn.Parameter(torch.zeros(1))
 
     def training_step(self, batch, batch_idx):
@@ -115,7 +119,14 @@ class ScriptedAgreement(LightningModule):
             self.log("val/agreement", self.curve[self.current_epoch])
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        if not self.cosine:
+            return optimizer
+        scheduler = WarmupCosineLR(optimizer, T_max=len(self.curve), warmup_epochs=0)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def on_train_epoch_start(self) -> None:
+        self.rates.append(self.trainer.optimizers[0].param_groups[0]["lr"])
 
 
 def _epochs_trained(
@@ -134,6 +145,22 @@ def test_the_fit_stops_once_the_agreement_has_not_risen_for_patience_epochs(tmp_
     assert _epochs_trained(curve, LabelFreeStopping(patience=3, min_delta=0.002, min_epochs=2), tmp_path) == 7
     # Any rise counts at min_delta 0: 0.951 is the best, two epochs below it, then the curve rises again to the end.
     assert _epochs_trained(curve, LabelFreeStopping(patience=3, min_delta=0.0, min_epochs=2), tmp_path) == 10
+
+
+def test_with_the_cosine_the_rate_decays_to_0_over_the_cooldown_before_the_fit_stops(tmp_path: Path) -> None:
+    curve = [0.5, 0.8, 0.9, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95]
+    loader = DataLoader(TensorDataset(torch.zeros(2, 1)), batch_size=2)
+    module = ScriptedAgreement(curve, cosine=True)
+    stopping = LabelFreeStopping(patience=2, min_epochs=2, cooldown_epochs=3)
+    trainer = quiet_trainer(tmp_path, max_epochs=len(curve), callbacks=[stopping], num_sanity_val_steps=0)
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    # Best 0.95 at epoch 4; epochs 5 and 6 do not rise: after epoch 6 three cooldown epochs, then the stop.
+    assert trainer.current_epoch == 9 and stopping.last_epoch == 8
+    schedule = [0.1 * 0.5 * (1 + math.cos(math.pi * epoch / len(curve))) for epoch in range(6)]
+    assert module.rates[:6] == pytest.approx(schedule)
+    start = 0.5 * (1 + math.cos(math.pi * 6 / len(curve)))  # the scheduled share of epoch 7 (index 6)
+    cooldown = [0.1 * start * 0.5 * (1 + math.cos(math.pi * i / 4)) for i in (1, 2, 3)]
+    assert module.rates[6:] == pytest.approx(cooldown) and cooldown[-1] < 0.15 * 0.1 * start  # to 0, smoothly
 
 
 def test_a_resumed_fit_stops_where_an_uninterrupted_one_does(tmp_path: Path) -> None:
