@@ -69,9 +69,10 @@ def test_print_config_shows_the_overlay_on_top_of_the_recipe(capsys: pytest.Capt
     # From the recipe, untouched by the overlay:
     assert config["trainer"]["max_epochs"] == recipe["trainer"]["max_epochs"]
     assert config["trainer"]["gradient_clip_val"] == recipe["trainer"]["gradient_clip_val"]
-    assert model["transform"]["init_args"]["base_width"] == recipe["model"]["init_args"]["transform"]["init_args"][
-        "base_width"
-    ]
+    assert (
+        model["transform"]["init_args"]["base_width"]
+        == recipe["model"]["init_args"]["transform"]["init_args"]["base_width"]
+    )
     assert model["scheduler"]["class_path"] == "refine_pl.schedules.WarmupCosineLR"
     assert data["batch_size"] == recipe["data"]["init_args"]["batch_size"]
     assert {k: data[k] for k in ("augment", "horizontal_flip", "consistency", "val_fraction")} == {
