@@ -241,7 +241,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "tuning": tuning,
     "time_to_defense": time_to_defense,
     "tuning_seed100": partial(tuning, name="tuning_seed100"),
-    "tuning_speed": partial(tuning, name="tuning_speed"),
+    **{name: partial(tuning, name=name) for name in ("tuning_e8", "tuning_e12", "tuning_recipe")},
 }
 """Region name -> the function that renders its content from a results folder."""
 
