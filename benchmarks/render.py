@@ -112,7 +112,27 @@ def attacks(results_dir: Path = RESULTS, name: str = "attacks") -> str:
         "held-out training images on which the defended model gives the victim's class (no label read). REFINE s: "
         "mean wall clock of the REFINE stage (fit and test)."
     )
-    return table(header, rows) + "\n\n" + note
+    return table(header, rows) + "\n\n" + note + agreement_tracking(results_dir / f"{name}_seeds.csv")
+
+
+def agreement_tracking(path: Path) -> str:
+    """How the label-free agreement of each per-seed row tracks its REFINE BA relative to the victim's (a paragraph)."""
+    rows = (
+        [row for row in read_csv(path) if row.get("refine_agreement", "nan") not in ("", "nan")]
+        if path.is_file()
+        else []
+    )
+    if not rows:
+        return ""
+    gaps = [float(row["refine_agreement"]) - float(row["refine_ba"]) / float(row["victim_ba"]) for row in rows]
+    below = sum(gap < 0 for gap in gaps)
+    return (
+        f"\n\nThe label-free agreement against the REFINE BA relative to the victim's (REFINE BA / victim BA), over "
+        f"the {len(rows)} runs of `{path.name}`: mean difference {sum(gaps) / len(gaps):+.4f}, mean absolute "
+        f"difference {sum(abs(gap) for gap in gaps) / len(gaps):.4f}, largest {max(gaps, key=abs):+.4f}; the "
+        f"agreement was below the ratio in {below} of {len(rows)} runs (it is measured on held-out training images, "
+        "the BA on the test images)."
+    )
 
 
 def defenses(results_dir: Path = RESULTS, metric: str = "asr") -> str:
