@@ -43,7 +43,7 @@ class RefineLitModule(InputTransformDefense):
     clamped to [0, 1] everywhere, so no gradient reaches it again (a tuning victim's transform went all black in its
     first epoch and stayed so, at the BA of a constant guess). At the end of such an epoch ``T`` is drawn anew
     (seeded by the run's seed and the restart's number), its optimizer state cleared, and training goes on;
-    :attr:`transform_restarts` counts the restarts (in checkpoints and the label-free estimate).
+    :attr:`transform_restarts` counts the restarts (kept in checkpoints).
 
     Args:
         transform: Builds ``T`` from the channel count, e.g. ``UNet`` with its width set in the config.
@@ -89,7 +89,7 @@ class RefineLitModule(InputTransformDefense):
         self.global_batch_norm = global_batch_norm
         self.pseudo_label_cache = pseudo_label_cache
         self._cached_labels: Tensor | None = None  # [N] long, -1 where not yet computed
-        self._output_spread = float("nan")  # max - min of T's output on the last training batch
+        self._output_spread: Tensor | None = None  # max - min of T's output on the last training batch
         self.transform_restarts = 0
         if compile:
             self.transform.compile()
@@ -105,7 +105,8 @@ class RefineLitModule(InputTransformDefense):
 
     def on_train_epoch_end(self) -> None:
         # Before the epoch's checkpoint is written (Lightning saves after the module's hook), so it holds the new T.
-        if self.trainer.strategy.reduce_boolean_decision(self._output_spread == 0.0, all=True):
+        dead = self._output_spread is not None and float(self._output_spread) == 0.0
+        if self.trainer.strategy.reduce_boolean_decision(dead, all=True):
             self.redraw_transform()
 
     def redraw_transform(self) -> None:
@@ -123,7 +124,7 @@ class RefineLitModule(InputTransformDefense):
         for optimizer in self.trainer.optimizers:
             for parameter in self.transform.parameters():
                 optimizer.state.pop(parameter, None)
-        self._output_spread = float("nan")
+        self._output_spread = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -183,7 +184,7 @@ class RefineLitModule(InputTransformDefense):
         with self.training_autocast():
             pseudo_labels = self.pseudo_labels(labelled, indices)
             transformed = self.transform(images)
-            self._output_spread = float(transformed.detach().amax() - transformed.detach().amin())
+            self._output_spread = transformed.detach().amax() - transformed.detach().amin()  # read at the epoch's end
             utility = self.utility_loss(self.remap(self.victim(transformed)), pseudo_labels)
             features = F.normalize(transformed.flatten(1).float(), dim=1)
             contrastive = self.contrastive_loss(features, pseudo_labels)
