@@ -39,7 +39,13 @@ from benchmarks.speed import cpu_model
 from benchmarks.victims import QUIET, REPO
 from refine_pl import defend
 from refine_pl.metric_names import AGREEMENT, ASR, BA, DEFENDED, LABEL_FREE, NO_DEFENSE
-from refine_pl.pipeline import DEFAULT_REFINE_CONFIGS, DEFAULT_VICTIM_CONFIGS, run_defense, train_victim
+from refine_pl.pipeline import (
+    DEFAULT_REFINE_CONFIGS,
+    DEFAULT_VICTIM_CONFIGS,
+    add_job_arguments,
+    run_defense,
+    train_victim,
+)
 
 VARIANTS: dict[str, list[str]] = {
     "before": ["configs/refine/reference.yaml", str(REPO / "benchmarks" / "configs" / "mnist_528d108.yaml")],
@@ -52,16 +58,21 @@ COLUMNS = (
 )  # fmt: skip
 
 
-def main_job(run_dir: Path, refine_configs: list[str]) -> dict[str, Any]:
-    """The main job with ``refine_configs`` in the fresh folder ``run_dir``, stage by stage: its seconds and figures."""
+def main_job(
+    run_dir: Path, refine_configs: list[str], victim_args: list[str] = (), refine_args: list[str] = ()
+) -> dict[str, Any]:
+    """The main job with ``refine_configs`` in the fresh folder ``run_dir``, stage by stage: its seconds and figures.
+
+    ``victim_args`` and ``refine_args`` are extra ``train.py`` arguments of the victim jobs and the REFINE job.
+    """
     if run_dir.exists() and any(run_dir.iterdir()):
         raise SystemExit(f"{run_dir} is not empty: each variant is timed in a fresh folder; pass another --run-dir.")
     start = time.perf_counter()
-    clean = train_victim(DEFAULT_VICTIM_CONFIGS[:1], run_dir / "clean", QUIET)
+    clean = train_victim(DEFAULT_VICTIM_CONFIGS[:1], run_dir / "clean", [*QUIET, *victim_args])
     after_clean = time.perf_counter()
-    victim = train_victim(DEFAULT_VICTIM_CONFIGS, run_dir / "victim", QUIET)
+    victim = train_victim(DEFAULT_VICTIM_CONFIGS, run_dir / "victim", [*QUIET, *victim_args])
     after_victim = time.perf_counter()
-    report = run_defense(victim, refine_configs, run_dir, QUIET, clean)
+    report = run_defense(victim, refine_configs, run_dir, [*QUIET, *refine_args], clean)
     end = time.perf_counter()
     label_free = report.get(LABEL_FREE) or {}
     return {
@@ -138,8 +149,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--images", type=int, default=128, help="synthetic images timed at 224 px")
     parser.add_argument("--projected-images", type=int, default=1500, help="unlabeled images of the projection")
     parser.add_argument("--arch", default="mobilenet_v3_small", help="torchvision model of the 224 px timing")
+    add_job_arguments(parser, "victim", "the victim jobs")
+    add_job_arguments(parser, "refine", "the REFINE jobs")
     args = parser.parse_args(argv)
-    rows = [{"variant": variant, **main_job(args.run_dir / variant, VARIANTS[variant])} for variant in args.variants]
+    rows = [
+        {"variant": variant, **main_job(args.run_dir / variant, VARIANTS[variant], args.victim_arg, args.refine_arg)}
+        for variant in args.variants
+    ]
     args.results_dir.mkdir(parents=True, exist_ok=True)
     with (args.results_dir / "time_to_defense.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)

@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks import main_job, render
 from refine_pl.errors import ConfigError
-from refine_pl.metric_names import REPORT_ROWS
+from refine_pl.metric_names import LABEL_FREE, REPORT_ROWS
 
 TINY = [
     "--victim-arg=--trainer.max_epochs=1",
@@ -26,7 +26,8 @@ def test_a_tiny_main_job_writes_its_report_rows_and_its_cost(tmp_path: Path) -> 
     record = main_job.main(["--run-dir", str(run_dir), "--results-dir", str(results), "--conditions", "a test", *TINY])
     written = json.loads((results / "main_job.json").read_text())
     assert written == record
-    assert set(written) == {"job", "wall_clock_s", "peak_memory_gb", *(row.key for row in REPORT_ROWS)}
+    assert set(written) == {"job", "wall_clock_s", "peak_memory_gb", LABEL_FREE, *(row.key for row in REPORT_ROWS)}
+    assert written[LABEL_FREE] is None  # no validation in the tiny job: nothing held out was measured
     report = json.loads((run_dir / "report.json").read_text())
     assert all(written[row.key] == report[row.key] for row in REPORT_ROWS)
     assert (run_dir / "victim" / "checkpoints").is_dir() and (run_dir / "clean" / "checkpoints").is_dir()
