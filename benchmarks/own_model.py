@@ -203,7 +203,7 @@ CASES: dict[str, Case] = {
         Case(
             "pt2_bn_color48", "a torch.export archive of a CNN with batch norm (normalising inside), 48 px colour",
             f"{ARCHS}:BatchNormCNN", 48, 3, 1000, Trigger("blend", 8, pattern="stripes", alpha=0.2), target=8,
-            seed=203, mean=(0.5,) * 3, std=(0.3,) * 3, epochs=25, lr=5e-3, export=True,
+            seed=203, mean=(0.5,) * 3, std=(0.3,) * 3, epochs=15, lr=2e-3, export=True,
             user_flags=("--mean", "0", "--std", "1"),
         ),
     )

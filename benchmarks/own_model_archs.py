@@ -51,7 +51,7 @@ def plain_cnn(num_classes: int = 10, in_channels: int = 3) -> PlainCNN:
 
 
 class BatchNormCNN(nn.Module):
-    """A small CNN with batch normalisation (conv-BN-ReLU stages, the last two strided), for the ``.pt2`` case.
+    """A small CNN with batch normalisation (conv-BN-ReLU stages, three of them strided), for the ``.pt2`` case.
 
     Args:
         num_classes: Number of outputs.
@@ -65,9 +65,9 @@ class BatchNormCNN(nn.Module):
             return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
         self.features = nn.Sequential(
-            *block(in_channels, 16, 1), *block(16, 32, 2), *block(32, 64, 2), *block(64, 64, 2)
+            *block(in_channels, 32, 1), *block(32, 32, 2), *block(32, 64, 1), *block(64, 64, 2), *block(64, 128, 2)
         )
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
