@@ -37,9 +37,11 @@ import inspect
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 from benchmarks import render
 from datamodules import EmbeddedMNIST
 from refine_pl import defend
+from refine_pl.configs import resolve_config
 from refine_pl.metric_names import AGREEMENT, ASR, BA, DEFENDED, LABEL_FREE, NO_DEFENSE
 from refine_pl.pipeline import run_defense
 from refine_pl.run_folder import start_over
@@ -61,6 +64,7 @@ from refine_pl.run_folder import start_over
 REPO = Path(__file__).resolve().parents[1]
 BEFORE_CONFIGS = ["configs/refine/reference.yaml", str(REPO / "benchmarks" / "own_model_before.yaml")]
 """The own-model recipe of commit 528d108: the reference recipe, then that commit's own-model overlay."""
+BEFORE_COMMIT = "528d108"
 BEFORE_EPOCHS = 30
 """The epochs the README's own-model commands were run with (issue 23)."""
 VARIANTS = ("before", "after")
@@ -69,7 +73,7 @@ MIN_VICTIM_ASR, MIN_VICTIM_BA = 0.9, 0.9
 """A third party's model counts as a real backdoor at these (checked when it is trained)."""
 FIELDS = [
     "case", "variant", "architecture", "image_size", "channels", "unlabeled_images", "victim_ba", "victim_asr",
-    "floor", "defended_ba", "defended_asr", "ba_change", "agreement", "epochs", "seconds",
+    "floor", "defended_ba", "defended_asr", "ba_change", "agreement", "epochs", "seconds", "recipe",
 ]  # fmt: skip
 
 
@@ -150,6 +154,7 @@ class Case:
         poison_rate: The share of the training images poisoned (drawn from the other classes).
         lr: The third party's Adam learning rate.
         test_images: The test images used (all of the test split when None; fewer only in tests).
+        note: What the report should say about the case besides its definition.
     """
 
     name: str
@@ -170,6 +175,7 @@ class Case:
     poison_rate: float = 0.1
     lr: float = 1e-3
     test_images: int | None = None
+    note: str = ""
 
     @property
     def model_file(self) -> str:
@@ -186,8 +192,11 @@ CASES: dict[str, Case] = {
             "mlp_gray28", "an MLP (no convolution) by import path, 28 px grayscale digits", f"{ARCHS}:mlp", 28, 1, 800,
             Trigger("patch", 3, "top_left"), target=3, seed=200, mean=(0.5,), std=(0.5,), epochs=20,
             user_flags=("--image-size", "28", "--mean", "0.5", "--std", "0.5"),
-            # refine-pl defend assumes 3 channels for a network without a convolution and has no option for them
             pass_through=(f"{SOURCE}in_channels", "1", f"{SOURCE}mean", "[0.5]", f"{SOURCE}std", "[0.5]"),
+            note="refine-pl defend assumes 3 channels for a network without a convolution (it infers channels from "
+            "the first convolution) and has no option for them: without the flags after `--` it stops with \"size "
+            "mismatch for 1.weight: file [256, 784], model [256, 2352]\", and with `in_channels 1` alone with \"1 "
+            "channel(s) but got mean=(0.5, 0.5, 0.5)\" (the mean it expanded to 3 channels)",
         ),
         Case(
             "cnn_nobn_color32", "a CNN without batch norm by import path, 32 px colour digits", f"{ARCHS}:plain_cnn",
@@ -202,8 +211,8 @@ CASES: dict[str, Case] = {
         ),
         Case(
             "pt2_bn_color48", "a torch.export archive of a CNN with batch norm (normalising inside), 48 px colour",
-            f"{ARCHS}:BatchNormCNN", 48, 3, 1000, Trigger("blend", 8, pattern="stripes", alpha=0.2), target=8,
-            seed=203, mean=(0.5,) * 3, std=(0.3,) * 3, epochs=15, lr=2e-3, export=True,
+            f"{ARCHS}:BatchNormCNN", 48, 3, 1000, Trigger("blend", 8, pattern="stripes", alpha=0.2), target=5,
+            seed=203, mean=(0.5,) * 3, std=(0.3,) * 3, epochs=15, export=True,
             user_flags=("--mean", "0", "--std", "1"),
         ),
     )
@@ -478,6 +487,18 @@ def after_arguments(case: Case, data: CaseData, model: Path, job: Path, extra: l
     ]  # fmt: skip
 
 
+def recipe_version() -> str:
+    """The recipe ``refine-pl defend`` runs now: the last commit of its configs, ``+changes`` if they differ from it."""
+    files = [resolve_config(config) for config in defend.DEFEND_CONFIGS]
+    try:
+        git = partial(subprocess.run, cwd=REPO, capture_output=True, text=True, check=True)
+        commit = git(["git", "log", "-1", "--format=%h", "--", *files]).stdout.strip()
+        changed = git(["git", "status", "--porcelain", "--", *files]).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return (commit or "uncommitted") + ("+changes" if changed else "")
+
+
 def defense_row(
     case: Case, variant: str, folder: Path, data: CaseData, record: dict[str, Any], redo: bool, extra: list[str]
 ) -> dict[str, Any]:
@@ -500,8 +521,10 @@ def defense_row(
             command = ["refine-pl", "defend", *after_arguments(case, data, model, job, extra)]
             defend.main(command[2:])
         seconds = time.perf_counter() - start
-        timing.write_text(json.dumps({"seconds": seconds, "resumed": resumed, "command": command}, indent=1) + "\n")
-    report = json.loads((job / "report.json").read_text())
+        recipe = BEFORE_COMMIT if variant == "before" else recipe_version()
+        run = {"seconds": seconds, "resumed": resumed, "recipe": recipe, "command": command}
+        timing.write_text(json.dumps(run, indent=1) + "\n")
+    report, timed = json.loads((job / "report.json").read_text()), json.loads(timing.read_text())
     victim, defended = report[NO_DEFENSE.key], report[DEFENDED.key]
     label_free = report.get(LABEL_FREE) or {}
     return {
@@ -519,7 +542,8 @@ def defense_row(
         "ba_change": round(defended[BA] - victim[BA], 6),
         "agreement": label_free.get(AGREEMENT, ""),
         "epochs": label_free.get("epoch", ""),
-        "seconds": round(json.loads(timing.read_text())["seconds"], 1),
+        "seconds": round(timed["seconds"], 1),
+        "recipe": timed.get("recipe", ""),
     }
 
 
@@ -561,7 +585,7 @@ def report_text(results_dir: Path, name: str, records: dict[str, dict[str, Any]]
         cases.append(
             f"- **{case.name}**: {case.what}; {case.images} unlabeled images; trigger {case.trigger.describe()}, "
             f"target {case.target}, {case.poison_rate:.0%} of the training images poisoned, seed {case.seed}, "
-            f"{handed}; the user types `{typed(case)}`{costs}."
+            f"{handed}; the user types `{typed(case)}`{costs}.{f' Note: {case.note}.' if case.note else ''}"
         )
     passing = [f"{row['case']} {row['variant']}" for row in rows if render.meets_gate(row)]
     return "\n".join(
@@ -581,7 +605,8 @@ def report_text(results_dir: Path, name: str, records: dict[str, dict[str, Any]]
             f"{BEFORE_EPOCHS}`, the source's settings as flags.",
             "- **after**: `refine-pl defend MODEL IMAGES [--arch ARCH] [the case's flags] --test-root TEST "
             "--triggered-root TRIGGERED --target-label T --out RUN` with the recipe of `refine_pl/defend.py` "
-            "(`DEFEND_CONFIGS`) as it was when the row was run.",
+            "(`DEFEND_CONFIGS`) as it was when the row was run: the recipe column names the last commit of its configs "
+            "(`+changes`: edited since).",
             "",
             f"Gate (the attacks table's): {render.GATE}; the floor is the clean model's rate of triggered images "
             "classified as the target. "

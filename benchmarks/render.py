@@ -197,12 +197,13 @@ def own_model(results_dir: Path = RESULTS, name: str = "own_model") -> str:
                 row["case"], row["variant"], f"`{row['architecture']}`", f"{row['image_size']} x {row['channels']}",
                 row["unlabeled_images"], *(_fraction(row[key]) for key in ("victim_ba", "victim_asr", "floor")),
                 *(_fraction(row[key]) for key in ("defended_ba", "defended_asr")), f"{float(row['ba_change']):+.4f}",
-                agreement, row["epochs"] or "-", f"{float(row['seconds']):.0f}", "yes" if meets_gate(row) else "no",
+                agreement, row["epochs"] or "-", f"{float(row['seconds']):.0f}", row.get("recipe") or "-",
+                "yes" if meets_gate(row) else "no",
             ]
         )  # fmt: skip
     header = [
         "case", "variant", "architecture", "px x channels", "unlabeled images", "victim BA", "victim ASR", "floor",
-        "defended BA", "defended ASR", "BA change", "agreement", "epochs", "seconds", "gate",
+        "defended BA", "defended ASR", "BA change", "agreement", "epochs", "seconds", "recipe", "gate",
     ]  # fmt: skip
     return table(header, body)
 

@@ -4,6 +4,7 @@ reuse of finished stages, and the triggers and images the cases are made of.
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,6 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-@pytest.mark.slow
 def test_a_tiny_case_runs_both_variants_writes_its_rows_and_reuses_finished_stages(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -70,6 +70,8 @@ def test_a_tiny_case_runs_both_variants_writes_its_rows_and_reuses_finished_stag
     # "before" ran the 528d108 configs, "after" refine-pl defend as the user types it
     before = json.loads((runs / "tiny" / "before" / "timing.json").read_text())["command"]
     assert "configs/refine/reference.yaml" in before and any(c.endswith("own_model_before.yaml") for c in before)
+    # the recipe of each row: 528d108's for "before", the last commit of refine-pl defend's configs for "after"
+    assert written[0]["recipe"] == "528d108" and re.fullmatch(r"[0-9a-f]{7,}(\+changes)?", written[1]["recipe"])
     after = json.loads((runs / "tiny" / "after" / "timing.json").read_text())["command"]
     assert after[:4] == ["refine-pl", "defend", str(third_party / "suspect.pt"), str(user / "images")]
     assert after[after.index("--") - 2 : after.index("--")] == ["--out", str(runs / "tiny" / "after")]
@@ -152,4 +154,4 @@ def test_the_gate_column_follows_the_floor_and_the_victim(tmp_path: Path) -> Non
         writer.writeheader()
         writer.writerows([row, {**row, "variant": "before", "defended_asr": "0.5"}])
     lines = render.own_model(tmp_path).splitlines()
-    assert lines[2].endswith("| - | - | 10 | yes |") and lines[3].endswith("| no |")
+    assert lines[2].endswith("| - | - | 10 | - | yes |") and lines[3].endswith("| no |")

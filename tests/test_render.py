@@ -43,11 +43,11 @@ RESULT_FILES = {
     ),
     "own_model.csv": (
         "case,variant,architecture,image_size,channels,unlabeled_images,victim_ba,victim_asr,floor,defended_ba,"
-        "defended_asr,ba_change,agreement,epochs,seconds\n"
+        "defended_asr,ba_change,agreement,epochs,seconds,recipe\n"
         "mlp_gray28,before,benchmarks.own_model_archs:mlp,28,1,800,0.93,0.9989,0.005556,0.851,0.0411,-0.079,0.8611,30,"
-        "190.4\n"
+        "190.4,528d108\n"
         "mlp_gray28,after,benchmarks.own_model_archs:mlp,28,1,800,0.93,0.9989,0.005556,0.935,0.003333,0.005,0.9125,12,"
-        "95.2\n"
+        "95.2,8c70374\n"
     ),
 }
 MAIN_JOB = {
