@@ -249,6 +249,37 @@ def time_to_defense(results_dir: Path = RESULTS) -> str:
     return "\n\n".join(lines)
 
 
+GATE = "ASR <= max(0.01, floor + 0.005) and BA >= victim BA - 0.005"
+"""The gate of a defended row (the attacks table's), as :func:`meets_gate` applies it."""
+
+
+def meets_gate(row: dict[str, str]) -> bool:
+    """Whether a row of ``own_model.csv`` meets :data:`GATE` (defended figures against the victim's and the floor)."""
+    floor, victim_ba = float(row["floor"]), float(row["victim_ba"])
+    return float(row["defended_asr"]) <= max(0.01, floor + 0.005) and float(row["defended_ba"]) >= victim_ba - 0.005
+
+
+def own_model(results_dir: Path = RESULTS, name: str = "own_model") -> str:
+    """The own-model cases of ``benchmarks/own_model.py`` before and after, from ``<name>.csv``, with the gate."""
+    body = []
+    for row in read_csv(results_dir / f"{name}.csv"):
+        agreement = "-" if row["agreement"] == "" else f"{float(row['agreement']):.4f}"
+        body.append(
+            [
+                row["case"], row["variant"], f"`{row['architecture']}`", f"{row['image_size']} x {row['channels']}",
+                row["unlabeled_images"], *(_fraction(row[key]) for key in ("victim_ba", "victim_asr", "floor")),
+                *(_fraction(row[key]) for key in ("defended_ba", "defended_asr")), f"{float(row['ba_change']):+.4f}",
+                agreement, row["epochs"] or "-", f"{float(row['seconds']):.0f}", row.get("recipe") or "-",
+                "yes" if meets_gate(row) else "no",
+            ]
+        )  # fmt: skip
+    header = [
+        "case", "variant", "architecture", "px x channels", "unlabeled images", "victim BA", "victim ASR", "floor",
+        "defended BA", "defended ASR", "BA change", "agreement", "epochs", "seconds", "recipe", "gate",
+    ]  # fmt: skip
+    return table(header, body)
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "main_job": main_job,
     "main_job_cost": main_job_cost,
@@ -262,6 +293,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "time_to_defense": time_to_defense,
     "tuning_seed100": partial(tuning, name="tuning_seed100"),
     **{name: partial(tuning, name=name) for name in ("tuning_e8", "tuning_e12", "tuning_recipe")},
+    "own_model": own_model,
 }
 """Region name -> the function that renders its content from a results folder."""
 

@@ -41,6 +41,14 @@ RESULT_FILES = {
         "badnets_checker_tl,config,0.983,1.0,0.006667,0.989,0.002222,0.009445,0.011,278.9\n"
         "blended_a015,config,0.985,1.0,0.0,0.99,0.004444,0.005556,0.010,275.5\n"
     ),
+    "own_model.csv": (
+        "case,variant,architecture,image_size,channels,unlabeled_images,victim_ba,victim_asr,floor,defended_ba,"
+        "defended_asr,ba_change,agreement,epochs,seconds,recipe\n"
+        "mlp_gray28,before,benchmarks.own_model_archs:mlp,28,1,800,0.93,0.9989,0.005556,0.851,0.0411,-0.079,0.8611,30,"
+        "190.4,528d108\n"
+        "mlp_gray28,after,benchmarks.own_model_archs:mlp,28,1,800,0.93,0.9989,0.005556,0.935,0.003333,0.005,0.9125,12,"
+        "95.2,8c70374\n"
+    ),
 }
 MAIN_JOB = {
     "job": "python pipeline.py on a test machine",
@@ -60,6 +68,7 @@ CHANGES = [
     ("speed_fit", "speed.csv", "1074.0", "1111.1", "| 1111.1 |"),
     ("speed_inference", "speed.csv", "0.00943,", "0.01532,", "| 15.32 | 2.00x |"),
     ("tuning", "tuning.csv", "0.005556", "-0.001234", "| -0.0012 |"),
+    ("own_model", "own_model.csv", "0.003333", "0.251234", "| 0.2512 |"),
 ]
 
 
