@@ -53,6 +53,7 @@ DEFEND_TERMS = {
     f"{SOURCE}root": "IMAGES",
     f"{SOURCE}num_classes": "--num-classes",
     f"{SOURCE}image_size": "--image-size",
+    f"{SOURCE}in_channels": "--channels",
     f"{SOURCE}mean": "--mean",
     f"{SOURCE}std": "--std",
     f"{SOURCE}class_names": "--class-names",
@@ -171,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-classes", type=int, metavar="N",
         help="the model's number of outputs (default: inferred: a .pt2's output width on one image, a victim "
         "checkpoint's record, or the width of the classifier layer in the weights)",
+    )  # fmt: skip
+    arg(
+        "--channels", dest="in_channels", type=int, choices=(1, 3), metavar="C",
+        help="channels of the images the model takes: 1 (grayscale: every folder is read in gray) or 3 (RGB) "
+        "(default: inferred: a .pt2's input spec, a victim checkpoint's record, the first convolution of the weights, "
+        "or the one of 1 and 3 the weights of a network without convolutions fit; torchvision's models take 3)",
     )  # fmt: skip
     arg(
         "--image-size", type=int, metavar="PX",
@@ -382,7 +389,9 @@ def _exported(inference: _Inference, weights: WeightsFile, args: argparse.Namesp
     shape = _program_input_shape(weights.program)
     shown = "[" + ", ".join("dynamic" if size is None else str(size) for size in shape or ()) + "]"
     spec = f"the input spec of {path}, {shown}"
-    if shape is not None and shape[1] is not None:
+    if args.in_channels is not None:
+        channels = args.in_channels
+    elif shape is not None and shape[1] is not None:
         channels = inference.infer("channels", shape[1], spec)
     else:
         channels = inference.infer("channels", 3, f"assumed: {path} does not fix its channels")
@@ -444,6 +453,32 @@ def _class_count(
     return inference.infer("--num-classes", widths[key], source)
 
 
+def _channels_the_weights_fit(inference: _Inference, builder: Builder, weights: WeightsFile, arch: str) -> int:
+    """The one of 1 and 3 channels whose build of ``arch`` has the input layer of the weights (no convolution to read).
+
+    The input layer is the first weight of two or more dimensions (an MLP's first linear layer, whose input width is
+    the pixels times the channels); its output width may be the class count, which the probe does not know.
+    """
+    fitting, present = [], False
+    for channels in (1, 3):
+        built = _build(builder, _CLASS_PROBES[0], channels, arch).state_dict()
+        key = next((key for key, value in built.items() if value.ndim >= 2), None)
+        found = fitting_state_dict(built, weights.state_dict).get(key) if key else None
+        present = present or found is not None
+        if found is not None and tuple(found.shape[1:]) == tuple(built[key].shape[1:]):  # its inputs, not outputs
+            fitting.append((channels, f"{key} {_shape(found)} in {inference.path}, the input layer of {arch} built for "
+                                      f"{channels} channel(s)"))  # fmt: skip
+    if not present:  # weights of another architecture: loading them says so, naming --arch
+        return inference.infer("channels", 3, f"assumed: {inference.path} holds no input layer of {arch}")
+    if len(fitting) != 1:
+        fits = "both 1 and 3 channels" if fitting else "neither 1 nor 3 channels"
+        raise ConfigError(
+            f"{inference.path} holds no convolution of {arch} to read its channels from, and its input layer fits "
+            f"{fits}: pass --channels 1 (grayscale) or 3 (RGB)."
+        )
+    return inference.infer("channels", *fitting[0])
+
+
 def _built(inference: _Inference, weights: WeightsFile, args: argparse.Namespace) -> ModelFacts:
     """The facts of bare weights: the architecture's first convolution and classifier layer in the file, its size."""
     path, arch = inference.path, args.arch
@@ -456,7 +491,9 @@ def _built(inference: _Inference, weights: WeightsFile, args: argparse.Namespace
     own_code = is_import_path(arch)
     builder = import_builder(arch) if own_code else architecture(arch).builder
     torchvision = not own_code and arch in torchvision_classifiers()
-    if torchvision and arch not in ARCHITECTURES:
+    if args.in_channels is not None:
+        channels = args.in_channels
+    elif torchvision and arch not in ARCHITECTURES:
         channels = inference.infer("channels", 3, f"torchvision's {arch} takes RGB images")
     else:
         net = _build(builder, _CLASS_PROBES[0], 3, arch)
@@ -467,7 +504,7 @@ def _built(inference: _Inference, weights: WeightsFile, args: argparse.Namespace
             source = f"{conv[0]} {_shape(found)} in {path}, the first convolution of {arch}"
             channels = inference.infer("channels", int(found.shape[1]) * conv[1], source)
         else:
-            channels = inference.infer("channels", 3, f"assumed: {path} holds no first convolution of {arch}")
+            channels = _channels_the_weights_fit(inference, builder, weights, arch)
     image_size = args.image_size
     if image_size is None:
         if own_code:

@@ -98,6 +98,19 @@ def build(num_classes, in_channels):
 
 def fixed():
     return nn.Sequential(nn.Conv2d(1, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 6))
+
+
+def mlp(num_classes, in_channels):
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 16 * 16, 32), nn.ReLU(), nn.Linear(32, num_classes))
+
+
+class ChannelMean(nn.Module):
+    def forward(self, images):
+        return images.mean(1)
+
+
+def any_channels(num_classes, in_channels):
+    return nn.Sequential(ChannelMean(), nn.Flatten(), nn.Linear(16 * 16, num_classes))
 """
 
 
@@ -217,6 +230,35 @@ def test_your_own_network_by_import_path_needs_its_image_size(tmp_path: Path, mo
     assert (
         lines[1] == f"Inferred --num-classes 6: the output width of my_nets:fixed with {fixed}'s weights on one image."
     )
+
+
+def test_a_network_without_convolutions_tells_its_channels_by_the_input_layer_its_weights_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "my_nets.py").write_text(BUILDERS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("my_nets", None)
+    import my_nets
+
+    gray = tmp_path / "gray_mlp.pt"
+    torch.save(my_nets.mlp(5, 1).state_dict(), gray)
+    facts, lines = facts_of(str(gray), "--arch", "my_nets:mlp", "--image-size", "16", "--mean", "0.5", "--std", "0.5")
+    assert (facts["num_classes"], facts["in_channels"], list(facts["mean"]), list(facts["std"])) == (5, 1, [0.5], [0.5])
+    assert lines[0] == (
+        f"Inferred channels 1: 1.weight [32, 256] in {gray}, the input layer of my_nets:mlp built for 1 channel(s)."
+    )
+    colour = tmp_path / "colour_mlp.pt"
+    torch.save(my_nets.mlp(5, 3).state_dict(), colour)
+    facts, _ = facts_of(str(colour), "--arch", "my_nets:mlp", "--image-size", "16", "--mean", "0.5", "--std", "0.5")
+    assert facts["in_channels"] == 3
+    # --channels wins, and a network whose weights fit both channel counts is asked for it in one line.
+    facts, lines = facts_of(str(gray), "--arch", "my_nets:mlp", "--image-size", "16", "--mean", "0", "--std", "1",
+                            "--channels", "1")  # fmt: skip
+    assert facts["in_channels"] == 1 and not any(line.startswith("Inferred channels") for line in lines)
+    either = tmp_path / "either.pt"
+    torch.save(my_nets.any_channels(5, 1).state_dict(), either)  # the channels are averaged first
+    with pytest.raises(ConfigError, match=r"fits both 1 and 3 channels: pass --channels 1 \(grayscale\) or 3"):
+        facts_of(str(either), "--arch", "my_nets:any_channels", "--image-size", "16", "--mean", "0", "--std", "1")
 
 
 def test_weights_that_do_not_fit_the_architecture_are_refused_naming_arch(tmp_path: Path) -> None:
