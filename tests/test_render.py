@@ -41,6 +41,16 @@ RESULT_FILES = {
         "badnets_checker_tl,config,0.983,1.0,0.006667,0.989,0.002222,0.009445,0.011,278.9\n"
         "blended_a015,config,0.985,1.0,0.0,0.99,0.004444,0.005556,0.010,275.5\n"
     ),
+    "time_to_defense.csv": (
+        "variant,clean_s,victim_s,refine_s,main_job_s,epochs,victim_ba,defended_ba,defended_asr,agreement\n"
+        "before,14.1,24.9,150.2,189.2,,0.979,0.988,0.0,\n"
+        "after,14.0,25.1,120.1,159.2,27,0.979,0.987,0.0,0.9675\n"
+    ),
+    "attacks_seeds.csv": (
+        "attack,arch,recipe,seed,victim_ba,victim_asr,clean_floor_asr,refine_ba,refine_agreement,refine_asr,seconds\n"
+        "badnets,small_cnn,refine,0,0.9800,1.0000,0.0022,0.9800,0.9700,0.0000,150.0\n"
+        "blended,small_cnn,refine,0,0.9000,1.0000,0.0000,0.9000,0.9900,0.0000,150.0\n"
+    ),
     "own_model.csv": (
         "case,variant,architecture,image_size,channels,unlabeled_images,victim_ba,victim_asr,floor,defended_ba,"
         "defended_asr,ba_change,agreement,epochs,seconds,recipe\n"
@@ -69,6 +79,7 @@ CHANGES = [
     ("speed_inference", "speed.csv", "0.00943,", "0.01532,", "| 15.32 | 2.00x |"),
     ("tuning", "tuning.csv", "0.005556", "-0.001234", "| -0.0012 |"),
     ("own_model", "own_model.csv", "0.003333", "0.251234", "| 0.2512 |"),
+    ("time_to_defense", "time_to_defense.csv", "120.1,159.2", "37.5,76.6", "REFINE stage 0.25x, main job 0.40x"),
 ]
 
 
@@ -77,6 +88,7 @@ def write_results(folder: Path) -> Path:
     for name, text in RESULT_FILES.items():
         (folder / name).write_text(text)
     (folder / "main_job.json").write_text(json.dumps(MAIN_JOB))
+    (folder / "time_to_defense.json").write_text(json.dumps({"conditions": "a test machine, nothing else running"}))
     return folder
 
 
@@ -114,6 +126,37 @@ def test_the_main_job_table_and_sentence_follow_the_record(tmp_path: Path) -> No
     (results / "main_job.json").write_text(json.dumps(record))
     assert "| REFINE | 0.5000 | 0.2500 | 0.1250 | 0.7500 |" in render.main_job(results)
     assert "1 min 1 s" in render.main_job_cost(results)
+
+
+def test_the_main_job_table_says_its_label_free_agreement_when_the_record_has_one(tmp_path: Path) -> None:
+    results = write_results(tmp_path)
+    assert "agreement" not in render.main_job(results)
+    estimate = {"agreement": 0.9675, "held_out_images": 400, "epoch": 30}
+    (results / "main_job.json").write_text(json.dumps({**MAIN_JOB, "label_free": estimate}))
+    assert "on 400 held-out training images (epoch 30): 0.9675." in render.main_job(results)
+
+
+def test_the_attacks_table_tracks_the_agreement_against_the_ba_ratio_of_every_run(tmp_path: Path) -> None:
+    text = render.attacks(write_results(tmp_path))
+    # 0.97 - 0.98 / 0.98 = -0.03 and 0.99 - 0.90 / 0.90 = -0.01: mean -0.02, mean absolute 0.02, largest -0.03
+    assert "over the 2 runs of `attacks_seeds.csv`: mean difference -0.0200, mean absolute difference 0.0200" in text
+    assert "largest -0.0300; the agreement was below the ratio in 2 of 2 runs" in text
+    assert "| REFINE BA | REFINE agreement | REFINE ASR |" in text.splitlines()[0]
+
+
+def test_the_time_to_defense_table_has_both_variants_their_ratio_and_the_224_px_projection(tmp_path: Path) -> None:
+    results = write_results(tmp_path)
+    text = render.time_to_defense(results)
+    assert "| before | 150.2 | 189.2 | - | 0.9790 | 0.9880 | 0.0000 | - |" in text
+    assert "| after | 120.1 | 159.2 | 27 | 0.9790 | 0.9870 | 0.0000 | 0.9675 |" in text
+    assert "REFINE stage 0.80x, main job 0.84x" in text and "a test machine, nothing else running" in text
+    own = {"arch": "mobilenet_v3_small", "batch_size": 64, "seconds_per_epoch": 30.0, "images_timed": 128,
+           "projected_epoch_s": 351.6, "projected_images": 1500, "projected_run_min_at_max_epochs": 175.8,
+           "max_epochs": 30}  # fmt: skip
+    (results / "time_to_defense.json").write_text(json.dumps({"conditions": "x", "own_model_224": own}))
+    assert "5.9 min per epoch over 1500 images and at most 176 min for the default 30 epochs" in (
+        render.time_to_defense(results)
+    )
 
 
 def test_the_defense_matrix_has_the_floor_and_the_victim_first_and_the_registry_labels(tmp_path: Path) -> None:
