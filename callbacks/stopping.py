@@ -30,12 +30,13 @@ class LabelFreeStopping(EarlyStopping):
     Args:
         patience: Validations without a rise before the cooldown (or the stop) begins.
         min_delta: The smallest rise of the agreement over its best that counts.
-        min_epochs: Epochs trained before the rule can act (the first epochs' agreement says little).
+        min_epochs: Epochs trained before the rule can act. The agreement levels off before BA and ASR do: earlier
+            stops cost quality on the tuning victims and users' models (docs/method.md), hence 20 by default.
         cooldown_epochs: Epochs over which the rate decays to 0 before the fit stops (0: stop at once).
     """
 
     def __init__(
-        self, patience: int = 3, min_delta: float = 0.001, min_epochs: int = 5, cooldown_epochs: int = 3
+        self, patience: int = 5, min_delta: float = 0.001, min_epochs: int = 20, cooldown_epochs: int = 3
     ) -> None:
         if type(cooldown_epochs) is not int or cooldown_epochs < 0:
             raise ConfigError(f"LabelFreeStopping's cooldown_epochs must be an integer >= 0, got {cooldown_epochs!r}.")
