@@ -193,10 +193,10 @@ CASES: dict[str, Case] = {
             Trigger("patch", 3, "top_left"), target=3, seed=200, mean=(0.5,), std=(0.5,), epochs=20,
             user_flags=("--image-size", "28", "--mean", "0.5", "--std", "0.5"),
             pass_through=(f"{SOURCE}in_channels", "1", f"{SOURCE}mean", "[0.5]", f"{SOURCE}std", "[0.5]"),
-            note="refine-pl defend assumes 3 channels for a network without a convolution (it infers channels from "
-            "the first convolution) and has no option for them: without the flags after `--` it stops with \"size "
-            "mismatch for 1.weight: file [256, 784], model [256, 2352]\", and with `in_channels 1` alone with \"1 "
-            "channel(s) but got mean=(0.5, 0.5, 0.5)\" (the mean it expanded to 3 channels)",
+            note="when the case was first run, refine-pl defend read channels from the first convolution only, took "
+            "this MLP for an RGB model and stopped with \"size mismatch for 1.weight: file [256, 784], model [256, 2352]\"; "
+            "the flags after `--` worked around it. It now infers 1 channel from the input layer the weights fit "
+            "(and takes --channels); the flags are kept so that the case stays the one measured"
         ),
         Case(
             "cnn_nobn_color32", "a CNN without batch norm by import path, 32 px colour digits", f"{ARCHS}:plain_cnn",
