@@ -194,9 +194,9 @@ CASES: dict[str, Case] = {
             user_flags=("--image-size", "28", "--mean", "0.5", "--std", "0.5"),
             pass_through=(f"{SOURCE}in_channels", "1", f"{SOURCE}mean", "[0.5]", f"{SOURCE}std", "[0.5]"),
             note="when the case was first run, refine-pl defend read channels from the first convolution only, took "
-            "this MLP for an RGB model and stopped with \"size mismatch for 1.weight: file [256, 784], model [256, 2352]\"; "
-            "the flags after `--` worked around it. It now infers 1 channel from the input layer the weights fit "
-            "(and takes --channels); the flags are kept so that the case stays the one measured"
+            "this MLP for an RGB model and stopped with \"size mismatch for 1.weight: file [256, 784], model "
+            "[256, 2352]\"; the flags after `--` worked around it. It now infers 1 channel from the input layer the "
+            "weights fit (and takes --channels); the flags are kept so that the case stays the one measured"
         ),
         Case(
             "cnn_nobn_color32", "a CNN without batch norm by import path, 32 px colour digits", f"{ARCHS}:plain_cnn",
