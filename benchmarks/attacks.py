@@ -32,6 +32,7 @@ width 16) are trained and defended for the ``--zoo-attacks`` (default: BadNets, 
 
 import argparse
 import csv
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -119,6 +120,9 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"attack": attack, "arch": arch, "recipe": recipe, "seeds": seeds}
         for figure in (*FIGURES, "clean_ba"):
             values = [r[figure] for r in group]
+            if any(math.isnan(value) for value in values):  # not measured in a run (no validation: no agreement)
+                entry[figure] = entry[f"{figure}_std"] = entry[f"{figure}_worst"] = math.nan
+                continue
             entry[figure] = statistics.fmean(values)
             entry[f"{figure}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
             entry[f"{figure}_worst"] = max(values) if figure in WORST_IS_HIGHEST else min(values)
