@@ -87,6 +87,7 @@ def model_card(
     tested = f"after testing `{trainer.ckpt_path}`" if report is not None else "after fitting"
     train_from = f" from `{source.root}`" if hasattr(source, "root") else ""
     unet = f"first width {module.transform.base_width}, depth {module.transform.depth}"
+    held_out = data.val_set is not None and len(data.val_set) > 0
     lines = [
         f"# Model card: REFINE-defended classifier ({source.name})",
         "",
@@ -117,7 +118,8 @@ def model_card(
         f"{hparams.remap_seed} (victim class c becomes class permutation[c], permutation "
         f"{module.remap.permutation.tolist()}).",
         f"- Trained on {len(data.train_set)} images{train_from}"
-        + (", unlabeled." if not source.labeled_train else "; their labels were not used."),
+        + (", unlabeled" if not source.labeled_train else "; their labels were not used")
+        + (f"; {len(data.val_set)} more held out, never trained on (the label-free agreement)." if held_out else "."),
         "",
         "## Measured on held-out test images",
         "",

@@ -185,7 +185,10 @@ def test_a_user_defends_their_own_torchvision_model_with_the_walkthrough(tmp_pat
     description = read_description(run / "defended.safetensors")
     assert description["victim_arch"] == "mobilenet_v3_small" and description["class_names"] == names
     assert hashlib.sha256((tmp_path / "suspect.pt").read_bytes()).hexdigest() in card
-    assert "Architecture: `mobilenet_v3_small`" in card and "Trained on 12 images from `my_images`, unlabeled" in card
+    assert (
+        "Architecture: `mobilenet_v3_small`" in card
+        and "Trained on 11 images from `my_images`, unlabeled; 1 more held out" in card
+    )
     assert "BA on 8 labeled test images from `my_test`; ASR on 3 triggered test images" in card
     permutation = defended.remap.permutation.tolist()
     assert f"drawn from seed 0 (victim class c becomes class permutation[c], permutation {permutation})" in card
