@@ -82,9 +82,8 @@ def test_print_config_shows_the_overlay_on_top_of_the_recipe(capsys: pytest.Capt
     assert (model["contrastive_weight"], model["temperature"]) == (0.1, 0.07)
     callbacks = [callback["class_path"] for callback in config["trainer"]["callbacks"]]
     assert callbacks == [
-        "callbacks.RunCheckpoint", "callbacks.LabelFreeStopping", "callbacks.DefenseReport",
-        "callbacks.ExportDefendedClassifier", "callbacks.TransformImageGrid", "callbacks.PredictionCSV",
-        "callbacks.DeploymentFiles",
+        "callbacks.RunCheckpoint", "callbacks.DefenseReport", "callbacks.ExportDefendedClassifier",
+        "callbacks.TransformImageGrid", "callbacks.PredictionCSV", "callbacks.DeploymentFiles",
     ]  # fmt: skip
 
 
