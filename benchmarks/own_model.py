@@ -15,8 +15,8 @@ least 0.35 apart, on average over the channels), resized to the case's size; gra
 3. The user's model is defended twice:
 
    - ``before``: the own-model path of commit 528d108, ``configs/refine/reference.yaml`` + that commit's
-     ``own_model.yaml`` (``benchmarks/own_model_before.yaml``) + ``--trainer.max_epochs 30``, the source's settings
-     as flags, run through :func:`~refine_pl.pipeline.run_defense`;
+     ``own_model.yaml`` (``benchmarks/configs/own_model_528d108.yaml``) + ``--trainer.max_epochs 30``, the
+     source's settings as flags, run through :func:`~refine_pl.pipeline.run_defense`;
    - ``after``: ``refine-pl defend MODEL IMAGES ...`` as the user types it (:func:`refine_pl.defend.main`), with
      whatever recipe the package holds.
 
@@ -62,7 +62,7 @@ from refine_pl.pipeline import run_defense
 from refine_pl.run_folder import start_over
 
 REPO = Path(__file__).resolve().parents[1]
-BEFORE_CONFIGS = ["configs/refine/reference.yaml", str(REPO / "benchmarks" / "own_model_before.yaml")]
+BEFORE_CONFIGS = ["configs/refine/reference.yaml", str(REPO / "benchmarks" / "configs" / "own_model_528d108.yaml")]
 """The own-model recipe of commit 528d108: the reference recipe, then that commit's own-model overlay."""
 BEFORE_COMMIT = "528d108"
 BEFORE_EPOCHS = 30
@@ -601,7 +601,7 @@ def report_text(results_dir: Path, name: str, records: dict[str, dict[str, Any]]
             *cases,
             "",
             f"- **before**: the own-model path of commit 528d108: `configs/refine/reference.yaml` + "
-            f"`benchmarks/own_model_before.yaml` (that commit's own-model overlay) + `--trainer.max_epochs "
+            f"`benchmarks/configs/own_model_528d108.yaml` (that commit's own-model overlay) + `--trainer.max_epochs "
             f"{BEFORE_EPOCHS}`, the source's settings as flags.",
             "- **after**: `refine-pl defend MODEL IMAGES [--arch ARCH] [the case's flags] --test-root TEST "
             "--triggered-root TRIGGERED --target-label T --out RUN` with the recipe of `refine_pl/defend.py` "

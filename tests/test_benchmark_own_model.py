@@ -69,7 +69,7 @@ def test_a_tiny_case_runs_both_variants_writes_its_rows_and_reuses_finished_stag
     assert float(written[0]["victim_asr"]) == pytest.approx(record["victim_asr"], abs=1e-6)
     # "before" ran the 528d108 configs, "after" refine-pl defend as the user types it
     before = json.loads((runs / "tiny" / "before" / "timing.json").read_text())["command"]
-    assert "configs/refine/reference.yaml" in before and any(c.endswith("own_model_before.yaml") for c in before)
+    assert "configs/refine/reference.yaml" in before and any(c.endswith("own_model_528d108.yaml") for c in before)
     # the recipe of each row: 528d108's for "before", the last commit of refine-pl defend's configs for "after"
     assert written[0]["recipe"] == "528d108" and re.fullmatch(r"[0-9a-f]{7,}(\+changes)?", written[1]["recipe"])
     after = json.loads((runs / "tiny" / "after" / "timing.json").read_text())["command"]
