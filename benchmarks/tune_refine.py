@@ -57,9 +57,9 @@ TUNING_VICTIMS: dict[str, tuple[str, list[str]]] = {
 
 EPOCHS = "--trainer.max_epochs="
 CANDIDATES: dict[str, list[str]] = {
-    "recipe": [],  # configs/refine/recipe.yaml + configs/refine/mnist.yaml as they are (12 epochs at most)
+    "recipe": [],  # configs/refine/recipe.yaml + configs/refine/mnist.yaml as they are
     "e8": [f"{EPOCHS}8"],  # 8 epochs at most
-    "e12": [f"{EPOCHS}12"],  # 12 epochs at most: the recipe's bound, named apart from it
+    "e12": [f"{EPOCHS}12"],  # 12 epochs at most
 }
 """Candidate configs: overrides of the REFINE job (``train.py`` arguments) on top of the MNIST job's configs. The
 cosine of every candidate ends at its ``max_epochs``; the label-free stopping rule may end it sooner."""
