@@ -9,10 +9,12 @@ per-sample transformations), the remap and REFINE's training.
 
 Writes to ``--results-dir`` (the names start with ``--results-name``, ``attacks`` by default):
 
-- ``attacks_seeds.csv``: one row per attack, recipe and seed (``attack, recipe, seed, victim_ba, victim_asr,
-  clean_floor_asr, refine_ba, refine_asr, seconds``; seconds: wall clock of the REFINE stage, fit and test);
+- ``attacks_seeds.csv``: one row per attack, victim architecture, recipe and seed: the victim's BA, ASR and
+  any-class ASR, the clean floor's ASR and any-class ASR, REFINE's BA, label-free agreement, ASR, any-class ASR and
+  RA (``FIGURES``), ``seconds`` (wall clock of the REFINE stage, fit and test) and ``victim_seconds`` (of the victim's
+  training, NaN when not known whole: see :func:`benchmarks.victims.victim_seconds`);
 - ``attacks.csv``: one row per attack and recipe: the mean over seeds of every figure, its standard deviation
-  (``_std``, over seeds, n-1) and its worst seed (``_worst``: the lowest BA or victim ASR, the highest floor or
+  (``_std``, over seeds, n-1) and its worst seed (``_worst``: the lowest BA, victim ASR or RA, the highest floor or
   REFINE ASR), the seeds and the mean REFINE seconds;
 - ``attacks.md`` (the table of ``attacks.csv`` as :func:`benchmarks.render.attacks` renders it, the gate and which
   rows meet it) and ``attacks_asr.png`` (ASR with error bars).
@@ -47,18 +49,41 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/attacks.py` from the root
 
 from benchmarks import render
-from benchmarks.victims import ATTACKS, DEFAULT_ARCH, RECIPES, REPO, clean_model, defended_report, victim
+from benchmarks.victims import (
+    ATTACKS,
+    DEFAULT_ARCH,
+    RECIPES,
+    REPO,
+    clean_model,
+    defended_report,
+    victim,
+    victim_seconds,
+)
 from refine_pl.architectures import ARCHITECTURES
-from refine_pl.metric_names import AGREEMENT, ASR, BA, CLEAN_FLOOR, DEFENDED, LABEL_FREE, NO_DEFENSE
+from refine_pl.metric_names import (
+    AGREEMENT,
+    ANY_CLASS_ASR,
+    ASR,
+    BA,
+    CLEAN_FLOOR,
+    DEFENDED,
+    LABEL_FREE,
+    NO_DEFENSE,
+    RA,
+    ClassifierRow,
+)
 from refine_pl.pipeline import add_job_arguments
 
 ZOO_ARCHS = ("resnet18_cifar_narrow",)
 ZOO_ATTACKS = ("badnets", "blended", "wanet")
 """The victim zoo's default: a second architecture, defended for the three poison-only attacks of the paper."""
-FIGURES = ("victim_ba", "victim_asr", "clean_floor_asr", "refine_ba", "refine_agreement", "refine_asr")
-WORST_IS_HIGHEST = {"clean_floor_asr", "refine_asr"}
+FIGURES = (
+    "victim_ba", "victim_asr", "victim_any_class_asr", "clean_floor_asr", "clean_floor_any_class_asr", "refine_ba",
+    "refine_agreement", "refine_asr", "refine_any_class_asr", "refine_ra",
+)  # fmt: skip
+WORST_IS_HIGHEST = {"clean_floor_asr", "clean_floor_any_class_asr", "refine_asr", "refine_any_class_asr"}
 """Figures whose worst seed is the highest (the others' is the lowest)."""
-SEED_COLUMNS = ("attack", "arch", "recipe", "seed", *FIGURES, "seconds")
+SEED_COLUMNS = ("attack", "arch", "recipe", "seed", *FIGURES, "seconds", "victim_seconds")
 
 # The gate of issue 12, for the mean over seeds and for every seed.
 MIN_VICTIM_ASR = {"lc": 0.80}
@@ -69,6 +94,8 @@ FLOOR_MARGIN = 0.005
 MAX_BA_DROP = 0.005  # REFINE BA at least victim BA - 0.005 on the mean
 MAX_SEED_ASR = 0.02  # and no seed above ASR 0.02 ...
 MAX_SEED_BA_DROP = 0.01  # ... or a 1-point BA drop
+ANY_CLASS_MARGIN = 0.01  # REFINE holds against any class: mean any-class ASR <= the floor's + 1 point
+ANY_CLASS_SEED_MARGIN = 0.02  # and in every seed <= the seed's floor + 2 points
 
 
 def victim_combinations(
@@ -92,20 +119,30 @@ def seed_row(
     clean = clean_model(run_dir, seed, victim_args, arch)
     suspect = victim(run_dir, attack, seed, victim_args, arch)
     report, seconds = defended_report(run_dir, attack, recipe, seed, suspect, clean, refine_args, arch)
+
+    def rate(row: ClassifierRow, key: str) -> float:  # NaN: not measured (or a report written before the rate was)
+        value = report[row.key].get(key)
+        return math.nan if value is None else value
+
     return {
         "attack": attack,
         "arch": arch,
         "recipe": recipe,
         "seed": seed,
-        "victim_ba": report[NO_DEFENSE.key][BA],
-        "victim_asr": report[NO_DEFENSE.key][ASR],
-        "clean_floor_asr": report[CLEAN_FLOOR.key][ASR],
-        "clean_ba": report[CLEAN_FLOOR.key][BA],
-        "refine_ba": report[DEFENDED.key][BA],
+        "victim_ba": rate(NO_DEFENSE, BA),
+        "victim_asr": rate(NO_DEFENSE, ASR),
+        "victim_any_class_asr": rate(NO_DEFENSE, ANY_CLASS_ASR),
+        "clean_floor_asr": rate(CLEAN_FLOOR, ASR),
+        "clean_floor_any_class_asr": rate(CLEAN_FLOOR, ANY_CLASS_ASR),
+        "clean_ba": rate(CLEAN_FLOOR, BA),
+        "refine_ba": rate(DEFENDED, BA),
         # The label-free estimate of the REFINE BA relative to the victim's (NaN: the run held out no image)
-        "refine_agreement": (report.get(LABEL_FREE) or {}).get(AGREEMENT, float("nan")),
-        "refine_asr": report[DEFENDED.key][ASR],
+        "refine_agreement": (report.get(LABEL_FREE) or {}).get(AGREEMENT, math.nan),
+        "refine_asr": rate(DEFENDED, ASR),
+        "refine_any_class_asr": rate(DEFENDED, ANY_CLASS_ASR),
+        "refine_ra": rate(DEFENDED, RA),
         "seconds": seconds,
+        "victim_seconds": victim_seconds(run_dir, attack, seed, arch),
     }
 
 
@@ -127,6 +164,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             entry[f"{figure}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
             entry[f"{figure}_worst"] = max(values) if figure in WORST_IS_HIGHEST else min(values)
         entry["seconds"] = statistics.fmean(r["seconds"] for r in group)
+        entry["victim_seconds"] = statistics.fmean(r["victim_seconds"] for r in group)  # NaN if one is unknown
         entry["per_seed"] = group
         summary.append(entry)
     return summary
@@ -147,6 +185,23 @@ def gate(entry: dict[str, Any]) -> tuple[bool, bool]:
     return backdoor, on_mean and every_seed
 
 
+def holds_any_class(entry: dict[str, Any]) -> bool:
+    """Whether REFINE holds against any class (issue 25), on the mean and in every seed.
+
+    On the mean: any-class ASR at most the floor's + 1 point, BA at most half a point below the victim's; in every
+    seed: any-class ASR at most the seed's floor + 2 points. The any-class ASR is the one an attacker cannot game by
+    a trigger that survives REFINE's transform and lands in the remapped target class; its floor is the clean model's
+    any-class ASR on the same triggered images.
+    """
+    on_mean = (
+        entry["refine_any_class_asr"] <= entry["clean_floor_any_class_asr"] + ANY_CLASS_MARGIN
+        and entry["refine_ba"] >= entry["victim_ba"] - MAX_BA_DROP
+    )
+    return on_mean and all(
+        r["refine_any_class_asr"] <= r["clean_floor_any_class_asr"] + ANY_CLASS_SEED_MARGIN for r in entry["per_seed"]
+    )
+
+
 def summary_columns() -> list[str]:
     """Columns of ``attacks.csv``."""
     return [
@@ -157,7 +212,7 @@ def summary_columns() -> list[str]:
 
 
 def write_csv(rows: list[dict[str, Any]], columns: list[str] | tuple[str, ...], path: Path) -> None:
-    """``rows`` as CSV with ``columns``; fractions with 4 decimals, seconds with 1."""
+    """``rows`` as CSV with ``columns``; fractions with 4 decimals, seconds (``*seconds``) with 1."""
 
     def cell(value: Any) -> str:
         return f"{value:.4f}" if isinstance(value, float) else str(value)
@@ -166,13 +221,18 @@ def write_csv(rows: list[dict[str, Any]], columns: list[str] | tuple[str, ...], 
         writer = csv.writer(handle)
         writer.writerow(columns)
         for row in rows:
-            writer.writerow([f"{row[c]:.1f}" if c == "seconds" else cell(row[c]) for c in columns])
+            writer.writerow([f"{row[c]:.1f}" if c.endswith("seconds") else cell(row[c]) for c in columns])
 
 
 def markdown_table(summary: list[dict[str, Any]], threads: int, results_dir: Path, name: str) -> str:
     """The table of ``<name>.csv`` (:func:`benchmarks.render.attacks`), then whether each row meets the gate."""
     verdicts = [
-        [entry["attack"], entry["arch"], entry["recipe"], *("yes" if passed else "no" for passed in gate(entry))]
+        [
+            entry["attack"],
+            entry["arch"],
+            entry["recipe"],
+            *("yes" if passed else "no" for passed in (*gate(entry), holds_any_class(entry))),
+        ]
         for entry in summary
     ]
     seeds = sorted({r["seed"] for entry in summary for r in entry["per_seed"]})
@@ -180,11 +240,14 @@ def markdown_table(summary: list[dict[str, Any]], threads: int, results_dir: Pat
         [
             render.attacks(results_dir, name),
             f"All seeds: {', '.join(map(str, seeds))}; {threads} torch thread(s).",
-            render.table(["attack", "victim", "recipe", "real backdoor", "gate"], verdicts),
+            render.table(["attack", "victim", "recipe", "real backdoor", "gate", "holds against any class"], verdicts),
             f"real backdoor: in every seed, victim ASR >= {DEFAULT_MIN_VICTIM_ASR:.2f} (>= 0.80 for lc) and victim BA "
             f"at most {MAX_VICTIM_BA_GAP * 100:.0f} points below the clean model's. gate: mean REFINE ASR <= "
             f"max({MAX_REFINE_ASR}, floor + {FLOOR_MARGIN}) and mean REFINE BA >= victim BA - {MAX_BA_DROP}, and in "
-            f"every seed REFINE ASR <= {MAX_SEED_ASR} and REFINE BA >= victim BA - {MAX_SEED_BA_DROP}.",
+            f"every seed REFINE ASR <= {MAX_SEED_ASR} and REFINE BA >= victim BA - {MAX_SEED_BA_DROP}. holds against "
+            f"any class: mean REFINE any-class ASR <= floor any-class ASR + {ANY_CLASS_MARGIN}, mean REFINE BA >= "
+            f"victim BA - {MAX_BA_DROP}, and in every seed REFINE any-class ASR <= that seed's floor + "
+            f"{ANY_CLASS_SEED_MARGIN}.",
         ]
     )
 

@@ -60,7 +60,10 @@ def main_job(results_dir: Path = RESULTS) -> str:
     ):
         figures = report[key]
         der = figures.get("der")
-        cells = [f"{figures[name]:.4f}" for name in ("ba", "asr", "ra")]
+        cells = [
+            "-" if figures.get(name) is None else f"{figures[name]:.4f}"
+            for name in ("ba", "asr", "any_class_asr", "ra")
+        ]
         rows.append([label, *cells, "n/a" if der is None else f"{der:.4f}"])
     estimate = report.get("label_free")
     agreement = (
@@ -69,7 +72,7 @@ def main_job(results_dir: Path = RESULTS) -> str:
         if estimate
         else ""
     )
-    return table(["", "BA", "ASR", "RA", "DER"], rows) + agreement
+    return table(["", "BA", "ASR", "any-class ASR", "RA", "DER"], rows) + agreement
 
 
 def main_job_cost(results_dir: Path = RESULTS) -> str:
@@ -90,10 +93,13 @@ def attacks(results_dir: Path = RESULTS, name: str = "attacks") -> str:
             return "-"
         return f"{float(row[key]):.4f} ± {float(row[key + '_std']):.4f} ({float(row[key + '_worst']):.4f})"
 
-    figures = ("victim_ba", "victim_asr", "clean_floor_asr", "refine_ba", "refine_agreement", "refine_asr")
+    figures = (
+        "victim_ba", "victim_asr", "victim_any_class_asr", "clean_floor_asr", "clean_floor_any_class_asr", "refine_ba",
+        "refine_agreement", "refine_asr", "refine_any_class_asr",
+    )  # fmt: skip
     header = [
-        "attack", "victim", "recipe", "seeds", "victim BA", "victim ASR", "clean floor ASR", "REFINE BA",
-        "REFINE agreement", "REFINE ASR", "REFINE s",
+        "attack", "victim", "recipe", "seeds", "victim BA", "victim ASR", "victim any-class ASR", "clean floor ASR",
+        "clean floor any-class ASR", "REFINE BA", "REFINE agreement", "REFINE ASR", "REFINE any-class ASR", "REFINE s",
     ]  # fmt: skip
     rows = [
         [
@@ -108,9 +114,11 @@ def attacks(results_dir: Path = RESULTS, name: str = "attacks") -> str:
     ]
     note = (
         "Mean ± standard deviation over the seeds of the row, the worst seed in parentheses (the lowest BA, victim ASR "
-        "or agreement, the highest floor or REFINE ASR). REFINE agreement: the label-free estimate, the share of "
-        "held-out training images on which the defended model gives the victim's class (no label read). REFINE s: "
-        "mean wall clock of the REFINE stage (fit and test)."
+        "or agreement, the highest floor or REFINE ASR). any-class ASR: over the triggered test images, the largest "
+        "share that any one class receives among those not of that class (REFINE's remap moves the target class, so a "
+        "trigger that survived would show here and not in the ASR). REFINE agreement: the label-free estimate, the "
+        "share of held-out training images on which the defended model gives the victim's class (no label read). "
+        "REFINE s: mean wall clock of the REFINE stage (fit and test). `-`: not measured when the file was written."
     )
     return table(header, rows) + "\n\n" + note + agreement_tracking(results_dir / f"{name}_seeds.csv")
 

@@ -14,6 +14,7 @@ the attack's own seed (poisoned samples, patterns, per-sample transformations) a
 """
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -67,8 +68,33 @@ def victim(run_dir: Path, attack: str, seed: int, extra: list[str] | None = None
         arch: Registered victim architecture.
     """
     arguments = [*_victim_arguments(seed, arch, extra), "--data.init_args.attack.init_args.seed", str(seed)]
-    folder = run_dir / f"{attack}_{run_name(seed, arch)}" / "victim"
-    return train_victim([VICTIM_CONFIG, attack_config(attack)], folder, arguments)
+    folder = victim_folder(run_dir, attack, seed, arch)
+    timing = folder / "timing.json"
+    if timing.is_file():
+        return train_victim([VICTIM_CONFIG, attack_config(attack)], folder, arguments)
+    resumed, start = folder.exists(), time.perf_counter()
+    checkpoint = train_victim([VICTIM_CONFIG, attack_config(attack)], folder, arguments)
+    timing.write_text(json.dumps({"seconds": time.perf_counter() - start, "resumed": resumed}) + "\n")
+    return checkpoint
+
+
+def victim_folder(run_dir: Path, attack: str, seed: int, arch: str = DEFAULT_ARCH) -> Path:
+    """The folder of the victim job of ``attack`` with ``seed``."""
+    return run_dir / f"{attack}_{run_name(seed, arch)}" / "victim"
+
+
+def victim_seconds(run_dir: Path, attack: str, seed: int, arch: str = DEFAULT_ARCH) -> float:
+    """Wall clock of the victim's training (the attack's cost); NaN when it is not known whole.
+
+    :func:`victim` writes ``timing.json`` in the victim's folder the first time it runs the job; ``resumed`` there
+    says the folder already held a job (continued from a checkpoint, or finished before timings were kept), whose
+    seconds cover only part of the training.
+    """
+    timing = victim_folder(run_dir, attack, seed, arch) / "timing.json"
+    if not timing.is_file():
+        return math.nan
+    record = json.loads(timing.read_text())
+    return math.nan if record["resumed"] else record["seconds"]
 
 
 def defended_report(

@@ -1,4 +1,4 @@
-"""Callback that turns the test run of a defense into the before/after BA / ASR / RA / DER report."""
+"""Callback that turns the test run of a defense into the before/after BA / ASR / any-class ASR / RA / DER report."""
 
 import json
 import math
@@ -12,7 +12,7 @@ from callbacks.checkpoint import require_trained_weights
 from refine_pl.defended_module import DefendedLitModule
 from refine_pl.defenses import DEFENSES
 from refine_pl.errors import ConfigError
-from refine_pl.metric_names import AGREEMENT, CLEAN_FLOOR, DEFENDED, LABEL_FREE, NO_DEFENSE, REPORT_ROWS
+from refine_pl.metric_names import AGREEMENT, CLEAN_FLOOR, DEFENDED, LABEL_FREE, NO_DEFENSE, RATE_LABELS, REPORT_ROWS
 
 
 def _measured(metrics: dict[str, Any], key: str) -> float | None:
@@ -73,7 +73,7 @@ def format_report_table(report: dict[str, Any]) -> str:
     defense = report["defense"]
     labels = {DEFENDED.key: DEFENSES[defense].label if defense in DEFENSES else defense}
     rates = DEFENDED.rates
-    lines = ["| | " + " | ".join(rate.upper() for rate in rates) + " |", "|---" * (len(rates) + 1) + "|"]
+    lines = ["| | " + " | ".join(RATE_LABELS[rate] for rate in rates) + " |", "|---" * (len(rates) + 1) + "|"]
     for row in REPORT_ROWS:
         if report.get(row.key) is not None:
             cells = " | ".join(cell(report[row.key], rate) for rate in rates)
@@ -85,9 +85,10 @@ def format_report_table(report: dict[str, Any]) -> str:
 def defense_report(
     trainer: Trainer, pl_module: LightningModule, output: str = "report.json", defense: str = "refine"
 ) -> dict[str, Any]:
-    """BA / ASR / RA of the victim alone and of the defended classifier (and its DER), as the last test measured them.
+    """BA / ASR / any-class ASR / RA of the victim alone and of the defended classifier (and its DER), as last tested.
 
-    A rate is None when it was not measured (no labeled test images for BA, no attack or triggered images for ASR).
+    A rate is None when it was not measured (no labeled test images for BA, no attack or triggered images for ASR,
+    triggered images of unknown class for the any-class ASR and RA).
     ``label_free`` is the tested checkpoint's label-free agreement (None when its run held no images out).
 
     Args:

@@ -1,4 +1,4 @@
-"""What the LightningModules share: optimizer, BA / ASR / RA / DER, the precision and layout of the training step."""
+"""What the LightningModules share: optimizer, the backdoor metrics, the precision and layout of the training step."""
 
 import contextlib
 from collections.abc import Iterable
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from refine_pl.errors import ConfigError, cli_flag, first_sentence
 from refine_pl.internals import native_bf16
-from refine_pl.metric_names import AGREEMENT, DER, RA, ClassifierRow
+from refine_pl.metric_names import AGREEMENT, ASR, BA, DER, ClassifierRow
 from refine_pl.metrics import CLEAN_LOADER, POISONED_LOADER, Agreement, BackdoorMetrics, DefenseEffectivenessRating
 from refine_pl.schedules import WarmupCosineLR
 
@@ -22,7 +22,8 @@ class BackdoorLitModule(LightningModule):
     """Base of :class:`~refine_pl.VictimLitModule` and of every defense (:class:`~refine_pl.DefendedLitModule`).
 
     Validation and test batches come from two loaders, clean (:data:`~refine_pl.metrics.CLEAN_LOADER`) and
-    poisoned; every classifier of :meth:`evaluated_classifiers` is measured on both, and its BA / ASR / RA are
+    poisoned; every classifier of :meth:`evaluated_classifiers` is measured on both, and its BA / ASR / any-class
+    ASR / RA are
     logged under the keys of its row of :mod:`refine_pl.metric_names` (``<stage>/<prefix><rate>``). With an
     ``undefended_row``, the first classifier's DER against that one is logged too (when there is a poisoned
     loader: DER needs ASR). The optimizer is built from the parameters of
@@ -38,6 +39,7 @@ class BackdoorLitModule(LightningModule):
     run in the trainer's precision (float32 by default), as an exported classifier does.
 
     Args:
+        num_classes: Number of classes of the classifiers.
         optimizer: Builds the optimizer from the trainable parameters (or parameter groups).
         scheduler: Builds the learning-rate scheduler from the optimizer; None for a constant rate.
         classifier_rows: The row (log keys) of each evaluated classifier, in the order of
@@ -57,6 +59,7 @@ class BackdoorLitModule(LightningModule):
 
     def __init__(
         self,
+        num_classes: int,
         optimizer: OptimizerCallable,
         scheduler: LRSchedulerCallable | None,
         classifier_rows: tuple[ClassifierRow, ...],
@@ -72,7 +75,7 @@ class BackdoorLitModule(LightningModule):
         self.channels_last = channels_last
         self.undefended_row = undefended_row
         self.metrics = nn.ModuleDict(
-            {f"{stage}_{row.key}": BackdoorMetrics() for stage in STAGES for row in classifier_rows}
+            {f"{stage}_{row.key}": BackdoorMetrics(num_classes) for stage in STAGES for row in classifier_rows}
         )
         self.der_metrics = nn.ModuleDict(
             {stage: DefenseEffectivenessRating() for stage in STAGES} if undefended_row is not None else {}
@@ -118,7 +121,7 @@ class BackdoorLitModule(LightningModule):
         self._evaluated_images[stage][dataloader_idx] += len(batch[0])
         for row, predicted in preds.items():
             for rate, metric in self.metrics[f"{stage}_{row.key}"].update(predicted, batch, dataloader_idx).items():
-                show = row == self.classifier_rows[0] and rate != RA
+                show = row == self.classifier_rows[0] and rate in (BA, ASR)
                 self.log(row.logged(stage, rate), metric, prog_bar=show, add_dataloader_idx=False)
         if stage in self.der_metrics:
             first, der = self.classifier_rows[0], self.der_metrics[stage]

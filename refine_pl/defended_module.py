@@ -106,7 +106,7 @@ class DefendedLitModule(BackdoorLitModule):
         channels_last: bool = True,
     ) -> None:
         rows = (DEFENDED, NO_DEFENSE, CLEAN_FLOOR)[: 3 if clean_reference else 2]
-        super().__init__(optimizer, scheduler, rows, bf16, channels_last, undefended_row=NO_DEFENSE)
+        super().__init__(num_classes, optimizer, scheduler, rows, bf16, channels_last, undefended_row=NO_DEFENSE)
         self.save_hyperparameters(ignore=["transform", "optimizer", "scheduler"])
         if victim_access not in ("white_box", "query_only"):
             raise ConfigError(

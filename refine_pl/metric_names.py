@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 BA = "ba"
 ASR = "asr"
+ANY_CLASS_ASR = "any_class_asr"
 RA = "ra"
 DER = "der"
 AGREEMENT = "agreement"
@@ -18,6 +19,9 @@ RATES: dict[str, str] = {
     BA: "benign accuracy: share of the clean test images classified as their true class",
     ASR: "attack success rate: share of the triggered test images whose true class is not the target that are "
     "classified as the target",
+    ANY_CLASS_ASR: "any-class attack success rate: over the triggered test images, the largest share that any one "
+    "class c receives among those whose true class is not c; a defense that moves the target class elsewhere (as "
+    "REFINE's remap does) while the trigger still works shows here, where the ASR reads 0",
     RA: "robust accuracy: share of those triggered images classified as their true class",
     DER: "defense effectiveness rating (BackdoorBench): (max(0, ASR drop) - max(0, BA drop) + 1) / 2 against the "
     "victim, in [0, 1]; 0.5 means nothing removed and nothing lost",
@@ -26,7 +30,10 @@ RATES: dict[str, str] = {
 }
 """Every rate, by key, with its meaning."""
 
-MEASURED_RATES = (BA, ASR, RA)
+RATE_LABELS: dict[str, str] = {BA: "BA", ASR: "ASR", ANY_CLASS_ASR: "any-class ASR", RA: "RA", DER: "DER"}
+"""Every rate's name in tables."""
+
+MEASURED_RATES = (BA, ASR, ANY_CLASS_ASR, RA)
 """The rates measured for each classifier; DER compares two classifiers and belongs to the defended one."""
 
 LABEL_FREE = "label_free"

@@ -1,4 +1,4 @@
-"""Benign accuracy (BA), attack success rate (ASR), robust accuracy (RA) and defense effectiveness (DER) metrics.
+"""Benign accuracy (BA), attack success rate (ASR), any-class ASR, robust accuracy (RA) and defense effectiveness (DER).
 
 Each metric is a thin :class:`torchmetrics.Metric` that sums the counts of a pure function, so the counts
 are reduced across processes by torchmetrics (sum) and the ratios are taken once, at compute time.
@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from refine_pl.metric_names import ASR, BA, RA
+from refine_pl.metric_names import ANY_CLASS_ASR, ASR, BA, RA
 
 
 def check_class_vectors(**vectors: Tensor) -> None:
@@ -56,6 +56,37 @@ def attack_success_counts(preds: Tensor, labels: Tensor, target_labels: Tensor) 
     check_class_vectors(preds=preds, labels=labels, target_labels=target_labels)
     counted = labels != target_labels
     return (preds[counted] == target_labels[counted]).sum(), counted.sum()
+
+
+def any_class_attack_counts(preds: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Per class ``c``: how many triggered images of another true class are classified as ``c``, of how many.
+
+    The counts of the any-class ASR (:class:`AnyClassAttackSuccessRate`): a defense that leaves the trigger working
+    but sends its images to some fixed class other than the target (REFINE's remap moves every class) scores ASR 0
+    and a high any-class ASR. Images of unknown class (a negative label, such as a folder of triggered images
+    carries) are not counted: whether their true class is ``c`` cannot be told.
+
+    Args:
+        preds: ``[N]`` predicted classes on triggered images, in ``[0, num_classes)``.
+        labels: ``[N]`` true classes of the images before the trigger (negative: unknown).
+        num_classes: Number of classes.
+
+    Returns:
+        ``(hits [num_classes], total [num_classes])`` long vectors: ``hits[c]`` images whose true class is not ``c``
+        classified as ``c``, ``total[c]`` images whose true class is known and not ``c``.
+
+    Raises:
+        ValueError: A prediction outside ``[0, num_classes)``.
+    """
+    check_class_vectors(preds=preds, labels=labels)
+    if len(preds) and (int(preds.min()) < 0 or int(preds.max()) >= num_classes):
+        raise ValueError(f"predictions must be classes in [0, {num_classes}), got {preds.min()}..{preds.max()}")
+    known = labels >= 0
+    preds, labels = preds[known], labels[known]
+    predicted = torch.bincount(preds, minlength=num_classes)
+    of_own_class = torch.bincount(preds[preds == labels], minlength=num_classes)
+    of_class = torch.bincount(labels, minlength=num_classes)[:num_classes]
+    return predicted - of_own_class, len(labels) - of_class
 
 
 def robust_accuracy_counts(preds: Tensor, labels: Tensor, target_labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -159,6 +190,43 @@ class RobustAccuracy(CountRatio):
         self._count(*robust_accuracy_counts(preds, labels, target_labels))
 
 
+class AnyClassAttackSuccessRate(Metric):
+    """The largest share of triggered test images that any one class receives, among those not of that class.
+
+    ``max_c hits[c] / total[c]`` over the counts of :func:`any_class_attack_counts`, summed across processes; at
+    least the ASR (the target is one of the classes), and what an attacker finds by querying a deployed model
+    whose trigger still works but lands elsewhere. NaN while no image of known class has been counted.
+
+    Args:
+        num_classes: Number of classes.
+    """
+
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self, num_classes: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.add_state("hits", default=torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, labels: Tensor) -> None:
+        """Counts a batch: predictions on triggered images and their true classes, both ``[N]``."""
+        hits, total = any_class_attack_counts(preds, labels, self.num_classes)
+        self.hits += hits
+        self.total += total
+
+    def per_class(self) -> Tensor:
+        """``[num_classes]`` share of the other classes' triggered images each class receives (NaN: none counted)."""
+        return torch.where(self.total > 0, self.hits.double() / self.total.clamp(min=1), float("nan"))
+
+    def compute(self) -> Tensor:
+        shares = self.per_class()
+        if bool(shares.isnan().all()):
+            return torch.tensor(float("nan"))
+        return shares.nan_to_num(-1.0).max().float()
+
+
 class Agreement(CountRatio):
     """Fraction of images on which two classifiers give the same class (no label is read)."""
 
@@ -230,12 +298,17 @@ POISONED_LOADER = 1
 
 
 class BackdoorMetrics(torch.nn.Module):
-    """BA on the clean loader, ASR and RA on the poisoned loader, for one classifier in one stage."""
+    """BA on the clean loader, ASR, any-class ASR and RA on the poisoned loader, for one classifier in one stage.
 
-    def __init__(self) -> None:
+    Args:
+        num_classes: Number of classes (the any-class ASR counts per class).
+    """
+
+    def __init__(self, num_classes: int) -> None:
         super().__init__()
         self.ba = BenignAccuracy()
         self.asr = AttackSuccessRate()
+        self.any_class_asr = AnyClassAttackSuccessRate(num_classes)
         self.ra = RobustAccuracy()
 
     def update(self, preds: Tensor, batch: tuple[Tensor, ...], dataloader_idx: int) -> dict[str, Metric]:
@@ -244,5 +317,6 @@ class BackdoorMetrics(torch.nn.Module):
             self.ba.update(preds, batch[1])
             return {BA: self.ba}
         self.asr.update(preds, batch[1], batch[2])
+        self.any_class_asr.update(preds, batch[1])
         self.ra.update(preds, batch[1], batch[2])
-        return {ASR: self.asr, RA: self.ra}
+        return {ASR: self.asr, ANY_CLASS_ASR: self.any_class_asr, RA: self.ra}

@@ -60,7 +60,7 @@ class VictimLitModule(BackdoorLitModule):
         bf16: bool | None = None,
         channels_last: bool = True,
     ) -> None:
-        super().__init__(optimizer, scheduler, (DEFENDED,), bf16, channels_last)
+        super().__init__(num_classes, optimizer, scheduler, (DEFENDED,), bf16, channels_last)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.model = NormalizedClassifier(build_architecture(arch, num_classes, in_channels), mean, std, arch=arch)
         if channels_last:

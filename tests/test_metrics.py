@@ -6,10 +6,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from refine_pl.metrics import (
+    AnyClassAttackSuccessRate,
     AttackSuccessRate,
     BenignAccuracy,
     DefenseEffectivenessRating,
     RobustAccuracy,
+    any_class_attack_counts,
     attack_success_counts,
     benign_accuracy_counts,
     defense_effectiveness_rating,
@@ -137,13 +139,14 @@ def _batches(seed: int) -> list[tuple[torch.Tensor, ...]]:
 
 
 def _rates(batches: list[tuple[torch.Tensor, ...]]) -> dict[str, float]:
-    """RA of the defended predictions and DER, from a fresh metric each, over ``batches``."""
-    ra, der = RobustAccuracy(), DefenseEffectivenessRating()
+    """RA and any-class ASR of the defended predictions and DER, from a fresh metric each, over ``batches``."""
+    ra, any_class, der = RobustAccuracy(), AnyClassAttackSuccessRate(4), DefenseEffectivenessRating()
     for batch in batches:
         der.update(*batch)
         if len(batch) == 4:
             ra.update(batch[0], batch[2], batch[3])
-    return {"ra": ra.compute().item(), "der": der.compute().item()}
+            any_class.update(batch[0], batch[2])
+    return {"ra": ra.compute().item(), "any_class_asr": any_class.compute().item(), "der": der.compute().item()}
 
 
 def _metric_worker(rank: int, port: int, batches, results) -> None:
@@ -156,12 +159,60 @@ def _metric_worker(rank: int, port: int, batches, results) -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_ra_and_der_of_one_process_that_saw_every_batch() -> None:
+def test_two_processes_give_the_ra_any_class_asr_and_der_of_one_process_that_saw_every_batch() -> None:
     batches = _batches(seed=3)
     single = _rates(batches)
     results = mp.Manager().dict()
     mp.spawn(_metric_worker, args=(free_port(), batches, results), nprocs=2, join=True)
     for rank in range(2):
         assert results[rank] == pytest.approx(single, abs=1e-6)
-    # The check has teeth: one process's half alone gives other rates.
-    assert _rates(batches[0::2]) != pytest.approx(single, abs=1e-6)
+    # The check has teeth: one process's half alone gives other rates, each of them.
+    half = _rates(batches[0::2])
+    assert all(half[rate] != pytest.approx(single[rate], abs=1e-6) for rate in single)
+
+
+def test_any_class_asr_agrees_with_hand_count() -> None:
+    # Triggered images of true classes 0, 0, 1, 1, 2, 2, 3 and what a classifier says on them.
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3])
+    preds = torch.tensor([2, 0, 2, 2, 2, 1, 2])
+    hits, total = any_class_attack_counts(preds, labels, num_classes=4)
+    # Class 2 gets 4 of the 5 images not of class 2 (the two of class 2 do not count, one of them said 2);
+    # class 0 gets none of its 5 others, class 1 one of 5, class 3 none of 6.
+    assert hits.tolist() == [0, 1, 4, 0]
+    assert total.tolist() == [5, 5, 5, 6]
+    metric = AnyClassAttackSuccessRate(num_classes=4)
+    metric.update(preds, labels)
+    assert metric.compute().item() == pytest.approx(4 / 5)
+    assert metric.per_class().tolist() == pytest.approx([0.0, 0.2, 0.8, 0.0])
+
+
+def test_a_defense_that_sends_every_triggered_image_to_one_other_class_has_asr_0_and_any_class_asr_1() -> None:
+    # The trigger still works, but lands in class 7 where the attack's target is 0 (a remapped target class).
+    labels = torch.arange(1, 10).repeat(3)
+    sent_to_seven = torch.where(labels == 7, labels, torch.tensor(7))  # images of class 7 say 7 anyway
+    asr, any_class = AttackSuccessRate(), AnyClassAttackSuccessRate(num_classes=10)
+    asr.update(sent_to_seven, labels, torch.zeros_like(labels))
+    any_class.update(sent_to_seven, labels)
+    assert asr.compute().item() == 0.0
+    assert any_class.compute().item() == 1.0
+
+
+def test_any_class_asr_is_at_least_the_asr_and_ignores_images_of_unknown_class() -> None:
+    generator = torch.Generator().manual_seed(0)
+    labels, preds = torch.randint(0, 5, (200,), generator=generator), torch.randint(0, 5, (200,), generator=generator)
+    targets = torch.full_like(labels, 3)
+    asr, any_class = AttackSuccessRate(), AnyClassAttackSuccessRate(num_classes=5)
+    asr.update(preds, labels, targets)
+    any_class.update(preds, labels)
+    assert any_class.compute().item() >= asr.compute().item()
+    unknown = AnyClassAttackSuccessRate(num_classes=5)
+    unknown.update(preds, torch.full_like(labels, -1))  # a folder of triggered images: true classes unknown
+    assert unknown.compute().isnan()
+    with_unknown = AnyClassAttackSuccessRate(num_classes=5)
+    with_unknown.update(torch.cat([preds, preds]), torch.cat([labels, torch.full_like(labels, -1)]))
+    assert with_unknown.compute().item() == any_class.compute().item()
+
+
+def test_any_class_asr_refuses_predictions_outside_the_classes() -> None:
+    with pytest.raises(ValueError, match=r"classes in \[0, 3\)"):
+        any_class_attack_counts(torch.tensor([0, 3]), torch.tensor([1, 1]), num_classes=3)
