@@ -81,6 +81,9 @@ def model_card(
         test_from = f" from `{source.test_root}`" if getattr(source, "test_root", None) else ""
         measured = [
             f"- BA on {clean} labeled test images{test_from}; ASR on {poisoned} triggered test images ({asr_from}).",
+            "- any-class ASR: the largest share of the triggered images that any one class receives among those not of "
+            "that class. The remap moves the target class, so a trigger that survived the transform would show here "
+            "and not in the ASR; n/a when the triggered images' true classes are unknown.",
             "",
             format_report_table(report),
         ]

@@ -37,9 +37,11 @@ def check_summary_aggregates_seed_rows(seed_rows: list[dict[str, str]], summary:
         key = ("attack", "arch", "recipe")
         group = [r for r in seed_rows if all(r[k] == entry[k] for k in key)]
         assert entry["seeds"].split() == [r["seed"] for r in group]
-        # A results file written before a figure was measured (the agreement, since issue 23) lacks only that one.
+        # A results file written before a figure was measured (the agreement since issue 23, the any-class ASR and
+        # REFINE's RA since issue 25) lacks only those.
         measured = [figure for figure in attacks.FIGURES if figure in entry]
-        assert set(attacks.FIGURES) - set(measured) <= {"refine_agreement"}
+        later = {"refine_agreement", "refine_ra", *(figure for figure in attacks.FIGURES if "any_class" in figure)}
+        assert set(attacks.FIGURES) - set(measured) <= later
         for figure in measured:
             values = [float(r[figure]) for r in group]
             if any(math.isnan(value) for value in values):  # a run that did not measure it: NaN throughout
@@ -65,7 +67,9 @@ def test_a_tiny_two_seed_run_seeds_every_choice_and_aggregates_its_rows(tmp_path
         ("blended", "small_cnn", "0"), ("blended", "small_cnn", "1"), ("blended", zoo, "1")
     ]  # fmt: skip
     check_summary_aggregates_seed_rows(seed_rows, summary)
-    assert all("refine_agreement" in row for row in (*seed_rows, *summary))  # a fresh run measures every figure
+    assert all(figure in row for figure in attacks.FIGURES for row in (*seed_rows, *summary))  # a fresh run: all
+    assert all(float(r["refine_any_class_asr"]) >= float(r["refine_asr"]) for r in seed_rows)
+    assert all(float(r["victim_seconds"]) > 0 for r in seed_rows)  # every victim trained in this run
     table = (results / "attacks.md").read_text()
     assert table.count("| blended | small_cnn | refine | 0 1 |") == 1
     assert table.count(f"| blended | {zoo} | refine | 1 |") == 1
