@@ -1,7 +1,8 @@
 """The sweeps that chose an attack's settings on the embedded MNIST-5k where the paper's did not plant a real backdoor.
 
 Two attacks needed one: label-consistent (``configs/attacks/lc.yaml``) and input-aware dynamic
-(``configs/attacks/iad.yaml``). Every variant is a victim trained with ``configs/victim/mnist.yaml`` and the
+(``configs/attacks/iad.yaml``); the adaptive attacks of issue 25 (``robust_trigger``, ``low_frequency``) were checked
+here too. Every variant is a victim trained with ``configs/victim/mnist.yaml`` and the
 attack's config at the variant's settings (the attack's arguments written out in full here, so a variant means
 the same whatever the config file says; the victim's epochs too where the variant sets them), tested on the
 1,000 held-out images; a clean model of the same seed gives the BA to compare with. The seeds are tuning seeds
@@ -110,6 +111,10 @@ _IAD_VARIANTS = {
     "sharp_e30_d064": Variant({"sharp_mask": True, "mask_density": 0.064}, (100, 101, 102), 30),
     "sharp_e30_d1": Variant({"sharp_mask": True, "mask_density": 0.1}, (100, 101, 102), 30),
 }
+_ROBUST_BASE = {"poison_rate": 0.1, "cover_rate": 0.1}
+_ROBUST_VARIANTS = {"base": Variant({}, (100, 101, 102))}
+_LF_BASE = {"poison_rate": 0.1, "cutoff": 0.25}
+_LF_VARIANTS = {"e20": Variant({"epsilon": 0.2}, (100, 101, 102)), "e10": Variant({"epsilon": 0.1}, (100, 101, 102))}
 SWEEPS: dict[str, Sweep] = {
     "lc": Sweep(
         _LC_BASE,
@@ -120,6 +125,10 @@ SWEEPS: dict[str, Sweep] = {
     "iad": Sweep(
         _IAD_BASE, "the raw mask (no step), 20 victim epochs on a cosine learning rate", _IAD_VARIANTS, "sharp_e30_d1"
     ),
+    "robust_trigger": Sweep(
+        _ROBUST_BASE, "a 5x5 white patch (1 px margin), the default transforms", _ROBUST_VARIANTS, "base"
+    ),
+    "low_frequency": Sweep(_LF_BASE, "seeded noise low-pass filtered below a quarter of Nyquist", _LF_VARIANTS, "e20"),
 }
 """The sweeps by attack; each ``chosen`` variant is the attack's config (a test checks it)."""
 
@@ -162,8 +171,8 @@ def variant_row(run_dir: Path, attack: str, name: str, seed: int) -> dict[str, A
     folder = run_dir / f"{attack}_{name}_s{seed}"
     configs = [VICTIM_CONFIG, attack_config(attack)]
     variant = SWEEPS[attack].variants[name]
-    arguments = [
-        f"--data.init_args.attack.init_args.{key}={json.dumps(value)}"
+    arguments = [  # a string as is: the parser takes '"bottom_right"' for a string with quotes, no location
+        f"--data.init_args.attack.init_args.{key}={value if isinstance(value, str) else json.dumps(value)}"
         for key, value in variant_arguments(attack, name).items()
     ]
     arguments.append(f"--data.init_args.attack.init_args.seed={seed}")

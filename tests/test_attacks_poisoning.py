@@ -53,7 +53,7 @@ FAST_SETTINGS = {
     "wanet": {"cross_ratio": 2.0},
     "adaptive_patch": {"conservatism_rate": 0.1},
 }
-SEEDED_TRIGGERS = {"blended", "wanet", "physical_ba", "adaptive_patch"}
+SEEDED_TRIGGERS = {"blended", "wanet", "physical_ba", "adaptive_patch", "low_frequency"}
 """Attacks whose trigger is drawn from the seed; the others' triggers are fixed."""
 
 
@@ -76,7 +76,11 @@ def test_poison_rate_target_labels_and_cover_samples_are_as_asked(name: str) -> 
     poison = attack.select_poison_indices(data.labels)
     cover = attack.select_cover_indices(data.labels, poison)
     assert len(poison) == round(attack.poison_rate * len(data)) == len(set(poison.tolist()))
-    expected_cover = {"wanet": round(2.0 * len(poison)), "adaptive_patch": round(0.1 * len(data))}.get(name, 0)
+    expected_cover = {
+        "wanet": round(2.0 * len(poison)),
+        "adaptive_patch": round(0.1 * len(data)),
+        "robust_trigger": round(0.1 * len(data)),
+    }.get(name, 0)
     assert len(cover) == expected_cover and not set(cover.tolist()) & set(poison.tolist())
     if name == "lc":  # label-consistent: only the target class, so labels stay correct
         assert (data.labels[poison] == 1).all()

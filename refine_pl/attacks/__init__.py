@@ -7,8 +7,10 @@ from refine_pl.attacks.batt import BATT
 from refine_pl.attacks.blended import Blended
 from refine_pl.attacks.input_aware import InputAwareDynamic
 from refine_pl.attacks.label_consistent import LabelConsistent
+from refine_pl.attacks.low_frequency import LowFrequency
 from refine_pl.attacks.physical_ba import PhysicalBA
 from refine_pl.attacks.registry import ATTACKS, attack_from_spec, attack_record, attack_spec_of
+from refine_pl.attacks.robust_trigger import TransformRobustTrigger
 from refine_pl.attacks.wanet import WaNet
 
 __all__ = [
@@ -20,8 +22,10 @@ __all__ = [
     "Blended",
     "InputAwareDynamic",
     "LabelConsistent",
+    "LowFrequency",
     "PhysicalBA",
     "TrainingControlledAttack",
+    "TransformRobustTrigger",
     "WaNet",
     "attack_from_spec",
     "attack_record",
