@@ -123,6 +123,36 @@ def attacks(results_dir: Path = RESULTS, name: str = "attacks") -> str:
     return table(header, rows) + "\n\n" + note + agreement_tracking(results_dir / f"{name}_seeds.csv")
 
 
+def adaptive(results_dir: Path = RESULTS) -> str:
+    """The table of ``benchmarks/adaptive.py`` from ``adaptive.csv``: mean ± std (worst seed), victim time, verdicts."""
+
+    def figure(row: dict[str, str], key: str) -> str:
+        return f"{float(row[key]):.4f} ± {float(row[key + '_std']):.4f} ({float(row[key + '_worst']):.4f})"
+
+    figures = (
+        "victim_ba", "victim_asr", "victim_any_class_asr", "clean_floor_any_class_asr", "refine_ba", "refine_asr",
+        "refine_any_class_asr", "refine_ra",
+    )  # fmt: skip
+    header = [
+        "attack", "seeds", "victim BA", "victim ASR", "victim any-class ASR", "clean floor any-class ASR", "REFINE BA",
+        "REFINE ASR", "REFINE any-class ASR", "REFINE RA", "victim training s", "real backdoor", "REFINE holds",
+    ]  # fmt: skip
+    rows = []
+    for row in read_csv(results_dir / "adaptive.csv"):
+        seconds = "-" if row["victim_seconds"] == "nan" else f"{float(row['victim_seconds']):.0f}"
+        cells = [figure(row, key) for key in figures]
+        rows.append([row["attack"], row["seeds"], *cells, seconds, row["real_backdoor"], row["holds"]])
+    note = (
+        "Mean ± standard deviation over the seeds, the worst seed in parentheses (the lowest BA, victim ASR or RA, the "
+        "highest floor or REFINE ASR). any-class ASR: over the triggered test images, the largest share any one class "
+        "receives among those not of that class. real backdoor: in every seed victim ASR >= 0.90 and victim BA at most "
+        "2 points below the clean model's. REFINE holds: mean REFINE any-class ASR at most the floor's + 1 point, "
+        "mean REFINE BA at most 0.5 point below the victim's, and in every seed the any-class ASR at most that seed's "
+        "floor + 2 points. victim training s: mean wall clock of the attack's victim training (`-`: not timed whole)."
+    )
+    return table(header, rows) + "\n\n" + note
+
+
 def agreement_tracking(path: Path) -> str:
     """How the label-free agreement of each per-seed row tracks its REFINE BA relative to the victim's (a paragraph)."""
     rows = (
@@ -294,6 +324,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "attacks": attacks,
     "attacks_quiet": partial(attacks, name="attacks_quiet"),
     "attacks_reference": partial(attacks, name="attacks_reference"),
+    "adaptive": adaptive,
     **{f"defenses_{metric}": partial(defenses, metric=metric) for metric in METRICS},
     "data_efficiency": data_efficiency,
     **{f"speed_{part}": partial(speed, part=part) for part in ("steps", "fit", "inference")},
