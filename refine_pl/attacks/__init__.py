@@ -8,6 +8,7 @@ from refine_pl.attacks.blended import Blended
 from refine_pl.attacks.input_aware import InputAwareDynamic
 from refine_pl.attacks.label_consistent import LabelConsistent
 from refine_pl.attacks.physical_ba import PhysicalBA
+from refine_pl.attacks.refine_in_loop import RefineInTheLoop
 from refine_pl.attacks.registry import ATTACKS, attack_from_spec, attack_record, attack_spec_of
 from refine_pl.attacks.wanet import WaNet
 
@@ -21,6 +22,7 @@ __all__ = [
     "InputAwareDynamic",
     "LabelConsistent",
     "PhysicalBA",
+    "RefineInTheLoop",
     "TrainingControlledAttack",
     "WaNet",
     "attack_from_spec",
