@@ -1,7 +1,8 @@
 """The sweeps that chose an attack's settings on the embedded MNIST-5k where the paper's did not plant a real backdoor.
 
 Two attacks needed one: label-consistent (``configs/attacks/lc.yaml``) and input-aware dynamic
-(``configs/attacks/iad.yaml``). Every variant is a victim trained with ``configs/victim/mnist.yaml`` and the
+(``configs/attacks/iad.yaml``); the adaptive REFINE-in-the-loop attack (``configs/attacks/refine_in_loop.yaml``)
+was tuned the same way. Every variant is a victim trained with ``configs/victim/mnist.yaml`` and the
 attack's config at the variant's settings (the attack's arguments written out in full here, so a variant means
 the same whatever the config file says; the victim's epochs too where the variant sets them), tested on the
 1,000 held-out images; a clean model of the same seed gives the BA to compare with. The seeds are tuning seeds
@@ -18,6 +19,7 @@ import argparse
 import csv
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,10 @@ _IAD_VARIANTS = {
     "sharp_e30_d064": Variant({"sharp_mask": True, "mask_density": 0.064}, (100, 101, 102), 30),
     "sharp_e30_d1": Variant({"sharp_mask": True, "mask_density": 0.1}, (100, 101, 102), 30),
 }
+_LOOP_BASE = {"poison_rate": 0.1, "trigger": "badnets", "patch_size": 3, "loop_rate": 0.1, "transform_steps": 200}
+_LOOP_VARIANTS = {
+    "base": Variant({}, (100, 101)),
+}
 SWEEPS: dict[str, Sweep] = {
     "lc": Sweep(
         _LC_BASE,
@@ -119,6 +125,9 @@ SWEEPS: dict[str, Sweep] = {
     ),
     "iad": Sweep(
         _IAD_BASE, "the raw mask (no step), 20 victim epochs on a cosine learning rate", _IAD_VARIANTS, "sharp_e30_d1"
+    ),
+    "refine_in_loop": Sweep(
+        _LOOP_BASE, "the constructor's defaults (the REFINE recipe's T'), 12 victim epochs", _LOOP_VARIANTS, "base"
     ),
 }
 """The sweeps by attack; each ``chosen`` variant is the attack's config (a test checks it)."""
@@ -143,14 +152,19 @@ def recorded_arguments(attack: str, folder: Path) -> tuple[dict[str, Any], int] 
 
 
 def victim_figures(folder: Path, configs: list[str], seed: int, arguments: list[str]) -> dict[str, float]:
-    """Test BA (and ASR when there is an attack) of the victim job in ``folder`` (trained now or found finished)."""
+    """Test BA (and ASR when there is an attack) of the victim job in ``folder`` (trained now or found finished).
+
+    A run trained now also records its training seconds (``train_seconds``); runs that predate that have none.
+    """
     result = folder / "result.json"
     if not result.is_file():
         job_arguments = [*QUIET, "--seed_everything", str(seed), *arguments]
+        start = time.perf_counter()
         train_victim(configs, folder, job_arguments)
+        seconds = time.perf_counter() - start
         test = ["test", *config_flags(configs), "--trainer.default_root_dir", str(folder), *job_arguments]
         metrics = cli_main([*test, "--ckpt_path", "last"]).trainer.callback_metrics
-        figures = {"test_ba": float(metrics[DEFENDED.logged("test", BA)])}
+        figures = {"test_ba": float(metrics[DEFENDED.logged("test", BA)]), "train_seconds": seconds}
         if DEFENDED.logged("test", ASR) in metrics:
             figures["test_asr"] = float(metrics[DEFENDED.logged("test", ASR)])
         result.write_text(json.dumps(figures) + "\n")
@@ -163,7 +177,7 @@ def variant_row(run_dir: Path, attack: str, name: str, seed: int) -> dict[str, A
     configs = [VICTIM_CONFIG, attack_config(attack)]
     variant = SWEEPS[attack].variants[name]
     arguments = [
-        f"--data.init_args.attack.init_args.{key}={json.dumps(value)}"
+        f"--data.init_args.attack.init_args.{key}={value if isinstance(value, str) else json.dumps(value)}"
         for key, value in variant_arguments(attack, name).items()
     ]
     arguments.append(f"--data.init_args.attack.init_args.seed={seed}")
@@ -181,7 +195,7 @@ def variant_row(run_dir: Path, attack: str, name: str, seed: int) -> dict[str, A
     victim = victim_figures(folder, configs, seed, arguments)
     return {
         "variant": name, "seed": seed, "clean_ba": clean["test_ba"], "victim_ba": victim["test_ba"],
-        "victim_asr": victim["test_asr"],
+        "victim_asr": victim["test_asr"], "victim_seconds": victim.get("train_seconds"),
     }  # fmt: skip
 
 
@@ -191,8 +205,8 @@ def markdown_table(attack: str, rows: list[dict[str, Any]]) -> str:
     min_asr = MIN_VICTIM_ASR.get(attack, DEFAULT_MIN_VICTIM_ASR)
     lines = [
         "| variant | settings (besides the base) | seeds | victim ASR per seed | BA gap to clean per seed "
-        "| real backdoor |",
-        "|---|---|---|---|---|---|",
+        "| victim training s per seed | real backdoor |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in dict.fromkeys(r["variant"] for r in rows):
         group = [r for r in rows if r["variant"] == name]
@@ -204,9 +218,10 @@ def markdown_table(attack: str, rows: list[dict[str, Any]]) -> str:
             settings.append(f"{variant.epochs} victim epochs")
         seeds = " ".join(str(r["seed"]) for r in group)
         asrs = " / ".join(f"{r['victim_asr']:.3f}" for r in group)
+        seconds = " / ".join("-" if r.get("victim_seconds") is None else f"{r['victim_seconds']:.0f}" for r in group)
         lines.append(
             f"| {name} | {', '.join(settings) or '(the base)'} | {seeds} | {asrs} | "
-            f"{' / '.join(f'{g:+.3f}' for g in gaps)} | {'yes' if real else 'no'} |"
+            f"{' / '.join(f'{g:+.3f}' for g in gaps)} | {seconds} | {'yes' if real else 'no'} |"
         )
     base = ", ".join(f"{k}={v}" for k, v in sweep.base.items())
     return "\n".join(
@@ -216,7 +231,8 @@ def markdown_table(attack: str, rows: list[dict[str, Any]]) -> str:
             f"Base: {attack} with target class 0, {base}, {sweep.base_note}. Victim: configs/victim/mnist.yaml (small "
             "CNN) with the attack's config. Test BA / ASR on the 1,000 held-out images; BA gap: clean model of the "
             f"same seed minus victim. real backdoor: victim ASR >= {min_asr} and BA gap <= {MAX_VICTIM_BA_GAP} in "
-            f"every seed. Chosen (the config): {sweep.chosen}.",
+            f"every seed. Victim training s: wall-clock seconds of the victim's fit (- where the run predates the "
+            f"timing). Chosen (the config): {sweep.chosen}.",
         ]
     )
 
