@@ -4,7 +4,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.cli import OptimizerCallable
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -14,7 +13,7 @@ from refine_pl.distributed import gather_no_grad, use_global_batch_norm
 from refine_pl.errors import ConfigError
 from refine_pl.input_transform_module import InputTransformDefense
 from refine_pl.internals import global_seed
-from refine_pl.losses import SupConLoss, UtilityLoss
+from refine_pl.losses import SupConLoss, UtilityLoss, refine_objective
 from refine_pl.transform import UNet
 
 TRANSFORM_RESTARTS = "transform_restarts"
@@ -183,16 +182,19 @@ class RefineLitModule(InputTransformDefense):
         labelled = images if originals is None else self.training_layout(originals)
         with self.training_autocast():
             pseudo_labels = self.pseudo_labels(labelled, indices)
-            transformed = self.transform(images)
-            self._output_spread = transformed.detach().amax() - transformed.detach().amin()  # read at the epoch's end
-            utility = self.utility_loss(self.remap(self.victim(transformed)), pseudo_labels)
-            features = F.normalize(transformed.flatten(1).float(), dim=1)
-            contrastive = self.contrastive_loss(features, pseudo_labels)
-        return {
-            "loss": utility + self.contrastive_weight * contrastive,
-            "utility": utility,
-            "contrastive": contrastive,
-        }
+            terms = refine_objective(
+                images,
+                pseudo_labels,
+                self.transform,
+                self.victim,
+                self.remap,
+                self.utility_loss,
+                self.contrastive_loss,
+                self.contrastive_weight,
+            )
+            transformed = terms.transformed.detach()
+            self._output_spread = transformed.amax() - transformed.amin()  # read at the epoch's end
+        return {"loss": terms.loss, "utility": terms.utility, "contrastive": terms.contrastive}
 
     def training_step(self, batch: Tensor | IndexedImages | AugmentedViews, batch_idx: int) -> Tensor:
         if isinstance(batch, AugmentedViews):

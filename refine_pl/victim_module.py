@@ -26,9 +26,9 @@ class VictimLitModule(BackdoorLitModule):
 
     A training-controlled attack (:class:`~refine_pl.attacks.TrainingControlledAttack`) of the datamodule
     takes part in training: its networks become the submodule ``attack_networks`` (trained with the
-    attack's own parameter groups) and every training batch passes through its ``training_batch``. The
-    networks are kept out of the checkpoint's ``state_dict``, which holds the classifier only, and live in
-    the attack's record instead.
+    attack's own parameter groups), every training batch passes through its ``training_batch`` (which sees the
+    classifier) and every epoch starts with its ``on_train_epoch_start``. The networks are kept out of the
+    checkpoint's ``state_dict``, which holds the classifier only, and live in the attack's record instead.
 
     Args:
         num_classes: Number of classes (linked from the datamodule by the CLI).
@@ -81,11 +81,15 @@ class VictimLitModule(BackdoorLitModule):
         """Logits ``[B, num_classes]`` for images ``[B, C, H, W]`` in [0, 1]."""
         return self.model(images)
 
+    def on_train_epoch_start(self) -> None:
+        if self.training_attack is not None:
+            self.training_attack.on_train_epoch_start(self.model, self.current_epoch)
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         attack_loss = None
         if self.training_attack is not None:
-            images, labels, attack_loss = self.training_attack.training_batch(images, labels)
+            images, labels, attack_loss = self.training_attack.training_batch(images, labels, self.model)
             self.log("train/attack_loss", attack_loss)
         with self.training_autocast():
             loss = F.cross_entropy(self(self.training_layout(images)), labels)

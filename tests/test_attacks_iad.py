@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from datamodules.datasets import ImageTensorDataset, PoisonedTestSet
 from refine_pl.attacks import InputAwareDynamic, attack_from_spec, attack_record
@@ -33,7 +34,7 @@ def test_every_image_gets_its_own_trigger_inside_its_mask(channels: int, sharp_m
     optimizer = torch.optim.Adam(networks["pattern"].parameters(), lr=0.01)
     for _ in range(10):  # the diversity loss alone, as in the victim's training steps
         optimizer.zero_grad()
-        attack.training_batch(images, data.labels[:16])[2].backward()
+        attack.training_batch(images, data.labels[:16], nn.Identity())[2].backward()
         optimizer.step()
     with torch.no_grad():
         patterns, masks = networks["pattern"](images), networks["mask"](images)
@@ -77,7 +78,7 @@ def test_training_batch_mixes_own_trigger_cross_trigger_and_clean_samples() -> N
     attack, data = _prepared(poison_rate=0.25, cross_rate=0.25)
     images = torch.stack([data[i][0] for i in range(16)])
     labels = data.labels[:16]
-    inputs, targets, loss = attack.training_batch(images, labels)
+    inputs, targets, loss = attack.training_batch(images, labels, nn.Identity())
     assert inputs.shape == images.shape and torch.equal(targets[:4], torch.zeros(4, dtype=torch.long))
     assert torch.equal(targets[4:], labels[4:])  # cross samples and clean samples keep their labels
     assert torch.equal(inputs[8:], images[8:]) and not torch.equal(inputs[:8], images[:8])

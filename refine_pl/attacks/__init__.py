@@ -9,6 +9,7 @@ from refine_pl.attacks.input_aware import InputAwareDynamic
 from refine_pl.attacks.label_consistent import LabelConsistent
 from refine_pl.attacks.low_frequency import LowFrequency
 from refine_pl.attacks.physical_ba import PhysicalBA
+from refine_pl.attacks.refine_in_loop import RefineInTheLoop
 from refine_pl.attacks.registry import ATTACKS, attack_from_spec, attack_record, attack_spec_of
 from refine_pl.attacks.robust_trigger import TransformRobustTrigger
 from refine_pl.attacks.wanet import WaNet
@@ -24,6 +25,7 @@ __all__ = [
     "LabelConsistent",
     "LowFrequency",
     "PhysicalBA",
+    "RefineInTheLoop",
     "TrainingControlledAttack",
     "TransformRobustTrigger",
     "WaNet",

@@ -193,7 +193,10 @@ class TrainingControlledAttack(Attack):
     The victim's datamodule then gives clean training batches; :class:`~refine_pl.VictimLitModule` passes
     every batch through :meth:`training_batch`, adds the loss it returns, registers :meth:`networks` as a
     submodule (so they follow the device, are synchronised across processes and saved) and optimises them
-    with the parameter groups of :meth:`parameter_groups`.
+    with the parameter groups of :meth:`parameter_groups`. At the start of every training epoch it calls
+    :meth:`on_train_epoch_start` with the victim classifier (an attack that trains something through the current
+    victim does it there). Networks an attack adds to :meth:`networks` later must be in its :meth:`state_dict`, so
+    that a resumed victim gets them back.
     """
 
     training_controlled: ClassVar[bool] = True
@@ -206,15 +209,26 @@ class TrainingControlledAttack(Attack):
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups of the attack's trainable parameters (with their own settings)."""
 
+    def on_train_epoch_start(self, classifier: nn.Module, epoch: int) -> None:
+        """Called by the victim at the start of every training epoch, before its first batch (nothing by default).
+
+        Args:
+            classifier: The victim classifier being trained (images in [0, 1] to logits), in training mode; an
+                attack that uses it leaves its mode, weights and gradients as they were.
+            epoch: The epoch about to start, from 0.
+        """
+
     @abstractmethod
-    def training_batch(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def training_batch(self, images: Tensor, labels: Tensor, classifier: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
         """Turns a clean training batch into the victim's batch.
 
         Args:
             images: ``[B, C, H, W]`` clean images in [0, 1].
             labels: ``[B]`` their labels.
+            classifier: The victim classifier being trained (images in [0, 1] to logits), for attacks whose batch
+                or loss depends on it.
 
         Returns:
-            ``(images [B, C, H, W], labels [B], attack_loss scalar)``; the victim adds ``attack_loss`` to its
-            cross-entropy.
+            ``(images [B', C, H, W], labels [B'], attack_loss scalar)``: the victim's cross-entropy covers the
+            returned images (``B'`` may differ from ``B``) and it adds ``attack_loss`` to it.
         """

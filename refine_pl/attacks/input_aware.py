@@ -179,7 +179,7 @@ class InputAwareDynamic(TrainingControlledAttack):
             poisoned = self._blend(inputs, networks["pattern"](inputs), self._masks(inputs))
         return poisoned.to(images)
 
-    def training_batch(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def training_batch(self, images: Tensor, labels: Tensor, classifier: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
         """Poisons the first ``poison_rate`` of the batch and crosses the next ``cross_rate``; the rest stays clean.
 
         Poisoned images get their own trigger and the target label, crossed ones another image's trigger and
