@@ -31,17 +31,73 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+import torch.nn.functional as F
+from torchvision.utils import make_grid, save_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/adaptive.py` from the root
 
 from benchmarks import render
 from benchmarks.attacks import SEED_COLUMNS, aggregate, gate, holds_any_class, seed_row, summary_columns, write_csv
-from benchmarks.victims import DEFAULT_ARCH, REPO
+from benchmarks.victims import DEFAULT_ARCH, REPO, run_name, victim_folder
+from datamodules import EmbeddedMNIST
+from refine_pl.attacks import attack_from_spec
+from refine_pl.export import load_defended
 from refine_pl.pipeline import add_job_arguments
+from refine_pl.weights import read_weights_file
 
 ADAPTIVE_ATTACKS = ("refine_in_loop", "robust_trigger", "low_frequency")
 """Config names under configs/attacks/ of the attacks that know REFINE."""
 VERDICTS = ("real_backdoor", "holds")
+SURVIVAL = ("victim_target", "through_t_target", "through_t_target_clean", "perturbation_ratio")
+"""The figures of :func:`trigger_survival`, per seed in ``adaptive_seeds.csv`` (as ``survival_<figure>``)."""
+LAST = Path("checkpoints") / "last.ckpt"
+
+
+def trigger_survival(refine_run: Path, victim_checkpoint: Path, grid: Path | None = None) -> dict[str, float]:
+    """How much of an attack's trigger gets through REFINE's transform ``T``, on the held-out test images.
+
+    Over the test images whose true class is neither the target ``t`` nor ``M(t)`` (the class the remap sends ``t``
+    to, which the defended model rightly gives its own images), poisoned as the victim's recorded attack poisons them
+    (``x + trigger``): ``victim_target`` is the share the victim ``f`` sends to ``t`` (its ASR on them);
+    ``through_t_target`` the share on which ``f(T(x + trigger))`` is ``t``, so that the defended model says ``M(t)``,
+    one fixed class (a trigger that survived the transform); ``through_t_target_clean`` the same share without the
+    trigger (``f(T(x))`` is ``t``: what ``T`` gives there anyway, its errors towards ``M(t)``); ``perturbation_ratio`` the mean of
+    ``||T(x + trigger) - T(x)|| / ||trigger||`` (how large a difference the trigger still makes after ``T``,
+    relative to the one it makes before). With ``grid``, a PNG of 8 such images: rows ``x + trigger``,
+    ``T(x + trigger)`` and ``|T(x + trigger) - T(x)|`` scaled to its maximum.
+    """
+    defended = load_defended(refine_run / "defended.safetensors").eval()
+    attack = attack_from_spec(read_weights_file(victim_checkpoint).attack_spec)
+    _, test_set = EmbeddedMNIST().load()
+    images = torch.stack([test_set[i][0] for i in range(len(test_set))])
+    labels = torch.tensor([test_set[i][1] for i in range(len(test_set))])
+    remapped_target = int(defended.remap.permutation[attack.target_label])
+    counted = (labels != attack.target_label) & (labels != remapped_target)
+    images, indices = images[counted], torch.nonzero(counted).flatten()
+    with torch.no_grad():
+        triggered = attack.apply(images, indices)
+        transformed, transformed_clean = defended.transform(triggered), defended.transform(images)
+        victim = defended.victim
+        target = attack.target_label
+        through = victim(transformed).argmax(1) == target
+        through_clean = victim(transformed_clean).argmax(1) == target
+        ratio = (transformed - transformed_clean).flatten(1).norm(dim=1) / (triggered - images).flatten(1).norm(
+            dim=1
+        ).clamp(min=1e-12)
+        figures = {
+            "victim_target": float((victim(triggered).argmax(1) == target).float().mean()),
+            "through_t_target": float(through.float().mean()),
+            "through_t_target_clean": float(through_clean.float().mean()),
+            "perturbation_ratio": float(ratio.mean()),
+        }
+    if grid is not None:
+        shown = torch.linspace(0, len(images) - 1, 8).long()
+        difference = (transformed[shown] - transformed_clean[shown]).abs()
+        rows = torch.cat([triggered[shown], transformed[shown], difference / difference.max().clamp(min=1e-12)])
+        rows = F.interpolate(rows.float(), scale_factor=max(1, 64 // rows.shape[-1]), mode="nearest")
+        grid.parent.mkdir(parents=True, exist_ok=True)
+        save_image(make_grid(rows, nrow=8, padding=2, pad_value=0.5), grid)
+    return figures
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -84,10 +140,11 @@ def write_results(rows: list[dict[str, Any]], results_dir: Path, threads: int) -
     """Writes ``adaptive_seeds.csv``, ``adaptive.csv``, ``adaptive.md`` and ``adaptive_asr.png``; returns the rows."""
     summary = summarise(rows)
     results_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, SEED_COLUMNS, results_dir / "adaptive_seeds.csv")
+    write_csv(rows, [*SEED_COLUMNS, *(f"survival_{key}" for key in SURVIVAL)], results_dir / "adaptive_seeds.csv")
     columns = [*summary_columns(), "victim_seconds", *VERDICTS]
     write_csv(summary, columns, results_dir / "adaptive.csv")
-    (results_dir / "adaptive.md").write_text(f"{render.adaptive(results_dir)}\n\n{threads} torch thread(s).\n")
+    tables = f"{render.adaptive(results_dir)}\n\n{render.adaptive_survival(results_dir)}"
+    (results_dir / "adaptive.md").write_text(f"{tables}\n\n{threads} torch thread(s).\n")
     plot_any_class(summary, results_dir / "adaptive_asr.png")
     return summary
 
@@ -112,7 +169,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
         for attack in args.attacks:
-            rows.append(seed_row(attack, DEFAULT_ARCH, "refine", seed, args.run_dir, args.victim_arg, args.refine_arg))
+            row = seed_row(attack, DEFAULT_ARCH, "refine", seed, args.run_dir, args.victim_arg, args.refine_arg)
+            runs = args.run_dir / f"{attack}_{run_name(seed)}"
+            grid = args.results_dir / f"adaptive_{attack}_grid.png" if seed == args.seeds[0] else None
+            survival = trigger_survival(runs / "refine", victim_folder(args.run_dir, attack, seed) / LAST, grid)
+            rows.append({**row, **{f"survival_{key}": value for key, value in survival.items()}})
             summary = write_results(rows, args.results_dir, args.threads)  # after every run: a partial table stays
     print((args.results_dir / "adaptive.md").read_text())
     return summary

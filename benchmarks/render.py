@@ -153,6 +153,29 @@ def adaptive(results_dir: Path = RESULTS) -> str:
     return table(header, rows) + "\n\n" + note
 
 
+def adaptive_survival(results_dir: Path = RESULTS) -> str:
+    """How much of each adaptive trigger gets through REFINE's transform, per seed, from ``adaptive_seeds.csv``."""
+    keys = ("victim_target", "through_t_target", "through_t_target_clean", "perturbation_ratio")
+    rows = [
+        [row["attack"], row["seed"], *(f"{float(row[f'survival_{key}']):.4f}" for key in keys)]
+        for row in read_csv(results_dir / "adaptive_seeds.csv")
+    ]
+    header = [
+        "attack",
+        "seed",
+        "f(x + trigger) = t",
+        "f(T(x + trigger)) = t",
+        "f(T(x)) = t",
+        "trigger after / before T",
+    ]
+    note = (
+        "On the held-out test images of classes other than the target t and M(t) (the class REFINE's remap sends t "
+        "to). f(T(x + trigger)) = t: the share on which the trigger survives the transform, so that the defended "
+        "model says M(t), one fixed class; f(T(x)) = t: the same without the trigger. trigger after / before T: mean ||T(x + trigger) - T(x)|| / ||trigger||."
+    )
+    return table(header, rows) + "\n\n" + note
+
+
 def agreement_tracking(path: Path) -> str:
     """How the label-free agreement of each per-seed row tracks its REFINE BA relative to the victim's (a paragraph)."""
     rows = (
@@ -325,6 +348,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "attacks_quiet": partial(attacks, name="attacks_quiet"),
     "attacks_reference": partial(attacks, name="attacks_reference"),
     "adaptive": adaptive,
+    "adaptive_survival": adaptive_survival,
     **{f"defenses_{metric}": partial(defenses, metric=metric) for metric in METRICS},
     "data_efficiency": data_efficiency,
     **{f"speed_{part}": partial(speed, part=part) for part in ("steps", "fit", "inference")},

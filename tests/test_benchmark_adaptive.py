@@ -4,7 +4,10 @@ import csv
 import math
 from pathlib import Path
 
+import pytest
+
 from benchmarks import adaptive, attacks, render
+from tests.test_benchmark_attacks import TINY_REFINE, TINY_VICTIM
 
 
 def seed_row(seed: int, **figures: float) -> dict:
@@ -14,7 +17,8 @@ def seed_row(seed: int, **figures: float) -> dict:
         "victim_ba": 0.98, "victim_asr": 0.99, "victim_any_class_asr": 0.99, "clean_floor_asr": 0.002,
         "clean_floor_any_class_asr": 0.03, "clean_ba": 0.985, "refine_ba": 0.98, "refine_agreement": 0.97,
         "refine_asr": 0.0, "refine_any_class_asr": 0.035, "refine_ra": 0.95, "seconds": 100.0,
-        "victim_seconds": 60.0 + seed,
+        "victim_seconds": 60.0 + seed, "survival_victim_target": 1.0, "survival_through_t_target": 0.02,
+        "survival_through_t_target_clean": 0.0, "survival_perturbation_ratio": 0.5,
     }  # fmt: skip
     return {**row, **figures}
 
@@ -66,4 +70,25 @@ def test_the_results_files_hold_the_rows_and_the_table_their_figures(tmp_path: P
     assert "| robust_trigger | 0 1 | 0.9800 ± 0.0000 (0.9800) |" in table
     assert "| 0.3175 ± 0.3995 (0.6000) | 0.9500 ± 0.0000 (0.9500) | - | yes | no |" in table  # time unknown: -
     assert (tmp_path / "adaptive.md").read_text().startswith(table)
+    assert "| robust_trigger | 1 | 1.0000 | 0.0200 | 0.0000 | 0.5000 |" in render.adaptive_survival(tmp_path)
     assert (tmp_path / "adaptive_asr.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_tiny_run_writes_every_figure_and_the_survival_of_the_trigger(tmp_path: Path) -> None:
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    adaptive.main(
+        ["--attacks", "robust_trigger", "--seeds", "3", "--run-dir", str(runs), "--results-dir", str(results),
+         *TINY_VICTIM, *TINY_REFINE]
+    )  # fmt: skip
+    (row,) = read_csv(results / "adaptive_seeds.csv")
+    measured = [figure for figure in attacks.FIGURES if figure != "refine_agreement"]  # the tiny run validates not
+    assert all(row[figure] not in ("", "nan") for figure in measured)
+    survival = {key: float(row[f"survival_{key}"]) for key in adaptive.SURVIVAL}
+    assert all(0.0 <= survival[key] <= 1.0 for key in ("victim_target", "through_t_target", "through_t_target_clean"))
+    assert survival["perturbation_ratio"] > 0  # the patch changes T's output somewhat, whatever T learned
+    assert float(row["victim_seconds"]) > 0
+    (summary,) = read_csv(results / "adaptive.csv")
+    assert summary["seeds"] == "3" and summary["real_backdoor"] in ("yes", "no") and summary["holds"] in ("yes", "no")
+    assert (results / "adaptive_robust_trigger_grid.png").stat().st_size > 0
+    assert "| robust_trigger | 3 |" in (results / "adaptive.md").read_text()
