@@ -26,10 +26,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
@@ -37,7 +33,16 @@ from torchvision.utils import make_grid, save_image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/adaptive.py` from the root
 
 from benchmarks import render
-from benchmarks.attacks import SEED_COLUMNS, aggregate, gate, holds_any_class, seed_row, summary_columns, write_csv
+from benchmarks.attacks import (
+    SEED_COLUMNS,
+    aggregate,
+    gate,
+    holds_any_class,
+    plot_bars,
+    seed_row,
+    summary_columns,
+    write_csv,
+)
 from benchmarks.victims import DEFAULT_ARCH, REPO, run_name, victim_folder
 from datamodules import EmbeddedMNIST
 from refine_pl.attacks import attack_from_spec
@@ -58,13 +63,18 @@ def trigger_survival(refine_run: Path, victim_checkpoint: Path, grid: Path | Non
 
     Over the test images whose true class is neither the target ``t`` nor ``M(t)`` (the class the remap sends ``t``
     to, which the defended model rightly gives its own images), poisoned as the victim's recorded attack poisons them
-    (``x + trigger``): ``victim_target`` is the share the victim ``f`` sends to ``t`` (its ASR on them);
-    ``through_t_target`` the share on which ``f(T(x + trigger))`` is ``t``, so that the defended model says ``M(t)``,
-    one fixed class (a trigger that survived the transform); ``through_t_target_clean`` the same share without the
-    trigger (``f(T(x))`` is ``t``: what ``T`` gives there anyway, its errors towards ``M(t)``); ``perturbation_ratio`` the mean of
-    ``||T(x + trigger) - T(x)|| / ||trigger||`` (how large a difference the trigger still makes after ``T``,
-    relative to the one it makes before). With ``grid``, a PNG of 8 such images: rows ``x + trigger``,
-    ``T(x + trigger)`` and ``|T(x + trigger) - T(x)|`` scaled to its maximum.
+    (``x + trigger``):
+
+    - ``victim_target``: the share the victim ``f`` sends to ``t`` (its ASR on them);
+    - ``through_t_target``: the share on which ``f(T(x + trigger))`` is ``t``, so that the defended model says
+      ``M(t)``, one fixed class (a trigger that survived the transform);
+    - ``through_t_target_clean``: the same without the trigger (``f(T(x))`` is ``t``: ``T``'s errors towards
+      ``M(t)``);
+    - ``perturbation_ratio``: the mean of ``||T(x + trigger) - T(x)|| / ||trigger||``, how large a difference the
+      trigger still makes after ``T``, relative to the one it makes before.
+
+    With ``grid``, a PNG of 8 such images: rows ``x + trigger``, ``T(x + trigger)`` and ``|T(x + trigger) - T(x)|``
+    scaled to its maximum.
     """
     defended = load_defended(refine_run / "defended.safetensors").eval()
     attack = attack_from_spec(read_weights_file(victim_checkpoint).attack_spec)
@@ -114,26 +124,13 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def plot_any_class(summary: list[dict[str, Any]], path: Path) -> None:
     """Bars of the mean any-class ASR of victim, clean floor and REFINE per attack, standard-deviation error bars."""
-    positions = range(len(summary))
-    figure, axes = plt.subplots(figsize=(1.6 * len(summary) + 2, 3.8))
-    bars = (
-        (-0.27, "victim_any_class_asr", "no defense"),
-        (0.0, "clean_floor_any_class_asr", "clean model (floor)"),
-        (0.27, "refine_any_class_asr", "REFINE"),
-    )
-    for offset, name, label in bars:
-        axes.bar(
-            [p + offset for p in positions], [e[name] for e in summary], width=0.27, label=label,
-            yerr=[e[f"{name}_std"] for e in summary], capsize=2,
-        )  # fmt: skip
-    axes.set_xticks(list(positions), [e["attack"] for e in summary], fontsize="small")
-    axes.set_ylim(0, 1.2)
-    axes.set_ylabel("any-class attack success rate")
-    axes.set_title("Attackers who know REFINE (MNIST-5k): any-class ASR over seeds; error bars: std")
-    axes.legend(loc="upper center", ncol=3, fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    bars = {
+        "victim_any_class_asr": "no defense",
+        "clean_floor_any_class_asr": "clean model (floor)",
+        "refine_any_class_asr": "REFINE",
+    }
+    title = "Attackers who know REFINE (MNIST-5k): any-class ASR over seeds; error bars: std"
+    plot_bars(summary, [e["attack"] for e in summary], bars, "any-class attack success rate", title, path)
 
 
 def write_results(rows: list[dict[str, Any]], results_dir: Path, threads: int) -> list[dict[str, Any]]:

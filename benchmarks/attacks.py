@@ -264,18 +264,26 @@ def plot_asr(summary: list[dict[str, Any]], path: Path) -> None:
         )
         for e in summary
     ]
+    bars = {"victim_asr": "no defense", "clean_floor_asr": "clean model (floor)", "refine_asr": "REFINE"}
+    title = "ASR before / after REFINE over seeds (MNIST-5k); error bars: std"
+    plot_bars(summary, labels, bars, "attack success rate", title, path)
+
+
+def plot_bars(
+    summary: list[dict[str, Any]], labels: list[str], bars: dict[str, str], ylabel: str, title: str, path: Path
+) -> None:
+    """Three bars per summary row (the mean of each figure of ``bars``, by legend label), standard-deviation errors."""
     positions = range(len(summary))
     figure, axes = plt.subplots(figsize=(1.2 * len(summary) + 2, 3.8))
-    for offset, name, label in ((-0.27, "victim_asr", "no defense"), (0.0, "clean_floor_asr", "clean model (floor)"),
-                                (0.27, "refine_asr", "REFINE")):  # fmt: skip
+    for offset, (name, label) in zip((-0.27, 0.0, 0.27), bars.items(), strict=True):
         axes.bar(
             [p + offset for p in positions], [e[name] for e in summary], width=0.27, label=label,
             yerr=[e[f"{name}_std"] for e in summary], capsize=2,
         )  # fmt: skip
     axes.set_xticks(list(positions), labels, rotation=30, ha="right", fontsize="small")
     axes.set_ylim(0, 1.2)  # room above the bars for the legend
-    axes.set_ylabel("attack success rate")
-    axes.set_title("ASR before / after REFINE over seeds (MNIST-5k); error bars: std")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
     axes.legend(loc="upper center", ncol=3, fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -171,7 +171,8 @@ def adaptive_survival(results_dir: Path = RESULTS) -> str:
     note = (
         "On the held-out test images of classes other than the target t and M(t) (the class REFINE's remap sends t "
         "to). f(T(x + trigger)) = t: the share on which the trigger survives the transform, so that the defended "
-        "model says M(t), one fixed class; f(T(x)) = t: the same without the trigger. trigger after / before T: mean ||T(x + trigger) - T(x)|| / ||trigger||."
+        "model says M(t), one fixed class; f(T(x)) = t: the same without the trigger. trigger after / before T: "
+        "mean ||T(x + trigger) - T(x)|| / ||trigger||."
     )
     return table(header, rows) + "\n\n" + note
 
