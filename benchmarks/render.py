@@ -153,6 +153,17 @@ def adaptive(results_dir: Path = RESULTS) -> str:
     return table(header, rows) + "\n\n" + note
 
 
+def adaptive_verdict(results_dir: Path = RESULTS) -> str:
+    """One sentence from ``adaptive.csv``: against which adaptive attacks REFINE holds, over which seeds."""
+    rows = read_csv(results_dir / "adaptive.csv")
+    held = [row["attack"] for row in rows if row["holds"] == "yes"]
+    failed = [row["attack"] for row in rows if row["holds"] != "yes"]
+    seeds = sorted({seed for row in rows for seed in row["seeds"].split()}, key=int)
+    verdict = f"REFINE holds against {len(held)} of the {len(rows)} adaptive attacks measured"
+    verdicts = [f"holds: {', '.join(held)}" if held else "", f"does not hold: {', '.join(failed)}" if failed else ""]
+    return f"{verdict} (seeds {', '.join(seeds)}; {'; '.join(v for v in verdicts if v)})."
+
+
 def adaptive_survival(results_dir: Path = RESULTS) -> str:
     """How much of each adaptive trigger gets through REFINE's transform, per seed, from ``adaptive_seeds.csv``."""
     keys = ("victim_target", "through_t_target", "through_t_target_clean", "perturbation_ratio")
@@ -350,6 +361,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "attacks_reference": partial(attacks, name="attacks_reference"),
     "adaptive": adaptive,
     "adaptive_survival": adaptive_survival,
+    "adaptive_verdict": adaptive_verdict,
     **{f"defenses_{metric}": partial(defenses, metric=metric) for metric in METRICS},
     "data_efficiency": data_efficiency,
     **{f"speed_{part}": partial(speed, part=part) for part in ("steps", "fit", "inference")},

@@ -71,6 +71,9 @@ def test_the_results_files_hold_the_rows_and_the_table_their_figures(tmp_path: P
     assert "| 0.3175 ± 0.3995 (0.6000) | 0.9500 ± 0.0000 (0.9500) | - | yes | no |" in table  # time unknown: -
     assert (tmp_path / "adaptive.md").read_text().startswith(table)
     assert "| robust_trigger | 1 | 1.0000 | 0.0200 | 0.0000 | 0.5000 |" in render.adaptive_survival(tmp_path)
+    assert render.adaptive_verdict(tmp_path) == (
+        "REFINE holds against 0 of the 1 adaptive attacks measured (seeds 0, 1; does not hold: robust_trigger)."
+    )
     assert (tmp_path / "adaptive_asr.png").stat().st_size > 0
 
 
