@@ -297,10 +297,13 @@ def goal_verdicts(summary: list[dict[str, Any]]) -> list[list[str]]:
     return verdicts
 
 
-def markdown(summary: list[dict[str, Any]], results_dir: Path, expected_seeds: list[int], fpr: float) -> str:
+def markdown(
+    summary: list[dict[str, Any]], results_dir: Path, expected_seeds: list[int], fpr: float, attacks: list[str]
+) -> str:
     """The table of ``detection.csv`` (:func:`benchmarks.render.detection`), then the goal's verdicts."""
     held = {e["attack"]: e["seeds"].split() for e in summary}
     missing = [f"{a} (has {', '.join(s)})" for a, s in held.items() if len(s) < len(expected_seeds)]
+    missing += [f"{a} (none finished)" for a in attacks if a not in held]
     partial = (
         f"**Partial**: not every attack has all seeds {', '.join(map(str, expected_seeds))} yet: {'; '.join(missing)}."
         if missing
@@ -323,9 +326,9 @@ def plot_roc(curves: dict[str, dict[str, dict[str, Tensor]]], path: Path) -> Non
     """ROC curves (log FPR axis) of REFINE's detector and STRIP, one panel per attack (its first seed)."""
     columns = min(4, len(curves))
     rows = math.ceil(len(curves) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.9 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(max(6.0, 3.2 * columns), 2.9 * rows), squeeze=False)
     for axis, (attack, scores) in zip(axes.flat, curves.items(), strict=False):
-        for detector, label in (("refine", "REFINE disagreement"), ("strip", "STRIP")):
+        for detector, label in (("kl_victim_defended", "REFINE (victim vs defended)"), ("strip", "STRIP")):
             part = scores[detector]
             target = torch.cat([torch.zeros(len(part["clean"])), torch.ones(len(part["triggered"]))]).long()
             fpr, tpr, _ = BinaryROC(thresholds=None)(score_ranks(torch.cat([part["clean"], part["triggered"]])), target)
@@ -368,7 +371,7 @@ def table_main(args: argparse.Namespace) -> list[dict[str, Any]]:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     write_csv(rows, SEED_COLUMNS, args.results_dir / "detection_seeds.csv")
     write_csv(summary, summary_columns(), args.results_dir / "detection.csv")
-    text = markdown(summary, args.results_dir, args.seeds, args.fpr)
+    text = markdown(summary, args.results_dir, args.seeds, args.fpr, args.attacks)
     (args.results_dir / "detection.md").write_text(text + "\n")
     plot_roc(curves, args.results_dir / "detection_roc.png")
     print(text)
