@@ -353,6 +353,46 @@ def own_model(results_dir: Path = RESULTS, name: str = "own_model") -> str:
     return table(header, body)
 
 
+def detection(results_dir: Path = RESULTS) -> str:
+    """The table of ``benchmarks/detection.py`` from ``detection.csv``: per attack and detector, mean (worst seed)."""
+
+    def figure(row: dict[str, str], key: str) -> str:
+        return f"{float(row[key]):.4f} ({float(row[key + '_worst']):.4f})"
+
+    labels = {"refine": "REFINE: victim vs defended", "strip": "STRIP"}
+    keys = ("auroc", "tpr_at_1", "tpr_at_5", "threshold_fpr", "threshold_tpr", "victim_asr", "tpr_at_1_fired")
+    rows = [
+        [row["attack"], labels.get(row["detector"], row["detector"]), row["seeds"], *(figure(row, k) for k in keys)]
+        for row in read_csv(results_dir / "detection.csv")
+    ]
+    header = [
+        "attack", "detector", "seeds", "AUROC", "TPR @ 1 % FPR", "TPR @ 5 % FPR", "FPR at the label-free threshold",
+        "TPR at the label-free threshold", "victim ASR (fired)", "TPR @ 1 % FPR on fired",
+    ]  # fmt: skip
+    note = (
+        "Mean over the seeds held, the worst seed in parentheses (the lowest AUROC or TPR, the highest FPR). "
+        "Positives: the triggered test images whose true class is not the target; negatives: the clean test images. "
+        "AUROC and TPR @ FPR from the ROC (torchmetrics); the label-free threshold is chosen at a target FPR of 1 % on "
+        "the benign images the REFINE run held out, without a label, and its FPR is measured on the clean test images. "
+        "fired: the triggered images on which the victim gives the target (the others fool nobody: both models give "
+        "their true class); TPR @ 1 % FPR on fired counts those only."
+    )
+    return table(header, rows) + "\n\n" + note
+
+
+def detection_tuning(results_dir: Path = RESULTS) -> str:
+    """The candidate detection scores on the tuning victims, from ``detection_tuning.csv`` (mean and worst rows)."""
+    rows = [
+        [row["score"], row["variant"], *(f"{float(row[k]):.4f}" for k in ("auroc", "tpr_at_1", "tpr_at_5",
+                                                                          "threshold_fpr", "threshold_tpr"))]
+        for row in read_csv(results_dir / "detection_tuning.csv")
+        if row["variant"] in ("mean", "worst")
+    ]  # fmt: skip
+    header = ["score", "over tuning victims", "AUROC", "TPR @ 1 % FPR", "TPR @ 5 % FPR", "FPR at threshold",
+              "TPR at threshold"]  # fmt: skip
+    return table(header, rows)
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "main_job": main_job,
     "main_job_cost": main_job_cost,
@@ -370,6 +410,8 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "tuning_seed100": partial(tuning, name="tuning_seed100"),
     **{name: partial(tuning, name=name) for name in ("tuning_e8", "tuning_e12", "tuning_recipe")},
     "own_model": own_model,
+    "detection": detection,
+    "detection_tuning": detection_tuning,
 }
 """Region name -> the function that renders its content from a results folder."""
 

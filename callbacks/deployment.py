@@ -11,7 +11,8 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.utilities import rank_zero_only
 
 from callbacks.export import exportable_defense
-from callbacks.report import defense_report, format_report_table, label_free_line, report_path
+from callbacks.report import defense_report, detector_line, format_report_table, label_free_line, report_path
+from refine_pl.detection import calibrate_on
 from refine_pl.errors import ConfigError, cli_flag
 from refine_pl.export import ONNX_OPSET, export_onnx, export_torchscript
 from refine_pl.input_transform_module import InputTransformDefense
@@ -65,9 +66,11 @@ def model_card(
     names = data.class_names
     if report is None:
         label_free = label_free_line(module.label_free_estimate)
+        detector = detector_line(calibrate_on(module.defended, data.val_set))
         measured = [
             "Not measured yet: `test` the run (`--ckpt_path last`) to measure BA and ASR; it writes this card again.",
             *(["", label_free] if label_free else []),
+            *(["", detector] if detector else []),
         ]
     else:
         images = report["test_images"]

@@ -6,7 +6,8 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.utilities import rank_zero_only
 
 from callbacks.checkpoint import require_trained_weights
-from refine_pl.errors import ConfigError
+from refine_pl.detection import DEFAULT_FPR, calibrate_on
+from refine_pl.errors import ConfigError, cli_flag
 from refine_pl.export import export_defended
 from refine_pl.input_transform_module import InputTransformDefense
 
@@ -34,14 +35,23 @@ class ExportDefendedClassifier(Callback):
 
     After ``fit`` the file holds the last trained weights; after ``test`` those of the tested checkpoint, i.e.
     the classifier the report measured. Load it with :func:`refine_pl.export.load_defended`. The data's class names
-    and resizing are recorded with it, for predictions from the file.
+    and resizing are recorded with it, for predictions from the file, and so is the threshold of the detector of
+    triggered inputs (:mod:`refine_pl.detection`), chosen without labels on the benign images the run held out
+    (``--data.val_fraction``) at the false-positive rate ``detector_fpr``; a run that held none out records none.
 
     Args:
         filename: Name of the safetensors file.
+        detector_fpr: Target false-positive rate of the detector's threshold on benign images, in (0, 1).
     """
 
-    def __init__(self, filename: str = "defended.safetensors") -> None:
+    def __init__(self, filename: str = "defended.safetensors", detector_fpr: float = DEFAULT_FPR) -> None:
+        if not isinstance(detector_fpr, (int, float)) or not 0 < detector_fpr < 1:
+            raise ConfigError(
+                f"detector_fpr is the detector's target false-positive rate and must be in (0, 1), got "
+                f"{detector_fpr!r} ({cli_flag('trainer', 'callbacks')} ExportDefendedClassifier detector_fpr)."
+            )
         self.filename = filename
+        self.detector_fpr = detector_fpr
 
     @rank_zero_only
     def _export(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -54,6 +64,7 @@ class ExportDefendedClassifier(Callback):
             Path(trainer.default_root_dir) / self.filename,
             class_names=None if names is None else list(names),
             crop=getattr(getattr(data, "source", None), "crop", True),
+            detector=calibrate_on(defense.defended, getattr(data, "val_set", None), self.detector_fpr),
         )
         print(f"Defended classifier saved to {path}")
 

@@ -9,6 +9,7 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from callbacks.checkpoint import require_trained_weights
+from refine_pl.detection import calibrate_on
 from refine_pl.predict import prediction_rows, write_predictions_csv
 
 
@@ -19,6 +20,8 @@ class PredictionCSV(Callback):
     :mod:`refine_pl.predict`.
 
     In a multi-process run every process classifies its share and the rows are gathered on the first process.
+    ``flagged`` uses the detector's threshold chosen on the datamodule's held-out benign images (its ``val_set``) at
+    a 1 % false-positive rate, as the exported file records it; empty when the data holds none out.
 
     Args:
         filename: Name of the CSV file.
@@ -51,6 +54,9 @@ class PredictionCSV(Callback):
         predictions = {key: value[order] for key, value in predictions.items()}
         datamodule = trainer.datamodule
         paths = [datamodule.predict_paths[int(i)] for i in predictions["index"]]
-        rows = prediction_rows(paths, predictions, datamodule.class_names)
+        defended = getattr(pl_module, "defended", None)
+        detector = None if defended is None else calibrate_on(defended, getattr(datamodule, "val_set", None))
+        threshold = None if detector is None else detector["threshold"]
+        rows = prediction_rows(paths, predictions, datamodule.class_names, threshold)
         path = write_predictions_csv(Path(trainer.default_root_dir) / self.filename, rows)
         print(f"{len(rows)} predictions saved to {path}")

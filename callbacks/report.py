@@ -5,12 +5,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
 from callbacks.checkpoint import require_trained_weights
+from refine_pl.classifier import DefendedClassifier
 from refine_pl.defended_module import DefendedLitModule
 from refine_pl.defenses import DEFENSES
+from refine_pl.detection import DETECTOR, calibrate_on, defended_scores, flag, image_batches
 from refine_pl.errors import ConfigError
 from refine_pl.metric_names import AGREEMENT, CLEAN_FLOOR, DEFENDED, LABEL_FREE, NO_DEFENSE, RATE_LABELS, REPORT_ROWS
 
@@ -60,6 +63,54 @@ def label_free_line(estimate: dict[str, Any] | None) -> str:
     )
 
 
+def detector_report(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any] | None:
+    """The detector of triggered inputs of a tested input-transform defense, or None (no held-out benign image).
+
+    Its calibration on the benign images the run held out (:func:`refine_pl.detection.calibrate_on`: the threshold at
+    a 1 % false-positive rate, chosen without labels), then the share of the clean test images it flags
+    (``test_fpr``: its false-positive rate on images it was not chosen on) and of the triggered test images
+    (``test_tpr``, None without them), over the whole test sets whatever the process.
+    """
+    defended = getattr(pl_module, "defended", None)
+    data = trainer.datamodule
+    if not isinstance(defended, DefendedClassifier):
+        return None
+    calibration = calibrate_on(defended, getattr(data, "val_set", None))
+    if calibration is None:
+        return None
+    device = next(defended.parameters()).device
+    sets = [loader.dataset for loader in trainer.test_dataloaders or []] + [None, None]
+    rates: dict[str, Any] = {}
+    for rate, count, dataset in (("test_fpr", "test_images", sets[0]), ("test_tpr", "test_triggered_images", sets[1])):
+        if dataset is None or len(dataset) == 0:
+            rates[rate], rates[count] = None, 0
+            continue
+        scores = torch.cat([defended_scores(defended, batch) for batch in image_batches(dataset, device)])
+        rates[rate], rates[count] = round(float(flag(scores, calibration["threshold"]).double().mean()), 6), len(scores)
+    return {**calibration, **rates}
+
+
+def detector_line(detector: dict[str, Any] | None) -> str:
+    """One sentence on the detector of a report (:func:`detector_report`), or empty."""
+    if not detector:
+        return ""
+    measured = (
+        f"; it flags {detector['test_fpr']:.4f} of the {detector['test_images']} clean test images (false positives)"
+        if detector.get("test_fpr") is not None
+        else ""
+    )
+    caught = (
+        f" and {detector['test_tpr']:.4f} of the {detector['test_triggered_images']} triggered ones"
+        if detector.get("test_tpr") is not None
+        else ""
+    )
+    return (
+        f"Detector of triggered inputs (`flagged` in predictions): score above {detector['threshold']:.6g}, chosen "
+        f"without labels on {detector['benign_images']} held-out benign images at a target false-positive rate of "
+        f"{detector['target_fpr']} (there: {detector['benign_fpr']:.4f}){measured}{caught}."
+    )
+
+
 def format_report_table(report: dict[str, Any]) -> str:
     """The before/after table of a report as markdown; a rate is ``n/a`` when it was not measured.
 
@@ -79,7 +130,15 @@ def format_report_table(report: dict[str, Any]) -> str:
             cells = " | ".join(cell(report[row.key], rate) for rate in rates)
             lines.append(f"| {labels.get(row.key, row.label)} | {cells} |")
     notice, label_free = partial_notice(report), label_free_line(report.get(LABEL_FREE))
-    return "\n".join([*([notice, ""] if notice else []), *lines, *(["", label_free] if label_free else [])])
+    detector = detector_line(report.get(DETECTOR))
+    return "\n".join(
+        [
+            *([notice, ""] if notice else []),
+            *lines,
+            *(["", label_free] if label_free else []),
+            *(["", detector] if detector else []),
+        ]
+    )
 
 
 def defense_report(
@@ -89,7 +148,9 @@ def defense_report(
 
     A rate is None when it was not measured (no labeled test images for BA, no attack or triggered images for ASR,
     triggered images of unknown class for the any-class ASR and RA).
-    ``label_free`` is the tested checkpoint's label-free agreement (None when its run held no images out).
+    ``label_free`` is the tested checkpoint's label-free agreement (None when its run held no images out);
+    ``detector`` the detector of triggered inputs (:func:`detector_report`; None likewise, or for a defense that is
+    not an input transform).
 
     Args:
         trainer: The trainer that tested ``pl_module``.
@@ -130,6 +191,7 @@ def defense_report(
         "defense_checkpoint": trainer.ckpt_path,
         "test_images": test_images(trainer, pl_module),
         LABEL_FREE: pl_module.label_free_estimate,
+        DETECTOR: detector_report(trainer, pl_module),
     }
 
 

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from refine_pl.architectures import architecture, build_architecture, import_builder, is_import_path
 from refine_pl.archives import PT2_ARCH, ExportedNet, load_exported_program
 from refine_pl.classifier import DefendedClassifier, NormalizedClassifier, check_normalisation
+from refine_pl.detection import check_calibration
 from refine_pl.errors import ConfigError
 from refine_pl.internals import archive_records
 from refine_pl.remap import OutputRemap
@@ -57,6 +58,11 @@ READABLE_FORMATS = {
 }  # fmt: skip
 """The metadata keys of each format :func:`load_defended` reads; version 1 files have no class names and were
 centre-cropped."""
+
+DETECTOR_KEY = "refine_pl_detector"
+"""Metadata key of a defended file that holds the detector's calibration as JSON
+(:func:`refine_pl.detection.calibrate_detector`: score, threshold, target and benign false-positive rate); apart from
+the description, so files without it (or readers that do not know it) are unchanged."""
 
 ARCHIVE_KEY = "victim_archive"
 """Tensor of a defended file that holds the bytes of a torch.export victim archive (``uint8 [N]``)."""
@@ -127,6 +133,7 @@ def export_defended(
     path: str | Path,
     class_names: list[str] | None = None,
     crop: bool = True,
+    detector: dict[str, Any] | None = None,
 ) -> Path:
     """Writes the defended classifier to ``path`` (a ``.safetensors`` file) and returns the path.
 
@@ -138,6 +145,9 @@ def export_defended(
         class_names: Name of each class, recorded for predictions (None: the data has none).
         crop: Whether images of another size are brought to ``image_size`` by resizing the shorter side and
             centre-cropping (else by stretching), as the data source did; recorded for predictions.
+        detector: The detector's calibration on the run's held-out benign images
+            (:func:`refine_pl.detection.calibrate_detector`), recorded under :data:`DETECTOR_KEY` for predictions'
+            ``flagged`` column (None: not recorded).
 
     Raises:
         ConfigError: The transform is not a UNet, the victim does not record its architecture, or the remap is not a
@@ -151,7 +161,10 @@ def export_defended(
         tensors[ARCHIVE_KEY] = torch.from_numpy(np.frombuffer(defended.victim.net.archive, dtype=np.uint8).copy())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"refine_pl": json.dumps(description)})
+    metadata = {"refine_pl": json.dumps(description)}
+    if detector is not None:
+        metadata[DETECTOR_KEY] = json.dumps(detector)
+    save_file(tensors, str(path), metadata=metadata)
     return path
 
 
@@ -290,6 +303,28 @@ def read_description(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     with _open(path) as file:
         return _recorded_description(path, file)
+
+
+def read_detector(path: str | Path) -> dict[str, Any] | None:
+    """The detector's calibration recorded in a defended file, or None (none recorded, damaged, or another score).
+
+    Read from the header only, after the file passed :func:`read_description`. A calibration refine-pl cannot use
+    (:func:`refine_pl.detection.check_calibration`) gives None: predictions then have no ``flagged`` column rather than
+    flags from a threshold chosen for another score.
+
+    Raises:
+        ConfigError: See :func:`read_description`.
+    """
+    path = Path(path)
+    with _open(path) as file:
+        _recorded_description(path, file)
+        text = (file.metadata() or {}).get(DETECTOR_KEY)
+    if text is None:
+        return None
+    try:
+        return check_calibration(json.loads(text), str(path))
+    except (ValueError, RecursionError):
+        return None
 
 
 def _archive_victim(path: Path, archive: Tensor | None) -> ExportedNet:

@@ -10,11 +10,17 @@ FOLDER`` (:func:`main`, no Lightning and no configs) read the images the same wa
 | ``defended_probability`` | its softmax probability under the defended classifier |
 | ``victim_class`` | the class the suspect model ``f`` alone gives |
 | ``disagree`` | whether the two differ: a triggered image, or one of REFINE's errors |
+| ``score`` | how far the two models' predictions are apart (:func:`refine_pl.detection.detection_score`, >= 0) |
+| ``flagged`` | ``score`` above the detector's threshold: a suspected triggered input (empty: no threshold known) |
 | ``defended_name``, ``victim_name`` | the class names, when the data has them |
+
+The threshold is the one recorded with the defended model, chosen on the run's held-out benign images at a 1 %
+false-positive rate without labels (``refine-pl-predict --threshold`` replaces it; docs/detection.md).
 """
 
 import argparse
 import csv
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,8 +29,9 @@ from torch import Tensor
 
 from refine_pl.classifier import DefendedClassifier
 from refine_pl.console import exit_on_config_error
+from refine_pl.detection import detection_score, flag
 from refine_pl.errors import ConfigError
-from refine_pl.export import load_defended, read_description
+from refine_pl.export import load_defended, read_description, read_detector
 from refine_pl.images import image_files, load_image_file
 
 
@@ -32,18 +39,33 @@ def predict_batch(defended: DefendedClassifier, images: Tensor) -> dict[str, Ten
     """What the CSV says about each image of a batch ``[B, C, H, W]`` in [0, 1].
 
     Returns:
-        ``defended_class`` ``[B]`` long, ``defended_probability`` ``[B]`` float32 and ``victim_class`` ``[B]`` long.
+        ``defended_class`` ``[B]`` long, ``defended_probability`` ``[B]`` float32, ``victim_class`` ``[B]`` long and
+        ``score`` ``[B]`` float32 (:func:`~refine_pl.detection.detection_score`).
     """
     with torch.no_grad():
-        probability, defended_class = defended(images).float().softmax(1).max(1)
-        victim_class = defended.victim(images).argmax(1)
-    return {"defended_class": defended_class, "defended_probability": probability, "victim_class": victim_class}
+        defended_logits, victim_logits = defended(images), defended.victim(images)
+        probability, defended_class = defended_logits.float().softmax(1).max(1)
+        victim_class = victim_logits.argmax(1)
+        score = detection_score(victim_logits, defended_logits)
+    return {
+        "defended_class": defended_class,
+        "defended_probability": probability,
+        "victim_class": victim_class,
+        "score": score,
+    }
 
 
 def prediction_rows(
-    paths: Sequence[str], predictions: dict[str, Tensor], class_names: Sequence[str] | None
+    paths: Sequence[str],
+    predictions: dict[str, Tensor],
+    class_names: Sequence[str] | None,
+    threshold: float | None = None,
 ) -> list[dict[str, str]]:
-    """The CSV rows of ``paths`` in order, from :func:`predict_batch`'s outputs concatenated over the images."""
+    """The CSV rows of ``paths`` in order, from :func:`predict_batch`'s outputs concatenated over the images.
+
+    ``flagged`` is ``score > threshold`` (:func:`refine_pl.detection.flag`); empty without a threshold.
+    """
+    flagged = None if threshold is None else flag(predictions["score"], threshold)
     rows = []
     for position, path in enumerate(paths):
         defended, victim = int(predictions["defended_class"][position]), int(predictions["victim_class"][position])
@@ -53,6 +75,8 @@ def prediction_rows(
             "defended_probability": f"{float(predictions['defended_probability'][position]):.6f}",
             "victim_class": str(victim),
             "disagree": str(defended != victim).lower(),
+            "score": f"{float(predictions['score'][position]):.6f}",
+            "flagged": "" if flagged is None else str(bool(flagged[position])).lower(),
         }
         if class_names is not None:
             row["defended_name"], row["victim_name"] = class_names[defended], class_names[victim]
@@ -72,11 +96,16 @@ def write_predictions_csv(path: str | Path, rows: list[dict[str, str]]) -> Path:
 
 
 def predict_folder(
-    defended_file: str | Path, folder: str | Path, victim_arch: str | None = None, batch_size: int = 64
+    defended_file: str | Path,
+    folder: str | Path,
+    victim_arch: str | None = None,
+    batch_size: int = 64,
+    threshold: float | None = None,
 ) -> list[dict[str, str]]:
     """The CSV rows for every image under ``folder``, classified by the exported file ``defended_file``.
 
     Images are read as the run's data source read them (size, crop or stretch, channels: recorded in the file).
+    ``flagged`` uses ``threshold``, else the detector's threshold recorded in the file (none: the column is empty).
 
     Raises:
         ConfigError: The file is refused by :func:`~refine_pl.export.load_defended`, or the folder has no images.
@@ -93,7 +122,10 @@ def predict_folder(
     )
     batches = [predict_batch(defended, batch) for batch in images]
     predictions = {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}
-    return prediction_rows(paths, predictions, description["class_names"])
+    if threshold is None:
+        detector = read_detector(defended_file)
+        threshold = None if detector is None else detector["threshold"]
+    return prediction_rows(paths, predictions, description["class_names"], threshold)
 
 
 def check_output(output: str | Path, defended_file: str | Path, folder: str | Path) -> Path:
@@ -131,12 +163,25 @@ def main(argv: list[str] | None = None) -> None:
         "--victim-arch", default=None, help="the import path of the victim's builder, when the file records one"
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch, >= 1")
+    parser.add_argument(
+        "--threshold", type=float, default=None,
+        help="flag images whose score exceeds this (default: the threshold recorded in the defended file)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} is not a number of images: pass 1 or more.")
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise ConfigError(f"--threshold {args.threshold} is not a finite score: pass a number, e.g. 2.5.")
     check_output(args.output, args.defended_file, args.folder)
-    rows = predict_folder(args.defended_file, args.folder, args.victim_arch, args.batch_size)
+    rows = predict_folder(args.defended_file, args.folder, args.victim_arch, args.batch_size, args.threshold)
     print(f"{len(rows)} predictions written to {write_predictions_csv(args.output, rows)}")
+    if rows and rows[0]["flagged"] == "":
+        print(
+            f"{args.defended_file} records no detector threshold (exported before refine-pl chose one, or by a run "
+            "that held out no benign images): the flagged column is empty; pass --threshold to set one."
+        )
+    elif rows:
+        print(f"{sum(row['flagged'] == 'true' for row in rows)} of {len(rows)} images flagged as suspected triggers.")
 
 
 def run() -> None:

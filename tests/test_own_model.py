@@ -153,7 +153,8 @@ def test_a_user_defends_their_own_torchvision_model_with_the_walkthrough(tmp_pat
     images = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "my_images").iterdir())
     assert [row["path"] for row in rows] == images and len(rows) == 12
     assert set(rows[0]) == {
-        "path", "defended_class", "defended_probability", "victim_class", "disagree", "defended_name", "victim_name",
+        "path", "defended_class", "defended_probability", "victim_class", "disagree", "score", "flagged",
+        "defended_name", "victim_name",
     }  # fmt: skip
     names = ["cat", "dog", "fox", "owl"]
     assert all(row["defended_name"] == names[int(row["defended_class"])] for row in rows)

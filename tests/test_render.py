@@ -9,6 +9,10 @@ import pytest
 
 from benchmarks import render
 
+DETECTION_FIGURES = (
+    "auroc", "tpr_at_1", "tpr_at_5", "threshold_fpr", "threshold_tpr", "victim_asr", "tpr_at_1_fired",
+    "threshold_tpr_fired",
+)  # fmt: skip
 RESULT_FILES = {
     "attacks.csv": (
         "attack,arch,recipe,victim_ba,victim_ba_std,victim_ba_worst,victim_asr,victim_asr_std,victim_asr_worst,"
@@ -51,6 +55,20 @@ RESULT_FILES = {
         "badnets,small_cnn,refine,0,0.9800,1.0000,0.0022,0.9800,0.9700,0.0000,150.0\n"
         "blended,small_cnn,refine,0,0.9000,1.0000,0.0000,0.9000,0.9900,0.0000,150.0\n"
     ),
+    "detection.csv": (
+        ",".join(["attack", "detector", "seeds", *(f"{f}{s}" for f in DETECTION_FIGURES for s in ("", "_worst"))])
+        + "\nbadnets,refine,0 1,"
+        + ",".join(["0.9994,0.9990"] * len(DETECTION_FIGURES))
+        + "\nbadnets,strip,0 1,"
+        + ",".join(["0.9876,0.9800"] * len(DETECTION_FIGURES))
+        + "\n"
+    ),
+    "detection_tuning.csv": (
+        "variant,score,auroc,tpr_at_1,tpr_at_5,threshold_fpr,threshold_tpr,victim_asr,tpr_at_1_fired,"
+        "threshold_tpr_fired\n"
+        "wanet_g8,kl_victim_defended,0.9979,0.9800,0.9944,0.0090,0.9756,0.9800,0.9900,0.9800\n"
+        "mean,kl_victim_defended,0.9939,0.9368,0.9740,0.0080,0.8962,0.9500,0.9700,0.9200\n"
+    ),
     "own_model.csv": (
         "case,variant,architecture,image_size,channels,unlabeled_images,victim_ba,victim_asr,floor,defended_ba,"
         "defended_asr,ba_change,agreement,epochs,seconds,recipe\n"
@@ -79,6 +97,8 @@ CHANGES = [
     ("speed_inference", "speed.csv", "0.00943,", "0.01532,", "| 15.32 | 2.00x |"),
     ("tuning", "tuning.csv", "0.005556", "-0.001234", "| -0.0012 |"),
     ("own_model", "own_model.csv", "0.003333", "0.251234", "| 0.2512 |"),
+    ("detection", "detection.csv", "0.9876,0.9800", "0.9512,0.9411", "| 0.9512 (0.9411) |"),
+    ("detection_tuning", "detection_tuning.csv", "0.9939,0.9368", "0.9939,0.9123", "| 0.9939 | 0.9123 |"),
     ("time_to_defense", "time_to_defense.csv", "120.1,159.2", "37.5,76.6", "REFINE stage 0.25x, main job 0.40x"),
 ]
 
