@@ -31,11 +31,12 @@ def test_refine_callbacks_refuse_to_report_or_export_another_model(callback, mes
 def test_the_table_says_n_a_where_nothing_was_measured() -> None:
     report = {
         "defense": "refine",
-        "no_defense": {"ba": 0.98, "asr": None, "ra": None},
-        "defended": {"ba": 0.975, "asr": None, "ra": None, "der": None},
+        "no_defense": {"ba": 0.98, "asr": None, "any_class_asr": None, "ra": None},
+        "defended": {"ba": 0.975, "asr": None, "any_class_asr": None, "ra": None, "der": None},
     }
     table = format_report_table(report)
+    assert table.splitlines()[0] == "| | BA | ASR | any-class ASR | RA | DER |"
     assert table.splitlines()[2:] == [
-        "| no defense | 0.9800 | n/a | n/a | n/a |",
-        "| REFINE | 0.9750 | n/a | n/a | n/a |",
+        "| no defense | 0.9800 | n/a | n/a | n/a | n/a |",
+        "| REFINE | 0.9750 | n/a | n/a | n/a | n/a |",
     ]
