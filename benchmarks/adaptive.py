@@ -18,6 +18,10 @@ Writes to ``--results-dir``:
 
     python benchmarks/adaptive.py                          # the three adaptive attacks, seeds 0-2
     python benchmarks/adaptive.py --attacks robust_trigger --seeds 0
+    python benchmarks/adaptive.py --attacks refine_in_loop --seeds 100 --run-dir runs/adaptive_tuning \
+        --results-dir benchmarks/results/adaptive_tuning --attack-arg=--data.init_args.attack.init_args.loop_rate=0.3 \
+        --attack-arg=--data.init_args.attack.init_args.refresh_epochs=1 \
+        --attack-arg=--data.init_args.attack.init_args.warmup_epochs=2   # the stronger variant on a tuning seed
 """
 
 import argparse
@@ -129,7 +133,7 @@ def plot_any_class(summary: list[dict[str, Any]], path: Path) -> None:
         "clean_floor_any_class_asr": "clean model (floor)",
         "refine_any_class_asr": "REFINE",
     }
-    title = "Attackers who know REFINE (MNIST-5k): any-class ASR over seeds; error bars: std"
+    title = "Adaptive attacks (MNIST-5k): any-class ASR; error bars: std"
     plot_bars(summary, [e["attack"] for e in summary], bars, "any-class attack success rate", title, path)
 
 
@@ -161,12 +165,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     add_job_arguments(parser, "victim", "the victims and clean models")
     add_job_arguments(parser, "refine", "the REFINE jobs")
+    add_job_arguments(parser, "attack", "the victims only, not the clean models (a setting of the attack)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
         for attack in args.attacks:
-            row = seed_row(attack, DEFAULT_ARCH, "refine", seed, args.run_dir, args.victim_arg, args.refine_arg)
+            row = seed_row(
+                attack, DEFAULT_ARCH, "refine", seed, args.run_dir, args.victim_arg, args.refine_arg, args.attack_arg
+            )
             runs = args.run_dir / f"{attack}_{run_name(seed)}"
             grid = args.results_dir / f"adaptive_{attack}_grid.png" if seed == args.seeds[0] else None
             survival = trigger_survival(runs / "refine", victim_folder(args.run_dir, attack, seed) / LAST, grid)

@@ -113,11 +113,21 @@ def victim_combinations(
 
 
 def seed_row(
-    attack: str, arch: str, recipe: str, seed: int, run_dir: Path, victim_args: list[str], refine_args: list[str]
+    attack: str,
+    arch: str,
+    recipe: str,
+    seed: int,
+    run_dir: Path,
+    victim_args: list[str],
+    refine_args: list[str],
+    attack_args: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The figures of one attack, victim architecture, recipe and seed (trained now, or read from finished runs)."""
+    """The figures of one attack, victim architecture, recipe and seed (trained now, or read from finished runs).
+
+    ``victim_args`` go to the victim and the clean model, ``attack_args`` (e.g. an attack setting) to the victim only.
+    """
     clean = clean_model(run_dir, seed, victim_args, arch)
-    suspect = victim(run_dir, attack, seed, victim_args, arch)
+    suspect = victim(run_dir, attack, seed, [*victim_args, *(attack_args or [])], arch)
     report, seconds = defended_report(run_dir, attack, recipe, seed, suspect, clean, refine_args, arch)
 
     def rate(row: ClassifierRow, key: str) -> float:  # NaN: not measured (or a report written before the rate was)
