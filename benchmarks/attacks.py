@@ -27,6 +27,7 @@ continues where it stopped.
     python benchmarks/attacks.py --zoo-archs                   # the small CNN only
     python benchmarks/attacks.py --seeds 0 1 2 --zoo-seeds 0   # the zoo rows on seed 0 only
     python benchmarks/attacks.py --recipes reference --seeds 0 --zoo-archs --results-name attacks_reference
+    python benchmarks/attacks.py --seeds 0 1 2 --finished-only  # the table of what has finished, training nothing
 
 The victim zoo: besides ``--archs`` (every attack), ``--zoo-archs`` victims (default: the CIFAR-layout ResNet-18 of
 width 16) are trained and defended for the ``--zoo-attacks`` (default: BadNets, Blended, WaNet) that are run.
@@ -56,6 +57,7 @@ from benchmarks.victims import (
     REPO,
     clean_model,
     defended_report,
+    finished,
     victim,
     victim_seconds,
 )
@@ -348,6 +350,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         help="file name stem of the results (default: %(default)s): another keeps a partial table apart",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument(
+        "--finished-only", action="store_true",
+        help="train nothing: the table of the runs that have finished (a partial table; its seeds column says which)",
+    )  # fmt: skip
     add_job_arguments(parser, "victim", "the victims and clean models")
     add_job_arguments(parser, "refine", "the REFINE jobs")
     args = parser.parse_args(argv)
@@ -358,9 +364,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         zoo_archs = args.zoo_archs if seed in zoo_seeds else []
         for arch, attack in victim_combinations(args.archs, args.attacks, zoo_archs, args.zoo_attacks):
             for recipe in args.recipes:
+                if args.finished_only and not finished(args.run_dir, attack, recipe, seed, arch):
+                    continue
                 rows.append(seed_row(attack, arch, recipe, seed, args.run_dir, args.victim_arg, args.refine_arg))
                 # Written after every run, so an interrupted benchmark leaves the results of what it finished.
                 summary = write_results(rows, args.results_dir, args.threads, args.results_name)
+    if not rows:
+        print(f"No finished run of these attacks and seeds in {args.run_dir}: nothing written.")
+        return []
     print((args.results_dir / f"{args.results_name}.md").read_text())
     return summary
 

@@ -97,6 +97,12 @@ def victim_seconds(run_dir: Path, attack: str, seed: int, arch: str = DEFAULT_AR
     return math.nan if record["resumed"] else record["seconds"]
 
 
+def finished(run_dir: Path, attack: str, recipe: str, seed: int, arch: str = DEFAULT_ARCH) -> bool:
+    """Whether the REFINE job of ``recipe`` on the victim of ``attack`` and ``seed`` has finished (report, timing)."""
+    job = run_dir / f"{attack}_{run_name(seed, arch)}" / recipe
+    return (job / "report.json").is_file() and (job / "timing.json").is_file()
+
+
 def defended_report(
     run_dir: Path,
     attack: str,
@@ -114,7 +120,7 @@ def defended_report(
     """
     job = run_dir / f"{attack}_{run_name(seed, arch)}" / recipe
     timing = job / "timing.json"
-    if not (timing.is_file() and (job / "report.json").is_file()):
+    if not finished(run_dir, attack, recipe, seed, arch):
         resumed = job.exists()
         start = time.perf_counter()
         arguments = [*QUIET, "--seed_everything", str(seed), "--model.init_args.remap_seed", str(seed), *(extra or [])]

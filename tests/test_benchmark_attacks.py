@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import attacks
+from benchmarks import attacks, victims
 from refine_pl.attacks import attack_from_spec
 from refine_pl.weights import read_weights_file
 
@@ -115,3 +115,18 @@ def test_the_committed_summary_is_the_committed_per_seed_rows_aggregated() -> No
         (r["attack"], r["arch"], r["recipe"]) for r in summary
     }
     check_summary_aggregates_seed_rows(seed_rows, summary)
+
+
+def test_finished_only_tables_the_finished_runs_and_trains_nothing(tmp_path: Path) -> None:
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    arguments = ["--attacks", "badnets", "--seeds", "0", "--zoo-archs", "--finished-only", "--run-dir", str(runs),
+                 "--results-dir", str(results)]  # fmt: skip
+    assert attacks.main(arguments) == []
+    assert not runs.exists() and not results.exists()
+    job = runs / "badnets_s0" / "refine"
+    job.mkdir(parents=True)
+    (job / "report.json").write_text("{}")
+    assert not victims.finished(runs, "badnets", "refine", 0)  # no timing: the job did not end
+    (job / "timing.json").write_text('{"seconds": 1.0, "resumed": false}')
+    assert victims.finished(runs, "badnets", "refine", 0)
+    assert not victims.finished(runs, "badnets", "refine", 1)
