@@ -167,17 +167,20 @@ def test_prediction_rows_say_where_the_defended_model_and_the_victim_disagree(tm
         "defended_class": torch.tensor([1, 2]),
         "defended_probability": torch.tensor([0.75, 0.5]),
         "victim_class": torch.tensor([1, 0]),
+        "score": torch.tensor([0.01, 2.5]),
     }
-    rows = prediction_rows(["a.png", "b.jpg"], predictions, ("cat", "dog", "fox"))
+    rows = prediction_rows(["a.png", "b.jpg"], predictions, ("cat", "dog", "fox"), threshold=1.0)
     path = write_predictions_csv(tmp_path / "p.csv", rows)
     assert path.read_text().splitlines() == [
-        "path,defended_class,defended_probability,victim_class,disagree,defended_name,victim_name",
-        "a.png,1,0.750000,1,false,dog,dog",
-        "b.jpg,2,0.500000,0,true,fox,cat",
+        "path,defended_class,defended_probability,victim_class,disagree,score,flagged,defended_name,victim_name",
+        "a.png,1,0.750000,1,false,0.010000,false,dog,dog",
+        "b.jpg,2,0.500000,0,true,2.500000,true,fox,cat",
     ]
-    assert list(prediction_rows(["a.png"], {k: v[:1] for k, v in predictions.items()}, None)[0]) == [
-        "path", "defended_class", "defended_probability", "victim_class", "disagree",
+    without_threshold = prediction_rows(["a.png"], {k: v[:1] for k, v in predictions.items()}, None)[0]
+    assert list(without_threshold) == [
+        "path", "defended_class", "defended_probability", "victim_class", "disagree", "score", "flagged",
     ]  # fmt: skip
+    assert without_threshold["flagged"] == ""  # no threshold known: nothing is said about the image
 
 
 def test_images_in_a_linked_sub_folder_are_read_and_a_link_loop_is_refused(tmp_path: Path) -> None:
