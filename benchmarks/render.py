@@ -49,6 +49,13 @@ def _fraction(value: str) -> str:
     return "-" if value == "" else f"{float(value):.4f}"
 
 
+def _spread(row: dict[str, str], key: str) -> str:
+    """``mean ± std (worst)`` of a figure of a summary row over seeds; ``-`` where the file predates the figure."""
+    if key not in row:
+        return "-"
+    return f"{float(row[key]):.4f} ± {float(row[key + '_std']):.4f} ({float(row[key + '_worst']):.4f})"
+
+
 def main_job(results_dir: Path = RESULTS) -> str:
     """The main job's before/after table, from ``main_job.json`` (the figures of its ``report.json``)."""
     report = json.loads((results_dir / "main_job.json").read_text())
@@ -87,12 +94,6 @@ def main_job_cost(results_dir: Path = RESULTS) -> str:
 
 def attacks(results_dir: Path = RESULTS, name: str = "attacks") -> str:
     """The before/after table of ``benchmarks/attacks.py`` from ``<name>.csv``: mean ± std (worst seed) per figure."""
-
-    def figure(row: dict[str, str], key: str) -> str:
-        if key not in row:  # a figure its benchmark did not measure yet when the file was written
-            return "-"
-        return f"{float(row[key]):.4f} ± {float(row[key + '_std']):.4f} ({float(row[key + '_worst']):.4f})"
-
     figures = (
         "victim_ba", "victim_asr", "victim_any_class_asr", "clean_floor_asr", "clean_floor_any_class_asr", "refine_ba",
         "refine_agreement", "refine_asr", "refine_any_class_asr",
@@ -107,7 +108,7 @@ def attacks(results_dir: Path = RESULTS, name: str = "attacks") -> str:
             row["arch"],
             row["recipe"],
             row["seeds"],
-            *(figure(row, key) for key in figures),
+            *(_spread(row, key) for key in figures),
             f"{float(row['seconds']):.0f}",
         ]
         for row in read_csv(results_dir / f"{name}.csv")
@@ -125,10 +126,6 @@ def attacks(results_dir: Path = RESULTS, name: str = "attacks") -> str:
 
 def adaptive(results_dir: Path = RESULTS) -> str:
     """The table of ``benchmarks/adaptive.py`` from ``adaptive.csv``: mean ± std (worst seed), victim time, verdicts."""
-
-    def figure(row: dict[str, str], key: str) -> str:
-        return f"{float(row[key]):.4f} ± {float(row[key + '_std']):.4f} ({float(row[key + '_worst']):.4f})"
-
     figures = (
         "victim_ba", "victim_asr", "victim_any_class_asr", "clean_floor_any_class_asr", "refine_ba", "refine_asr",
         "refine_any_class_asr", "refine_ra",
@@ -140,7 +137,7 @@ def adaptive(results_dir: Path = RESULTS) -> str:
     rows = []
     for row in read_csv(results_dir / "adaptive.csv"):
         seconds = "-" if row["victim_seconds"] == "nan" else f"{float(row['victim_seconds']):.0f}"
-        cells = [figure(row, key) for key in figures]
+        cells = [_spread(row, key) for key in figures]
         rows.append([row["attack"], row["seeds"], *cells, seconds, row["real_backdoor"], row["holds"]])
     note = (
         "Mean ± standard deviation over the seeds, the worst seed in parentheses (the lowest BA, victim ASR or RA, the "

@@ -22,9 +22,8 @@ class BackdoorLitModule(LightningModule):
     """Base of :class:`~refine_pl.VictimLitModule` and of every defense (:class:`~refine_pl.DefendedLitModule`).
 
     Validation and test batches come from two loaders, clean (:data:`~refine_pl.metrics.CLEAN_LOADER`) and
-    poisoned; every classifier of :meth:`evaluated_classifiers` is measured on both, and its BA / ASR / any-class
-    ASR / RA are
-    logged under the keys of its row of :mod:`refine_pl.metric_names` (``<stage>/<prefix><rate>``). With an
+    poisoned; every classifier of :meth:`evaluated_classifiers` is measured on both, and its BA / ASR / any-class ASR
+    / RA are logged under the keys of its row of :mod:`refine_pl.metric_names` (``<stage>/<prefix><rate>``). With an
     ``undefended_row``, the first classifier's DER against that one is logged too (when there is a poisoned
     loader: DER needs ASR). The optimizer is built from the parameters of
     :meth:`trainable_parameters`, the scheduler (stepped every epoch) from the optimizer.
