@@ -27,7 +27,7 @@ DEFAULT_FPR = 0.01
 """The target false-positive rate on benign images of the threshold refine-pl stores with a defended model."""
 
 DETECTOR = "detector"
-"""Key of the detector's calibration in ``report.json`` and in a defended file's metadata (``refine_pl_detector``)."""
+"""Key of the detector's calibration in ``report.json`` and in a defended file's description (``detector``)."""
 
 STRIP_REPLICAS = 100
 """STRIP's number of perturbed copies of each input (N = 100 in Gao et al. and their released code)."""

@@ -59,10 +59,11 @@ READABLE_FORMATS = {
 """The metadata keys of each format :func:`load_defended` reads; version 1 files have no class names and were
 centre-cropped."""
 
-DETECTOR_KEY = "refine_pl_detector"
-"""Metadata key of a defended file that holds the detector's calibration as JSON
-(:func:`refine_pl.detection.calibrate_detector`: score, threshold, target and benign false-positive rate); apart from
-the description, so files without it (or readers that do not know it) are unchanged."""
+DETECTOR_KEY = "detector"
+"""Optional field of a defended file's description (its one metadata entry, ``refine_pl``) that holds the detector's
+calibration (:func:`refine_pl.detection.calibrate_detector`: score, threshold, target and benign false-positive
+rate); files without it are read as before. Inside the one entry, not an entry of its own: safetensors writes its
+metadata entries in no fixed order, and two entries would make the same export give different bytes."""
 
 ARCHIVE_KEY = "victim_archive"
 """Tensor of a defended file that holds the bytes of a torch.export victim archive (``uint8 [N]``)."""
@@ -146,8 +147,8 @@ def export_defended(
         crop: Whether images of another size are brought to ``image_size`` by resizing the shorter side and
             centre-cropping (else by stretching), as the data source did; recorded for predictions.
         detector: The detector's calibration on the run's held-out benign images
-            (:func:`refine_pl.detection.calibrate_detector`), recorded under :data:`DETECTOR_KEY` for predictions'
-            ``flagged`` column (None: not recorded).
+            (:func:`refine_pl.detection.calibrate_detector`), recorded in the description under :data:`DETECTOR_KEY`
+            for predictions' ``flagged`` column (None: not recorded).
 
     Raises:
         ConfigError: The transform is not a UNet, the victim does not record its architecture, or the remap is not a
@@ -161,10 +162,9 @@ def export_defended(
         tensors[ARCHIVE_KEY] = torch.from_numpy(np.frombuffer(defended.victim.net.archive, dtype=np.uint8).copy())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"refine_pl": json.dumps(description)}
     if detector is not None:
-        metadata[DETECTOR_KEY] = json.dumps(detector)
-    save_file(tensors, str(path), metadata=metadata)
+        description[DETECTOR_KEY] = detector
+    save_file(tensors, str(path), metadata={"refine_pl": json.dumps(description)})
     return path
 
 
@@ -228,9 +228,10 @@ def check_description(path: Path, description: dict[str, Any]) -> None:
         ConfigError: The metadata does not describe a classifier refine-pl can build.
     """
     expected = READABLE_FORMATS.get(description.get("format"), READABLE_FORMATS[FORMAT])
-    if set(description) != expected:
+    if set(description) - {DETECTOR_KEY} != expected:
         raise ConfigError(
-            f"{path} has metadata keys {sorted(description)}, expected {sorted(expected)}: the file is damaged or "
+            f"{path} has metadata keys {sorted(description)}, expected {sorted(expected)} (and optionally "
+            f"{DETECTOR_KEY!r}): the file is damaged or "
             "was not written by refine-pl's export; export the model again."
         )
     for key, bounds in DESCRIPTION_BOUNDS.items():
@@ -317,14 +318,8 @@ def read_detector(path: str | Path) -> dict[str, Any] | None:
     """
     path = Path(path)
     with _open(path) as file:
-        _recorded_description(path, file)
-        text = (file.metadata() or {}).get(DETECTOR_KEY)
-    if text is None:
-        return None
-    try:
-        return check_calibration(json.loads(text), str(path))
-    except (ValueError, RecursionError):
-        return None
+        calibration = _recorded_description(path, file).get(DETECTOR_KEY)
+    return None if calibration is None else check_calibration(calibration, str(path))
 
 
 def _archive_victim(path: Path, archive: Tensor | None) -> ExportedNet:
