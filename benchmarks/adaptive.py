@@ -83,8 +83,8 @@ def trigger_survival(refine_run: Path, victim_checkpoint: Path, grid: Path | Non
     defended = load_defended(refine_run / "defended.safetensors").eval()
     attack = attack_from_spec(read_weights_file(victim_checkpoint).attack_spec)
     _, test_set = EmbeddedMNIST().load()
-    images = torch.stack([test_set[i][0] for i in range(len(test_set))])
-    labels = torch.tensor([test_set[i][1] for i in range(len(test_set))])
+    items = [test_set[i] for i in range(len(test_set))]  # one pass: every item is read (and decoded) once
+    images, labels = torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
     remapped_target = int(defended.remap.permutation[attack.target_label])
     counted = (labels != attack.target_label) & (labels != remapped_target)
     images, indices = images[counted], torch.nonzero(counted).flatten()
