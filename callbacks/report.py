@@ -15,7 +15,16 @@ from refine_pl.defended_module import DefendedLitModule
 from refine_pl.defenses import DEFENSES
 from refine_pl.detection import DETECTOR, calibrate_on, defended_scores, flag, image_batches
 from refine_pl.errors import ConfigError
-from refine_pl.metric_names import AGREEMENT, CLEAN_FLOOR, DEFENDED, LABEL_FREE, NO_DEFENSE, RATE_LABELS, REPORT_ROWS
+from refine_pl.metric_names import (
+    AGREEMENT,
+    CLEAN_FLOOR,
+    DEFENDED,
+    FINDINGS,
+    LABEL_FREE,
+    NO_DEFENSE,
+    RATE_LABELS,
+    REPORT_ROWS,
+)
 
 
 def _measured(metrics: dict[str, Any], key: str) -> float | None:
@@ -131,12 +140,14 @@ def format_report_table(report: dict[str, Any]) -> str:
             lines.append(f"| {labels.get(row.key, row.label)} | {cells} |")
     notice, label_free = partial_notice(report), label_free_line(report.get(LABEL_FREE))
     detector = detector_line(report.get(DETECTOR))
+    findings = (report.get(FINDINGS) or {}).get("summary", "")
     return "\n".join(
         [
             *([notice, ""] if notice else []),
             *lines,
             *(["", label_free] if label_free else []),
             *(["", detector] if detector else []),
+            *(["", findings] if findings else []),
         ]
     )
 
@@ -150,7 +161,8 @@ def defense_report(
     triggered images of unknown class for the any-class ASR and RA).
     ``label_free`` is the tested checkpoint's label-free agreement (None when its run held no images out);
     ``detector`` the detector of triggered inputs (:func:`detector_report`; None likewise, or for a defense that is
-    not an input transform).
+    not an input transform); ``findings`` what the defense itself found (:meth:`~refine_pl.DefendedLitModule.findings`,
+    e.g. Neural Cleanse's flagged classes; None for most defenses).
 
     Args:
         trainer: The trainer that tested ``pl_module``.
@@ -192,6 +204,7 @@ def defense_report(
         "test_images": test_images(trainer, pl_module),
         LABEL_FREE: pl_module.label_free_estimate,
         DETECTOR: detector_report(trainer, pl_module),
+        FINDINGS: pl_module.findings(),
     }
 
 

@@ -159,6 +159,14 @@ class DefendedLitModule(BackdoorLitModule):
         reference = (self.clean_reference,) if self.clean_reference is not None else ()
         return (self.defended, self.victim, *reference)
 
+    def findings(self) -> dict[str, Any] | None:
+        """What the defense itself found about the victim, for ``report.json``.
+
+        A dict with a ``summary`` sentence, under :data:`~refine_pl.metric_names.FINDINGS`; None (the default) for a
+        defense that finds nothing of its own.
+        """
+        return None
+
     def on_test_start(self) -> None:
         if self.victim_record.attack is not None and getattr(self.trainer.datamodule, "attack", None) is None:
             rank_zero_warn(

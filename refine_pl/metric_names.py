@@ -41,6 +41,11 @@ LABEL_FREE = "label_free"
 classifier with the victim on the held-out unlabeled images at the last validation (``val/agreement`` in the
 logs and the progress bar), with how many images and at which epoch."""
 
+FINDINGS = "findings"
+"""Key in ``report.json`` of what a defense itself found about the victim
+(:meth:`~refine_pl.DefendedLitModule.findings`: Neural Cleanse's flagged classes, anomaly indices and mask norms), with
+a ``summary`` sentence that the report's markdown repeats; null for a defense that finds nothing of its own."""
+
 
 @dataclass(frozen=True)
 class ClassifierRow:
