@@ -8,6 +8,7 @@ from refine_pl.defenses.autoencoder import AutoencoderDefense, ConvAutoencoder
 from refine_pl.defenses.shrinkpad import ShrinkPad
 from refine_pl.defenses.bit_depth import BitDepthReduction
 from refine_pl.defenses.median import MedianFilter
+from refine_pl.defenses.neural_cleanse import NeuralCleanse
 from refine_pl.defenses.registry import DEFENSES, Defense
 from refine_pl.input_transform_module import TrainingFreeDefense
 
@@ -20,6 +21,7 @@ __all__ = [
     "ConvAutoencoder",
     "Defense",
     "MedianFilter",
+    "NeuralCleanse",
     "ShrinkPad",
     "TrainingFreeDefense",
 ]
