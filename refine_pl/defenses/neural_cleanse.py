@@ -25,13 +25,13 @@ Hyperparameters, from the public implementations (numbers only; the code is this
   the mask and pattern start from 1 in tanh space; unlearning: 20 % of the images stamped, SGD lr 0.01, momentum 0.9,
   weight decay 5e-4, cosine annealing, 100 epochs at batch 256 (about 1,000 steps).
 
-How it is scaled to the embedded MNIST (3,240 unlabeled training images after the validation hold-out, REFINE's batch
+How it is scaled to the embedded MNIST (3,600 unlabeled training images after the validation hold-out, REFINE's batch
 of 64): the schedule is BackdoorBench's in Adam steps: a round is 10 steps (its epoch), at most 80 rounds per class, the
 patience and early stop in rounds as above. Rounds of the original's 1,000 images at most 200 per class (BackdoorBench's
 image budget) took about 60 rounds for the BadNets target alone and were still raising the cost of the next class
 after 27: too slow for one CPU thread per run. The cost starts at its initial value (BackdoorBench) rather than at 0
 (the original), and the attack-success threshold is the original's 0.99 (BackdoorBench's is 0.98). Unlearning
-fine-tunes for 10 passes over the images, about 510 steps of 64 (BackdoorBench: about 1,000 steps of 256 on CIFAR-10
+fine-tunes for 10 passes over the images, about 560 steps of 64 (BackdoorBench: about 1,000 steps of 256 on CIFAR-10
 victims trained for 100 epochs; the MNIST victims here are trained for 12), the rate annealed on a cosine over them.
 
 Threat model: REFINE's. The defender has the unlabeled benign images REFINE gets; the labels of the unlearning images
