@@ -158,6 +158,15 @@ def seed_row(
     }
 
 
+def spread(figure: str, values: list[float], worst_is_highest: bool) -> dict[str, float]:
+    """``figure``'s mean over seeds, its standard deviation (``_std``, n-1; 0 for one seed), its worst (``_worst``)."""
+    return {
+        figure: statistics.fmean(values),
+        f"{figure}_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        f"{figure}_worst": max(values) if worst_is_highest else min(values),
+    }
+
+
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per attack, victim architecture and recipe: mean, standard deviation and worst seed of every figure."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
@@ -172,9 +181,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if any(math.isnan(value) for value in values):  # not measured in a run (no validation: no agreement)
                 entry[figure] = entry[f"{figure}_std"] = entry[f"{figure}_worst"] = math.nan
                 continue
-            entry[figure] = statistics.fmean(values)
-            entry[f"{figure}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-            entry[f"{figure}_worst"] = max(values) if figure in WORST_IS_HIGHEST else min(values)
+            entry.update(spread(figure, values, worst_is_highest=figure in WORST_IS_HIGHEST))
         entry["seconds"] = statistics.fmean(r["seconds"] for r in group)
         entry["victim_seconds"] = statistics.fmean(r["victim_seconds"] for r in group)  # NaN if one is unknown
         entry["per_seed"] = group

@@ -1,14 +1,16 @@
 """Every attack against every defense on the embedded MNIST-5k, and how much data REFINE needs.
 
-The matrix: for each attack, its victim (seed 0) is defended by every registered defense
-(:data:`refine_pl.defenses.DEFENSES`), each run as the pipeline runs REFINE (:func:`refine_pl.pipeline.run_defense`:
-``train.py fit`` when it trains, then ``train.py test``) with the MNIST REFINE job (``configs/refine/recipe.yaml``
-+ ``configs/refine/mnist.yaml``) and the defense's overlay (``configs/defenses/<defense>.yaml``), the clean model
-given as the reference of the ASR floor. Every figure comes from the test's ``report.json``: BA, ASR, RA of the
-defended classifier and its DER against the victim, and the victim's and the clean model's, measured in one pass on
-the 1,000 held-out test images.
-Victims, the clean model and the REFINE runs are those of the attacks benchmark (:mod:`benchmarks.victims`, the
-same ``--run-dir``): whichever benchmark runs first trains them, the other reuses them.
+The matrix: each victim of the attacks table and of the adaptive attacks (:mod:`benchmarks.victims`,
+:mod:`benchmarks.adaptive`) is defended by every registered defense (:data:`refine_pl.defenses.DEFENSES`), each run
+as the pipeline runs REFINE (:func:`refine_pl.pipeline.run_defense`: ``train.py fit`` when it trains, then
+``train.py test``) with the MNIST REFINE job (``configs/refine/recipe.yaml`` + ``configs/refine/mnist.yaml``) and the
+defense's overlay (``configs/defenses/<defense>.yaml``), the clean model of the same seed given as the reference of
+the ASR floor. REFINE and the trigger-inversion defenses it is compared with in its paper (:data:`OVER_SEEDS`) run on
+seeds 0, 1 and 2 (victim, clean model, the defense's own seed), the others on seed 0. Every figure comes from the
+test's ``report.json``: BA, ASR, any-class ASR, RA of the defended classifier and its DER against the victim, and the
+victim's and the clean model's, measured in one pass on the 1,000 held-out test images.
+Victims, clean models and the REFINE runs are those of the attacks benchmark (the same ``--run-dir``): whichever
+benchmark runs first trains them, the other reuses them.
 
 The data-efficiency curve: REFINE on a fraction of the 3,600 unlabeled training images
 (``--data.init_args.fraction``, drawn uniformly from the split seed), with the epochs scaled so that every fraction
@@ -16,17 +18,22 @@ trains for the steps of the full run (batch size lowered to the number of images
 schedule stretched alike, and one validation at the end (validation does not change training). The
 full run's point is the matrix's REFINE run.
 
-Writes to ``--results-dir``: ``defenses.csv`` (``attack,defense,ba,asr,ra,der,seconds``; defense ``none`` is the
-victim, ``clean_floor`` the clean model), ``defenses.md`` (the matrix per metric), ``defenses_heatmap.png`` (ASR and
-BA), ``data_efficiency.csv``
+Writes to ``--results-dir``: ``defenses_seeds.csv`` (``attack,seed,defense,<rates>,seconds``; defense ``none`` is
+the victim, ``clean_floor`` the clean model), ``defenses.csv`` (per attack and defense: the seeds held, each rate's
+mean, standard deviation and worst seed, the mean seconds), ``defenses.md`` (the matrix per metric, each defense's
+time, REFINE against the best other defense), ``defenses_heatmap.png`` (mean ASR and BA), ``data_efficiency.csv``
 (``attack,fraction,images,batch_size,epochs,cosine_epochs,warmup_epochs,steps,ba,asr,ra,der,seconds``),
 ``data_efficiency.md`` and ``data_efficiency.png``; the tables of the markdown files are rendered from the csv files by
-:mod:`benchmarks.render`, as the docs' are. Runs go to ``--run-dir/<attack>_s0/<defense>``
-(``refine_f<fraction>`` for the curve); a run whose folder holds its result is not run again, an interrupted one
-resumes from its last checkpoint, so a killed benchmark continues where it stopped when started again with the
-same arguments.
+:mod:`benchmarks.render`, as the docs' are. Runs go to ``--run-dir/<attack>_s<seed>/<defense>``
+(``refine_f<fraction>`` for the curve, seed 0); a run whose folder holds its result is not run again, an interrupted
+one resumes from its last checkpoint, so a killed benchmark continues where it stopped when started again with the
+same arguments. The matrix files always hold every cell finished in ``--run-dir`` (not only those of this
+invocation), so the benchmark can be run in parts; until every cell of the full matrix has finished they say
+**PARTIAL** and which cells are missing.
 
-    python benchmarks/defenses.py                                  # everything (hours on a CPU)
+    python benchmarks/defenses.py                                  # everything (many hours on a CPU)
+    python benchmarks/defenses.py --defenses neural_cleanse --seeds 0 --efficiency-attacks   # one part
+    python benchmarks/defenses.py --finished-only --efficiency-attacks                       # tables only
     python benchmarks/defenses.py --attacks badnets wanet --efficiency-attacks badnets --fractions 0.1 1
 """
 
@@ -48,21 +55,42 @@ import matplotlib.pyplot as plt
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/defenses.py` from the root
 
 from benchmarks import render
-from benchmarks.victims import ATTACKS, QUIET, RECIPES, REPO, clean_model, defended_report, run_name, victim
+from benchmarks.adaptive import ADAPTIVE_ATTACKS
+from benchmarks.attacks import spread
+from benchmarks.victims import (
+    ATTACKS,
+    QUIET,
+    RECIPES,
+    REPO,
+    clean_model,
+    defended_report,
+    finished,
+    finished_report,
+    run_name,
+    victim,
+)
 from refine_pl.cli import cli_main
 from refine_pl.defenses import DEFENSES
 from refine_pl.errors import ConfigError
-from refine_pl.metric_names import ASR, BA, CLEAN_FLOOR, DEFENDED, DER, NO_DEFENSE
+from refine_pl.metric_names import ANY_CLASS_ASR, ASR, BA, CLEAN_FLOOR, DEFENDED, DER, NO_DEFENSE
 from refine_pl.pipeline import add_job_arguments, config_flags, resume_flag, run_defense
 from refine_pl.run_folder import recorded_settings
 
 REFINE_JOB = RECIPES["refine"]
 """The MNIST REFINE job (the attacks benchmark's recipe ``refine``), which every defense's overlay is merged after."""
+MATRIX_ATTACKS = (*ATTACKS, *ADAPTIVE_ATTACKS)
+"""The matrix's rows: the attacks table's attacks, then the adaptive ones."""
+SEEDS = (0, 1, 2)
+OVER_SEEDS = ("refine", "neural_cleanse", "btidbf_unlearning", "btidbf_purification")
+"""The defenses of the paper's comparison, run on :data:`SEEDS`; every other defense runs on seed 0."""
 FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 EFFICIENCY_ATTACKS = ("badnets", "blended", "wanet")
 SEED = 0
+"""The seed of the data-efficiency curve and of the defenses not in :data:`OVER_SEEDS`."""
 RATES = DEFENDED.rates
 """The rates of a defended row, each a column of the csv files."""
+WORST_IS_HIGHEST = (ASR, ANY_CLASS_ASR)
+"""Rates whose worst seed is the highest (the others' is the lowest)."""
 RESULT = "benchmark.json"
 """A run folder's record: ``{"args"}`` when the run starts, ``{"args", "seconds", "resumed"}`` once it is tested."""
 
@@ -166,40 +194,125 @@ def fraction_args(fraction: float, settings: dict[str, int]) -> list[str]:
     return args
 
 
-def attack_folder(args: argparse.Namespace, attack: str) -> Path:
-    """The folder of ``attack``'s runs (victim, REFINE, the other defenses), shared with the attacks benchmark."""
-    return args.run_dir / f"{attack}_{run_name(SEED)}"
+def attack_folder(args: argparse.Namespace, attack: str, seed: int = SEED) -> Path:
+    """The folder of ``attack``'s runs with ``seed`` (victim, REFINE, the others), shared with the attacks benchmark."""
+    return args.run_dir / f"{attack}_{run_name(seed)}"
 
 
-def matrix_rows(attack: str, suspect: Path, clean: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The victim's row (``none``), the clean model's (``clean_floor``) and one row per defense for ``attack``.
+def defense_seeds(defense: str) -> tuple[int, ...]:
+    """The seeds ``defense`` runs on in the full matrix."""
+    return SEEDS if defense in OVER_SEEDS else (SEED,)
 
-    REFINE is the attacks benchmark's run of the recipe ``refine`` (seed 0); the other defenses run in their own
-    folders beside it. The victim and the clean model are measured in every defense's test pass.
-    """
-    reports = {}
-    for defense in args.defenses:
-        if defense == "refine":
-            report, seconds = defended_report(args.run_dir, attack, "refine", SEED, suspect, clean, args.defense_arg)
-            reports[defense] = {**report, "seconds": seconds}
-        else:
-            reports[defense] = defense_report(
-                defense, suspect, clean, attack_folder(args, attack) / defense, args.defense_arg
-            )
-    first = reports[args.defenses[0]]
-    rows = [
-        {"attack": attack, "defense": "none", **first[NO_DEFENSE.key], DER: None, "seconds": None},
-        {"attack": attack, "defense": CLEAN_FLOOR.key, **first[CLEAN_FLOOR.key], DER: None, "seconds": None},
+
+def planned_cells(attacks: list[str], defenses: list[str], seeds: list[int]) -> list[tuple[str, int, str]]:
+    """The (attack, seed, defense) runs of the matrix among ``attacks``, ``defenses`` and ``seeds``, in table order."""
+    return [
+        (attack, seed, defense)
+        for attack in attacks
+        for seed in SEEDS
+        for defense in defenses
+        if seed in seeds and seed in defense_seeds(defense)
     ]
-    for defense, report in reports.items():
-        measured = (report[NO_DEFENSE.key], report[CLEAN_FLOOR.key])
-        if measured != (first[NO_DEFENSE.key], first[CLEAN_FLOOR.key]):
+
+
+def cell_report(attack: str, seed: int, defense: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The report of one run of the matrix (with its ``seconds``), or None when it has not finished.
+
+    REFINE is the attacks benchmark's run of the recipe ``refine``; the other defenses run in their own folders
+    beside it, seeded with the cell's seed.
+    """
+    if defense == "refine":
+        if not finished(args.run_dir, attack, "refine", seed):
+            return None
+        report, seconds = finished_report(args.run_dir, attack, "refine", seed)
+        return {**report, "seconds": seconds}
+    folder = attack_folder(args, attack, seed) / defense
+    if not (folder / "report.json").is_file() or "seconds" not in run_record(folder / RESULT, cell_args(seed, args)):
+        return None
+    return {**json.loads((folder / "report.json").read_text()), **json.loads((folder / RESULT).read_text())}
+
+
+def cell_args(seed: int, args: argparse.Namespace) -> list[str]:
+    """The arguments of a (non-REFINE) defense's run with ``seed``."""
+    return [*args.defense_arg, "--seed_everything", str(seed)]
+
+
+def run_cell(attack: str, seed: int, defense: str, args: argparse.Namespace) -> None:
+    """Runs one cell of the matrix (its victim and clean model first, when they are not trained yet)."""
+    clean = clean_model(args.run_dir, seed, args.victim_arg)
+    suspect = victim(args.run_dir, attack, seed, args.victim_arg)
+    if defense == "refine":
+        defended_report(args.run_dir, attack, "refine", seed, suspect, clean, args.defense_arg)
+    else:
+        defense_report(defense, suspect, clean, attack_folder(args, attack, seed) / defense, cell_args(seed, args))
+
+
+def matrix_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[tuple[str, int, str]]]:
+    """The rows of the finished runs of the full matrix, and the runs that have not finished.
+
+    Each attack and seed also gets the victim's (``none``) and the clean model's (``clean_floor``) row. The victim
+    and the clean model are measured in every defense's test pass; they must agree across the runs.
+    """
+    rows: list[dict[str, Any]] = []
+    missing = []
+    measured: dict[tuple[str, int], tuple[str, tuple[Any, Any]]] = {}
+    for attack, seed, defense in planned_cells(list(MATRIX_ATTACKS), list(DEFENSES), list(SEEDS)):
+        report = cell_report(attack, seed, defense, args)
+        if report is None:
+            missing.append((attack, seed, defense))
+            continue
+        models = (report[NO_DEFENSE.key], report[CLEAN_FLOOR.key])
+        first = measured.setdefault((attack, seed), (defense, models))
+        if models != first[1]:
             raise ConfigError(  # the same models on the same images: a difference is a bug
-                f"{attack}: the victim or clean model measured in the {defense} run differs from the "
-                f"{args.defenses[0]} run's: {measured[0]}, {measured[1]}."
+                f"{attack} seed {seed}: the victim or clean model measured in the {defense} run differs from the "
+                f"{first[0]} run's: {models[0]}, {models[1]}."
             )
-        rows.append({"attack": attack, "defense": defense, **report[DEFENDED.key], "seconds": report["seconds"]})
-    return rows
+        if first[0] == defense:
+            for key, model in (("none", models[0]), (CLEAN_FLOOR.key, models[1])):
+                rows.append({"attack": attack, "seed": seed, "defense": key, **model, DER: None, "seconds": None})
+        rows.append(
+            {"attack": attack, "seed": seed, "defense": defense, **report[DEFENDED.key], "seconds": report["seconds"]}
+        )
+    return rows, missing
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per attack and defense (victim and clean model included).
+
+    Each holds the seeds, every rate's mean, standard deviation and worst seed (:func:`benchmarks.attacks.spread`)
+    and the mean seconds.
+    """
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["attack"], row["defense"]), []).append(row)
+    summary = []
+    for (attack, defense), group in groups.items():
+        entry: dict[str, Any] = {"attack": attack, "defense": defense, "seeds": " ".join(str(r["seed"]) for r in group)}
+        for rate in RATES:
+            values = [r[rate] for r in group]
+            if None in values:  # DER of the victim and the clean model
+                entry.update({rate: None, f"{rate}_std": None, f"{rate}_worst": None})
+            else:
+                entry.update(spread(rate, values, worst_is_highest=rate in WORST_IS_HIGHEST))
+        seconds = [r["seconds"] for r in group]
+        entry["seconds"] = None if None in seconds else sum(seconds) / len(seconds)
+        summary.append(entry)
+    return summary
+
+
+def missing_note(missing: list[tuple[str, int, str]]) -> str:
+    """What of the full matrix has not finished, per defense: every run, or the attacks and their seeds."""
+    by_defense: dict[str, dict[str, list[str]]] = {}
+    for attack, seed, defense in missing:
+        by_defense.setdefault(defense, {}).setdefault(attack, []).append(str(seed))
+    parts = []
+    for defense, attacks in by_defense.items():
+        if len(planned_cells(list(MATRIX_ATTACKS), [defense], list(SEEDS))) == sum(map(len, attacks.values())):
+            parts.append(f"{defense}: every run")
+        else:
+            parts.append(f"{defense}: " + ", ".join(f"{a} (seed {' '.join(seeds)})" for a, seeds in attacks.items()))
+    return "; ".join(parts)
 
 
 def efficiency_rows(attack: str, suspect: Path, clean: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -224,58 +337,75 @@ def _cell(value: float | None, digits: int = 4) -> str:
 
 
 def write_csv(rows: list[dict[str, Any]], columns: tuple[str, ...], path: Path) -> None:
+    """``rows`` as CSV: rates (with their ``_std`` and ``_worst``) with 4 decimals, seconds with 1, None empty."""
+    rates = {f"{rate}{suffix}" for rate in RATES for suffix in ("", "_std", "_worst")}
+    formatted = {*rates, "seconds"}
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
         for row in rows:
-            writer.writerow(
-                [_cell(row[c]) if c in RATES else _cell(row[c], 1) if c == "seconds" else row[c] for c in columns]
-            )
+            writer.writerow([_cell(row[c], 4 if c in rates else 1) if c in formatted else row[c] for c in columns])
 
 
-def is_full(args: argparse.Namespace, part: str) -> bool:
-    """Whether ``args`` ask for the whole ``part`` (``"matrix"`` or ``"curve"``) with its own settings."""
-    full_runs = not args.victim_arg and not args.defense_arg
-    if part == "matrix":
-        return full_runs and list(args.attacks) == list(ATTACKS) and list(args.defenses) == list(DEFENSES)
+def is_full(args: argparse.Namespace) -> bool:
+    """Whether ``args`` ask for the whole data-efficiency curve with its own settings."""
     return (
-        full_runs and list(args.efficiency_attacks) == list(EFFICIENCY_ATTACKS) and tuple(args.fractions) == FRACTIONS
+        not args.victim_arg
+        and not args.defense_arg
+        and list(args.efficiency_attacks) == list(EFFICIENCY_ATTACKS)
+        and tuple(args.fractions) == FRACTIONS
     )
 
 
-def run_description(args: argparse.Namespace, part: str) -> str:
-    """What was run for ``part`` (``"matrix"`` or ``"curve"``), saying REDUCED when it is less than the full part."""
-    if part == "matrix":
-        settings = f"attacks {', '.join(args.attacks)}; defenses {', '.join(args.defenses)}"
-    else:
-        settings = (
-            f"data efficiency on {', '.join(args.efficiency_attacks) or 'no attack'} at fractions "
-            f"{', '.join(f'{f:g}' for f in args.fractions)}"
-        )
-    settings += (
-        f"; extra victim arguments {args.victim_arg or 'none'}; extra defense arguments {args.defense_arg or 'none'}"
+def matrix_description(args: argparse.Namespace, missing: list[tuple[str, int, str]]) -> str:
+    """What the matrix files hold: full, or PARTIAL with the runs still missing; the extra arguments, if any."""
+    over_seeds = ", ".join(d for d in OVER_SEEDS if d in DEFENSES)
+    held = f"seeds {' '.join(map(str, SEEDS))} for {over_seeds}, seed {SEED} for the others"
+    extra = (
+        f"; extra victim arguments {args.victim_arg or 'none'}, extra defense arguments {args.defense_arg or 'none'} "
+        "(**REDUCED RUN**, not the benchmark's figures)"
+        if args.victim_arg or args.defense_arg
+        else ""
     )
-    if is_full(args, part):
-        return f"Full {part}, seed {SEED}: {settings}."
+    if not missing:
+        return f"Full matrix: {len(MATRIX_ATTACKS)} attacks x {len(DEFENSES)} defenses, {held}{extra}."
+    return (
+        f"**PARTIAL** matrix ({held}{extra}): {len(missing)} runs of the full matrix have not finished: "
+        f"{missing_note(missing)}."
+    )
+
+
+def curve_description(args: argparse.Namespace) -> str:
+    """What was run for the curve, saying REDUCED when it is less than the full curve."""
+    settings = (
+        f"data efficiency on {', '.join(args.efficiency_attacks) or 'no attack'} at fractions "
+        f"{', '.join(f'{f:g}' for f in args.fractions)}; extra victim arguments {args.victim_arg or 'none'}; extra "
+        f"defense arguments {args.defense_arg or 'none'}"
+    )
+    if is_full(args):
+        return f"Full curve, seed {SEED}: {settings}."
     return f"**REDUCED RUN** (not the benchmark's figures), seed {SEED}: {settings}."
 
 
-def plot_heatmap(rows: list[dict[str, Any]], attacks: list[str], defenses: list[str], note: str, path: Path) -> None:
-    """ASR and BA of every attack x defense as two annotated heat maps, one above the other."""
-    cells = {(row["attack"], row["defense"]): row for row in rows}
+def plot_heatmap(summary: list[dict[str, Any]], note: str, path: Path) -> None:
+    """Mean ASR and BA of every attack x defense held, two annotated heat maps; a cell not measured yet is blank."""
+    cells = {(row["attack"], row["defense"]): row for row in summary}
+    attacks = list(dict.fromkeys(row["attack"] for row in summary))
+    defenses = [d for d in DEFENSES if any(row["defense"] == d for row in summary)]
     columns = [CLEAN_FLOOR.key, "none", *defenses]
     labels = ["clean model", "victim", *(DEFENSES[d].label for d in defenses)]
     figure, axes = plt.subplots(2, 1, figsize=(0.9 * len(columns) + 2, 2 * (0.4 * len(attacks) + 1.8)))
     for axis, (metric, title, colours) in zip(axes, ((ASR, "ASR", "Reds"), (BA, "BA", "Greens")), strict=True):
-        values = [[cells[a, c][metric] for c in columns] for a in attacks]
+        values = [[cells[a, c][metric] if (a, c) in cells else math.nan for c in columns] for a in attacks]
         axis.imshow(values, cmap=colours, vmin=0, vmax=1, aspect="auto")
         for i, row in enumerate(values):
             for j, value in enumerate(row):
-                colour = "white" if value > 0.6 else "black"
-                axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=colour)
+                if not math.isnan(value):
+                    colour = "white" if value > 0.6 else "black"
+                    axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=colour)
         axis.set_xticks(range(len(columns)), labels, rotation=40, ha="right", fontsize=8)
         axis.set_yticks(range(len(attacks)), attacks, fontsize=8)
-        axis.set_title(f"{title} (MNIST-5k, small CNN{note})")
+        axis.set_title(f"{title}, mean over the seeds held (MNIST-5k, small CNN{note})")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -304,8 +434,15 @@ def plot_efficiency(rows: list[dict[str, Any]], note: str, path: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
+    parser.add_argument("--attacks", nargs="+", choices=MATRIX_ATTACKS, default=list(MATRIX_ATTACKS))
     parser.add_argument("--defenses", nargs="+", choices=list(DEFENSES), default=list(DEFENSES))
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, choices=SEEDS, default=list(SEEDS),
+        help=f"seeds to run; {', '.join(OVER_SEEDS)} run on each, the other defenses on seed {SEED} only",
+    )  # fmt: skip
+    parser.add_argument(
+        "--finished-only", action="store_true", help="run nothing of the matrix: write the tables of what has finished"
+    )
     parser.add_argument(
         "--efficiency-attacks", nargs="*", choices=ATTACKS, default=list(EFFICIENCY_ATTACKS),
         help="attacks of the data-efficiency curve (none: no curve)",
@@ -328,26 +465,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+MATRIX_COLUMNS = ("attack", "defense", "seeds", *(f"{r}{x}" for r in RATES for x in ("", "_std", "_worst")), "seconds")
+"""Columns of ``defenses.csv``."""
+
+
+def write_matrix(args: argparse.Namespace) -> str:
+    """Writes the matrix files from every finished run under ``--run-dir``; returns the markdown."""
+    rows, missing = matrix_rows(args)
+    summary = summarise(rows)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, ("attack", "seed", "defense", *RATES, "seconds"), args.results_dir / "defenses_seeds.csv")
+    write_csv(summary, MATRIX_COLUMNS, args.results_dir / "defenses.csv")
+    tables = [render.defenses(args.results_dir, metric) for metric in render.METRICS]
+    tables += [render.defenses_time(args.results_dir), render.defenses_verdict(args.results_dir)]
+    text = "\n\n".join([matrix_description(args, missing), *tables])
+    (args.results_dir / "defenses.md").write_text(text + "\n")
+    plot_heatmap(summary, "; PARTIAL" if missing else "", args.results_dir / "defenses_heatmap.png")
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     for run in args.rerun:
         shutil.rmtree(args.run_dir / run, ignore_errors=True)
-    clean = clean_model(args.run_dir, SEED, args.victim_arg)
-    suspects = {
-        attack: victim(args.run_dir, attack, SEED, args.victim_arg)
-        for attack in dict.fromkeys([*args.attacks, *args.efficiency_attacks])
-    }
-    rows = [row for attack in args.attacks for row in matrix_rows(attack, suspects[attack], clean, args)]
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    description = run_description(args, "matrix")
-    write_csv(rows, ("attack", "defense", *RATES, "seconds"), args.results_dir / "defenses.csv")
-    matrix = "\n\n".join(render.defenses(args.results_dir, metric) for metric in render.METRICS)
-    (args.results_dir / "defenses.md").write_text(f"{description}\n\n{matrix}\n")
-    note = "" if is_full(args, "matrix") else "; REDUCED RUN"
-    plot_heatmap(rows, args.attacks, args.defenses, note, args.results_dir / "defenses_heatmap.png")
-    print(f"{description}\n\n{matrix}")
+    if not args.finished_only:
+        for attack, seed, defense in planned_cells(args.attacks, args.defenses, args.seeds):
+            run_cell(attack, seed, defense, args)
+    print(write_matrix(args))
     if args.efficiency_attacks:
-        curve = [row for a in args.efficiency_attacks for row in efficiency_rows(a, suspects[a], clean, args)]
+        clean = clean_model(args.run_dir, SEED, args.victim_arg)
+        curve = [
+            row
+            for attack in args.efficiency_attacks
+            for row in efficiency_rows(attack, victim(args.run_dir, attack, SEED, args.victim_arg), clean, args)
+        ]
         columns = (
             "attack",
             "fraction",
@@ -362,10 +513,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         write_csv(curve, columns, args.results_dir / "data_efficiency.csv")
         table = render.data_efficiency(args.results_dir)
-        description = run_description(args, "curve")
+        description = curve_description(args)
         (args.results_dir / "data_efficiency.md").write_text(f"{description}\n\n{table}\n")
-        note = "" if is_full(args, "curve") else "; REDUCED RUN"
-        plot_efficiency(curve, note, args.results_dir / "data_efficiency.png")
+        plot_efficiency(curve, "" if is_full(args) else "; REDUCED RUN", args.results_dir / "data_efficiency.png")
         print(f"\n{table}")
 
 

@@ -24,7 +24,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 REGION = re.compile(r"<!-- render:(?P<name>[a-z0-9_]+) -->\n(?P<body>.*?)<!-- /render:(?P=name) -->", flags=re.S)
-METRICS = {"asr": "ASR", "ba": "BA", "ra": "RA", "der": "DER"}
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -205,19 +204,100 @@ def agreement_tracking(path: Path) -> str:
     )
 
 
-def defenses(results_dir: Path = RESULTS, metric: str = "asr") -> str:
-    """One metric of the attacks x defenses matrix of ``benchmarks/defenses.py``, from ``defenses.csv``."""
-    from refine_pl.defenses import DEFENSES  # deferred: the labels of the defenses, with torch behind them
+METRICS = {"asr": "ASR", "any_class_asr": "any-class ASR", "ba": "BA", "ra": "RA", "der": "DER"}
 
+
+def _matrix(results_dir: Path) -> tuple[dict[tuple[str, str], dict[str, str]], list[str], list[str]]:
+    """The cells of ``defenses.csv`` by (attack, defense), its attacks, and its defense columns in table order."""
     rows = read_csv(results_dir / "defenses.csv")
     cells = {(row["attack"], row["defense"]): row for row in rows}
-    columns = list(dict.fromkeys(row["defense"] for row in rows))
-    columns = ["clean_floor", "none", *(column for column in columns if column not in ("clean_floor", "none"))]
+    defenses = list(dict.fromkeys(row["defense"] for row in rows if row["defense"] not in ("clean_floor", "none")))
+    return cells, list(dict.fromkeys(row["attack"] for row in rows)), defenses
+
+
+def _matrix_cell(row: dict[str, str] | None, metric: str, seeds: str) -> str:
+    """A cell of the matrix: the mean (``mean ± std (worst)`` over several seeds); its seeds when not ``seeds``."""
+    if row is None:
+        return "not run"
+    if row.get(metric, "") == "":
+        return "-"
+    several = len(row["seeds"].split()) > 1
+    text = _spread(row, metric) if several else f"{float(row[metric]):.4f}"
+    return text if row["seeds"] == seeds else f"{text} [seeds {row['seeds']}]"
+
+
+def _column_seeds(cells: dict[tuple[str, str], dict[str, str]], defense: str) -> str:
+    """The seeds most cells of the ``defense`` column hold."""
+    held = [row["seeds"] for (_, column), row in cells.items() if column == defense]
+    return max(dict.fromkeys(held), key=held.count)
+
+
+def defenses(results_dir: Path = RESULTS, metric: str = "asr") -> str:
+    """One metric of the attacks x defenses matrix of ``benchmarks/defenses.py``, from ``defenses.csv``.
+
+    A column's header says the seeds its cells hold; a cell holding other seeds says its own; several seeds give
+    ``mean ± std (worst)``.
+    """
+    from refine_pl.defenses import DEFENSES  # deferred: the labels of the defenses, with torch behind them
+
+    cells, attacks, defenses = _matrix(results_dir)
+    columns = ["clean_floor", "none", *defenses]
     labels = {"clean_floor": "clean model (floor)", "none": "victim (no defense)"}
-    header = ["attack", *(labels[c] if c in labels else DEFENSES[c].label for c in columns)]
-    attack_names = dict.fromkeys(row["attack"] for row in rows)
-    body = [[attack, *(_fraction(cells[attack, c][metric]) for c in columns)] for attack in attack_names]
+    seeds = {column: _column_seeds(cells, column) for column in columns}
+    header = ["attack"] + [
+        f"{labels[c] if c in labels else DEFENSES[c].label} (seeds {seeds[c]})" for c in columns
+    ]  # fmt: skip
+    body = [[attack, *(_matrix_cell(cells.get((attack, c)), metric, seeds[c]) for c in columns)] for attack in attacks]
     return f"**{METRICS[metric]}**\n\n" + table(header, body)
+
+
+def defenses_time(results_dir: Path = RESULTS) -> str:
+    """Each defense's wall clock in the matrix of ``defenses.csv``: mean and largest over its attacks."""
+    from refine_pl.defenses import DEFENSES  # deferred: the labels and kinds of the defenses
+
+    cells, _, defenses = _matrix(results_dir)
+    rows = []
+    for defense in defenses:
+        seconds = [float(row["seconds"]) for (_, column), row in cells.items() if column == defense]
+        entry = DEFENSES[defense]
+        rows.append(
+            [entry.label, entry.kind, str(len(seconds)), f"{sum(seconds) / len(seconds):.1f}", f"{max(seconds):.1f}"]
+        )
+    note = (
+        "Seconds: wall clock of a defense's run (fit and test; test only for the training-free ones), averaged over "
+        "the seeds of each attack, then over the attacks held (mean) or their largest."
+    )
+    return table(["defense", "kind", "attacks", "mean s", "largest s"], rows) + "\n\n" + note
+
+
+def defenses_verdict(results_dir: Path = RESULTS) -> str:
+    """Per attack: REFINE against the other defense with the highest mean DER (REFINE's ablations left out)."""
+    from refine_pl.defenses import DEFENSES  # deferred: the labels of the defenses
+
+    cells, attacks, defenses = _matrix(results_dir)
+    others = [d for d in defenses if not d.startswith("refine")]
+    rows, wins, compared = [], 0, 0
+    for attack in attacks:
+        refine = cells.get((attack, "refine"))
+        held = [cells[attack, d] for d in others if (attack, d) in cells]
+        if refine is None or not held:
+            continue
+        best = max(held, key=lambda row: float(row["der"]))
+        won = float(refine["der"]) >= float(best["der"])
+        wins, compared = wins + won, compared + 1
+        figures = [
+            _fraction(row[key]) for row in (refine, best) for key in ("der", "ba", "asr", "any_class_asr")
+        ]  # fmt: skip
+        rows.append([attack, *figures[:4], DEFENSES[best["defense"]].label, *figures[4:], "REFINE" if won else "other"])
+    header = [
+        "attack", "REFINE DER", "REFINE BA", "REFINE ASR", "REFINE any-class ASR", "best other defense (DER)",
+        "its DER", "its BA", "its ASR", "its any-class ASR", "higher DER",
+    ]  # fmt: skip
+    return (
+        table(header, rows)
+        + f"\n\nREFINE has the higher mean DER on {wins} of the {compared} attacks where both are measured (means "
+        "over the seeds each holds; REFINE's ablations are not counted as other defenses)."
+    )
 
 
 def data_efficiency(results_dir: Path = RESULTS) -> str:
@@ -400,6 +480,8 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "adaptive_survival": adaptive_survival,
     "adaptive_verdict": adaptive_verdict,
     **{f"defenses_{metric}": partial(defenses, metric=metric) for metric in METRICS},
+    "defenses_time": defenses_time,
+    "defenses_verdict": defenses_verdict,
     "data_efficiency": data_efficiency,
     **{f"speed_{part}": partial(speed, part=part) for part in ("steps", "fit", "inference")},
     "tuning": tuning,

@@ -126,4 +126,12 @@ def defended_report(
         arguments = [*QUIET, "--seed_everything", str(seed), "--model.init_args.remap_seed", str(seed), *(extra or [])]
         run_defense(victim_checkpoint, RECIPES[recipe], job, arguments, clean_reference)
         timing.write_text(json.dumps({"seconds": time.perf_counter() - start, "resumed": resumed}) + "\n")
-    return json.loads((job / "report.json").read_text()), json.loads(timing.read_text())["seconds"]
+    return finished_report(run_dir, attack, recipe, seed, arch)
+
+
+def finished_report(
+    run_dir: Path, attack: str, recipe: str, seed: int, arch: str = DEFAULT_ARCH
+) -> tuple[dict[str, Any], float]:
+    """The report of a :func:`finished` REFINE job and the seconds of its stage (see :func:`defended_report`)."""
+    job = run_dir / f"{attack}_{run_name(seed, arch)}" / recipe
+    return json.loads((job / "report.json").read_text()), json.loads((job / "timing.json").read_text())["seconds"]

@@ -1,13 +1,27 @@
 """The defenses benchmark's bookkeeping: defenses run through the pipeline, runs refused when their settings changed,
-and the data-efficiency runs all training for the steps of the full run.
+the matrix over seeds built from every finished run, and the data-efficiency runs all training for the steps of the
+full run.
 """
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from benchmarks.defenses import defense_report, fraction_args, fraction_settings, training_plan
+from benchmarks.defenses import (
+    MATRIX_ATTACKS,
+    defense_report,
+    fraction_args,
+    fraction_settings,
+    matrix_rows,
+    missing_note,
+    parse_args,
+    planned_cells,
+    summarise,
+    training_plan,
+    write_matrix,
+)
 from refine_pl.errors import ConfigError
 from refine_pl.metric_names import CLEAN_FLOOR, NO_DEFENSE, REPORT_ROWS
 
@@ -78,3 +92,95 @@ def test_a_training_free_defense_is_tested_through_the_pipeline_and_then_read_ba
     written = (run_dir / "report.json").stat().st_mtime_ns
     assert defense_report("shrinkpad", victim_checkpoint, victim_checkpoint, run_dir, []) == report
     assert (run_dir / "report.json").stat().st_mtime_ns == written  # the finished run is read, not run again
+
+
+def _rates(ba: float, asr: float, der: float | None = None) -> dict[str, float]:
+    rates = {"ba": ba, "asr": asr, "any_class_asr": asr, "ra": 1 - asr}
+    return rates if der is None else {**rates, "der": der}
+
+
+def _report(defended: dict[str, float], victim_ba: float = 0.98) -> dict[str, Any]:
+    return {"no_defense": _rates(victim_ba, 1.0), "clean_floor": _rates(0.98, 0.0), "defended": defended}
+
+
+def _finish_refine(run_dir: Path, attack: str, seed: int, defended: dict[str, float], seconds: float) -> None:
+    job = run_dir / f"{attack}_s{seed}" / "refine"
+    job.mkdir(parents=True)
+    (job / "report.json").write_text(json.dumps(_report(defended)))
+    (job / "timing.json").write_text(json.dumps({"seconds": seconds, "resumed": False}))
+
+
+def _finish_defense(run_dir: Path, attack: str, seed: int, defense: str, report: dict[str, Any]) -> None:
+    job = run_dir / f"{attack}_s{seed}" / defense
+    job.mkdir(parents=True)
+    (job / "report.json").write_text(json.dumps(report))
+    args = ["--seed_everything", str(seed)]
+    (job / "benchmark.json").write_text(json.dumps({"args": args, "seconds": 12.0, "resumed": False}))
+
+
+def test_the_paper_comparison_runs_over_three_seeds_and_the_other_defenses_on_seed_0() -> None:
+    cells = planned_cells(["badnets"], ["refine", "shrinkpad", "neural_cleanse"], [0, 1, 2])
+    assert cells == [
+        ("badnets", 0, "refine"), ("badnets", 0, "shrinkpad"), ("badnets", 0, "neural_cleanse"),
+        ("badnets", 1, "refine"), ("badnets", 1, "neural_cleanse"),
+        ("badnets", 2, "refine"), ("badnets", 2, "neural_cleanse"),
+    ]  # fmt: skip
+    assert planned_cells(["badnets"], ["shrinkpad"], [1, 2]) == []  # a seed-0 defense has nothing on seeds 1-2
+    assert set(MATRIX_ATTACKS) >= {"badnets", "batt", "refine_in_loop", "robust_trigger", "low_frequency"}
+
+
+def test_the_matrix_holds_every_finished_run_and_names_the_missing_ones(tmp_path: Path) -> None:
+    for seed, asr in ((0, 0.0), (1, 0.02), (2, 0.01)):
+        _finish_refine(tmp_path, "badnets", seed, _rates(0.97, asr, 0.99), 100.0 + seed)
+    _finish_defense(tmp_path, "badnets", 0, "shrinkpad", _report(_rates(0.90, 0.5, 0.7)))
+    args = parse_args(["--run-dir", str(tmp_path), "--finished-only"])
+    rows, missing = matrix_rows(args)
+    assert [(r["seed"], r["defense"]) for r in rows if r["attack"] == "badnets"] == [
+        (0, "none"), (0, "clean_floor"), (0, "refine"), (0, "shrinkpad"),
+        (1, "none"), (1, "clean_floor"), (1, "refine"), (2, "none"), (2, "clean_floor"), (2, "refine"),
+    ]  # fmt: skip
+    assert ("badnets", 0, "shrinkpad") not in missing and ("badnets", 0, "median") in missing
+    assert ("wanet", 2, "refine") in missing
+    assert "median: every run" in missing_note(missing)
+    assert "shrinkpad: blended (seed 0), wanet (seed 0)" in missing_note(missing)
+
+    summary = {(r["attack"], r["defense"]): r for r in summarise(rows)}
+    refine = summary["badnets", "refine"]
+    assert refine["seeds"] == "0 1 2" and refine["asr"] == pytest.approx(0.01)
+    assert refine["asr_std"] == pytest.approx(0.01) and refine["asr_worst"] == 0.02  # the highest ASR is the worst
+    assert refine["ba_worst"] == 0.97 and refine["seconds"] == pytest.approx(101.0)
+    assert summary["badnets", "shrinkpad"]["seeds"] == "0" and summary["badnets", "shrinkpad"]["asr_std"] == 0.0
+    assert summary["badnets", "none"]["der"] is None and summary["badnets", "none"]["seconds"] is None
+
+
+def test_a_victim_measured_differently_in_two_runs_of_one_seed_is_refused(tmp_path: Path) -> None:
+    _finish_refine(tmp_path, "badnets", 0, _rates(0.97, 0.0, 0.99), 100.0)
+    _finish_defense(tmp_path, "badnets", 0, "shrinkpad", _report(_rates(0.90, 0.5, 0.7), victim_ba=0.5))
+    with pytest.raises(ConfigError, match="badnets seed 0: the victim or clean model measured in the shrinkpad run"):
+        matrix_rows(parse_args(["--run-dir", str(tmp_path), "--finished-only"]))
+
+
+def test_a_run_of_other_arguments_is_not_read_as_the_matrix(tmp_path: Path) -> None:
+    _finish_defense(tmp_path, "badnets", 0, "shrinkpad", _report(_rates(0.90, 0.5, 0.7)))
+    with pytest.raises(ConfigError, match="holds a run started with args"):
+        matrix_rows(parse_args(["--run-dir", str(tmp_path), "--defense-arg=--trainer.max_epochs=1"]))
+
+
+def test_the_matrix_files_say_partial_and_render_the_seeds_each_cell_holds(tmp_path: Path) -> None:
+    for seed in (0, 1):
+        _finish_refine(tmp_path, "badnets", seed, _rates(0.97, 0.01 * seed, 0.99), 100.0)
+    _finish_defense(tmp_path, "badnets", 0, "shrinkpad", _report(_rates(0.90, 0.5, 0.7)))
+    _finish_refine(tmp_path, "wanet", 0, _rates(0.97, 0.0, 0.99), 100.0)
+    results = tmp_path / "results"
+    text = write_matrix(parse_args(["--run-dir", str(tmp_path), "--results-dir", str(results), "--finished-only"]))
+    assert text.startswith("**PARTIAL** matrix") and "refine: badnets (seed 2), blended (seed 0 1 2), wanet (seed 1 2)," in text
+    assert (results / "defenses.md").read_text() == text + "\n"
+    asr = text[text.index("**ASR**") :]
+    # REFINE's column holds seeds 0 1 for most attacks; wanet's cell says its own seeds
+    assert "| REFINE (seeds 0 1) | ShrinkPad (seeds 0) |" in asr
+    assert (
+        "| badnets | 0.0000 ± 0.0000 (0.0000) | 1.0000 ± 0.0000 (1.0000) | 0.0050 ± 0.0071 (0.0100) | 0.5000 |" in asr
+    )
+    assert "| wanet | 0.0000 [seeds 0] | 1.0000 [seeds 0] | 0.0000 [seeds 0] | not run |" in asr
+    assert "REFINE has the higher mean DER on 1 of the 1 attacks" in text
+    assert (results / "defenses_heatmap.png").stat().st_size > 0

@@ -22,11 +22,15 @@ RESULT_FILES = {
         "0.9850,0.0026,0.9830,0.0004,0.0006,0.0011,0 1 2,599.9\n"
     ),
     "defenses.csv": (
-        "attack,defense,ba,asr,ra,der,seconds\n"
-        "badnets,none,0.9870,1.0000,0.0000,,\n"
-        "badnets,clean_floor,0.9780,0.0011,0.9789,,\n"
-        "badnets,refine,0.9790,0.0044,0.9722,0.9938,82.4\n"
-        "badnets,autoencoder,0.9710,0.1056,0.8756,0.9392,29.3\n"
+        "attack,defense,seeds,ba,ba_std,ba_worst,asr,asr_std,asr_worst,any_class_asr,any_class_asr_std,"
+        "any_class_asr_worst,ra,ra_std,ra_worst,der,der_std,der_worst,seconds\n"
+        "badnets,none,0,0.9870,0.0000,0.9870,1.0000,0.0000,1.0000,1.0000,0.0000,1.0000,0.0000,0.0000,0.0000,,,,\n"
+        "badnets,clean_floor,0,0.9780,0.0000,0.9780,0.0011,0.0000,0.0011,0.0050,0.0000,0.0050,0.9789,0.0000,0.9789,,,,"
+        "\n"
+        "badnets,refine,0,0.9790,0.0000,0.9790,0.0044,0.0000,0.0044,0.0050,0.0000,0.0050,0.9722,0.0000,0.9722,0.9938,"
+        "0.0000,0.9938,82.4\n"
+        "badnets,autoencoder,0,0.9710,0.0000,0.9710,0.1056,0.0000,0.1056,0.1100,0.0000,0.1100,0.8756,0.0000,0.8756,"
+        "0.9392,0.0000,0.9392,29.3\n"
     ),
     "data_efficiency.csv": (
         "attack,fraction,images,batch_size,epochs,cosine_epochs,steps,ba,asr,ra,der,seconds\n"
@@ -89,8 +93,10 @@ MAIN_JOB = {
 CHANGES = [
     # (region, results file, a figure in it, the figure that replaces it, how the new one is rendered)
     ("attacks", "attacks.csv", "0.9850,0.0026", "0.9712,0.0026", "0.9712 ± 0.0026"),
-    ("defenses_asr", "defenses.csv", "0.1056", "0.2468", "| 0.2468 |"),
-    ("defenses_der", "defenses.csv", "0.9938", "0.9123", "| 0.9123 |"),
+    ("defenses_asr", "defenses.csv", "0.1056,0.0000,0.1056", "0.2468,0.0000,0.2468", "| 0.2468 |"),
+    ("defenses_der", "defenses.csv", "0.9938,0.0000,0.9938", "0.9123,0.0000,0.9123", "| 0.9123 |"),
+    ("defenses_time", "defenses.csv", "29.3", "31.7", "| Autoencoder | input_transform | 1 | 31.7 | 31.7 |"),
+    ("defenses_verdict", "defenses.csv", "0.9938,0.0000,0.9938", "0.9123,0.0000,0.9123", "| 0.9123 | 0.9790 |"),
     ("data_efficiency", "data_efficiency.csv", "0.4300", "0.5432", "| 0.5432 |"),
     ("speed_steps", "speed.csv", "1217.5,1.962", "1300.1,2.100", "| 1300.1 | 2.10x |"),
     ("speed_fit", "speed.csv", "1074.0", "1111.1", "| 1111.1 |"),
@@ -181,9 +187,19 @@ def test_the_time_to_defense_table_has_both_variants_their_ratio_and_the_224_px_
 
 
 def test_the_defense_matrix_has_the_floor_and_the_victim_first_and_the_registry_labels(tmp_path: Path) -> None:
-    table = render.defenses(write_results(tmp_path), "der")
-    assert "| attack | clean model (floor) | victim (no defense) | REFINE | Autoencoder |" in table
+    results = write_results(tmp_path)
+    table = render.defenses(results, "der")
+    columns = ("clean model (floor)", "victim (no defense)", "REFINE", "Autoencoder")
+    assert "| attack | " + " | ".join(f"{column} (seeds 0)" for column in columns) + " |" in table
     assert "| badnets | - | - | 0.9938 | 0.9392 |" in table
+    assert "REFINE has the higher mean DER on 1 of the 1 attacks" in render.defenses_verdict(results)
+    (results / "defenses.csv").write_text(
+        RESULT_FILES["defenses.csv"].replace(
+            "badnets,refine,0,0.9790,0.0000,0.9790", "badnets,refine,0 1,0.9790,0.0010,0.9780"
+        )
+    )
+    table = render.defenses(results, "ba")
+    assert "| REFINE (seeds 0 1) |" in table and "| 0.9790 ± 0.0010 (0.9780) |" in table
 
 
 def test_check_names_the_stale_file_and_region_and_a_rewrite_fixes_it(
