@@ -173,7 +173,8 @@ def test_the_matrix_files_say_partial_and_render_the_seeds_each_cell_holds(tmp_p
     _finish_refine(tmp_path, "wanet", 0, _rates(0.97, 0.0, 0.99), 100.0)
     results = tmp_path / "results"
     text = write_matrix(parse_args(["--run-dir", str(tmp_path), "--results-dir", str(results), "--finished-only"]))
-    assert text.startswith("**PARTIAL** matrix") and "refine: badnets (seed 2), blended (seed 0 1 2), wanet (seed 1 2)," in text
+    assert text.startswith("**PARTIAL** matrix")
+    assert "refine: badnets (seed 2), blended (seed 0 1 2), wanet (seed 1 2)," in text
     assert (results / "defenses.md").read_text() == text + "\n"
     asr = text[text.index("**ASR**") :]
     # REFINE's column holds seeds 0 1 for most attacks; wanet's cell says its own seeds
