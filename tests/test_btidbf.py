@@ -38,6 +38,10 @@ from refine_pl.transform import UNet
 from tests.conftest import MNIST_FACTS, QUIET, REFINE_CONFIGS, SmallDigits, quiet_trainer
 
 USES = {"btidbf_unlearning": BTIDBFUnlearning, "btidbf_purification": BTIDBFPurification}
+BOTH_USES = [
+    pytest.param(BTIDBFUnlearning, id="btidbf_unlearning"),
+    pytest.param(BTIDBFPurification, id="btidbf_purification", marks=pytest.mark.slow),  # the quick tier runs (U)
+]
 TINY_SCHEDULE = {"rounds": 2, "pretrain_epochs": 1, "mask_epochs": 1, "generator_epochs": 1, "repair_epochs": 1}
 """7 epochs: pretraining, then two rounds of mask, generator and repair (the second round aims at the target)."""
 
@@ -70,7 +74,7 @@ def _data(label: int | None = None) -> RefineDataModule:
 
 def _fit(module: LightningModule, root: Path, data: RefineDataModule | None = None, **trainer: Any) -> Trainer:
     seed_everything(0)
-    settings = {"max_epochs": module.schedule_epochs, "limit_train_batches": 2, "limit_val_batches": 0, **trainer}
+    settings = {"max_epochs": module.schedule_epochs, "limit_train_batches": 1, "limit_val_batches": 0, **trainer}
     fitted = quiet_trainer(root, **settings)
     fitted.fit(module, datamodule=data or _data())
     return fitted
@@ -144,7 +148,7 @@ def test_the_schedule_runs_one_phase_an_epoch_and_a_short_trainer_is_refused(
         _tiny(BTIDBFUnlearning, untrained_victim, scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1))
 
 
-@pytest.mark.parametrize("use", list(USES.values()), ids=list(USES))
+@pytest.mark.parametrize("use", BOTH_USES)
 def test_mask_and_generator_train_on_unlabeled_images_and_read_no_label(
     use: type, untrained_victim: Path, tmp_path: Path
 ) -> None:
@@ -205,7 +209,7 @@ class _Phases(Callback):
         self.seen.append(pl_module.phase_at(trainer.current_epoch))
 
 
-@pytest.mark.parametrize("use", list(USES.values()), ids=list(USES))
+@pytest.mark.parametrize("use", BOTH_USES)
 def test_a_resumed_run_continues_its_round_and_phase_and_ends_where_an_uninterrupted_one_does(
     use: type, untrained_victim: Path, tmp_path: Path
 ) -> None:
@@ -222,7 +226,7 @@ def test_a_resumed_run_continues_its_round_and_phase_and_ends_where_an_uninterru
     resumed = _tiny(use, untrained_victim)
     seed_everything(0)
     trainer = quiet_trainer(
-        tmp_path / "parts", max_epochs=7, limit_train_batches=2, limit_val_batches=0, callbacks=[phases]
+        tmp_path / "parts", max_epochs=7, limit_train_batches=1, limit_val_batches=0, callbacks=[phases]
     )
     trainer.fit(resumed, datamodule=_data(), ckpt_path=str(last))
     assert phases.seen == [(1, GENERATOR, 0), (1, use.repair_phase, 0)]
