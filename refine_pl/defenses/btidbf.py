@@ -279,9 +279,9 @@ class BTIDBFTraining(DefendedLitModule):
             images (0.1).
         generator_lr: Learning rate of the generator and its pretraining (1e-3).
         mask_lr: Learning rate of the feature mask (0.01).
-        seed: Seed of the masks' draws (round ``r`` draws from ``seed + r``) and of each step's random choices (the
-            generated share of a batch, the purifier's noise: drawn from ``seed`` and the step's number, so that a
-            resumed run draws what an uninterrupted one does).
+        seed: Seed of the generator's first weights, of the masks' draws (round ``r`` draws from ``seed + r``) and
+            of each step's random draws (the generated share of a batch, the purifier's noise, dropout: drawn from
+            ``seed`` and the step's number, so that a resumed run draws what an uninterrupted one does).
         optimizer: Builds each phase's optimizer from its parameter group (which carries its learning rate).
         scheduler: Not supported (the original keeps every rate constant): None.
         **kwargs: The arguments every defense takes (:class:`~refine_pl.DefendedLitModule`).
@@ -342,7 +342,12 @@ class BTIDBFTraining(DefendedLitModule):
         with torch.no_grad():
             shape = self.victim_features.features(torch.zeros(1, in_channels, image_size, image_size)).shape[1:]
         self.mask = FeatureMask(tuple(shape))
-        self.generator = BoundedGenerator(generator(in_channels), norm_bound, tuple(self.victim.std.flatten().tolist()))
+        # The generator's first weights come from the seed alone (not from what was built before it), so both uses
+        # start the same inversion from the same seed.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = generator(in_channels)
+        self.generator = BoundedGenerator(net, norm_bound, tuple(self.victim.std.flatten().tolist()))
         self.register_buffer("target_label", torch.tensor(-1))
         self.register_buffer("target_votes", torch.zeros(self.hparams["num_classes"], dtype=torch.long))
         self.automatic_optimization = False
