@@ -19,6 +19,8 @@ from refine_pl.defenses import (
     DEFENSES,
     AutoencoderDefense,
     BitDepthReduction,
+    BTIDBFPurification,
+    BTIDBFUnlearning,
     ConvAutoencoder,
     MedianFilter,
     ShrinkPad,
@@ -205,10 +207,15 @@ def test_a_training_free_defense_is_tested_without_a_checkpoint_and_never_fitted
 def _tiny(defense: str) -> list[str]:
     """Arguments that make ``defense`` small: a narrow U-Net or autoencoder, two training steps, few test batches."""
     module = DEFENSES[defense].module
-    width = {RefineLitModule: ["base_width", "4"], AutoencoderDefense: ["width", "4"]}.get(module, [])
+    width = {
+        RefineLitModule: ["transform", "base_width", "4"],
+        AutoencoderDefense: ["transform", "width", "4"],
+        BTIDBFUnlearning: ["generator", "base_width", "4"],
+        BTIDBFPurification: ["generator", "base_width", "4"],
+    }.get(module, [])
     settings = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.limit_test_batches", "2"]
     if width:
-        settings += [f"--model.init_args.transform.init_args.{width[0]}", width[1]]
+        settings += [f"--model.init_args.{width[0]}.init_args.{width[1]}", width[2]]
     return [*settings, *QUIET]
 
 

@@ -9,6 +9,7 @@ from refine_pl.defenses.shrinkpad import ShrinkPad
 from refine_pl.defenses.bit_depth import BitDepthReduction
 from refine_pl.defenses.median import MedianFilter
 from refine_pl.defenses.neural_cleanse import NeuralCleanse
+from refine_pl.defenses.btidbf import BTIDBFPurification, BTIDBFUnlearning
 from refine_pl.defenses.registry import DEFENSES, Defense
 from refine_pl.input_transform_module import TrainingFreeDefense
 
@@ -17,6 +18,8 @@ from refine_pl.input_transform_module import TrainingFreeDefense
 __all__ = [
     "DEFENSES",
     "AutoencoderDefense",
+    "BTIDBFPurification",
+    "BTIDBFUnlearning",
     "BitDepthReduction",
     "ConvAutoencoder",
     "Defense",
