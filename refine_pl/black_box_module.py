@@ -270,7 +270,11 @@ class BlackBoxRefineLitModule(RefineLitModule):
     def _set_answers(self, answers: Tensor, allowed: Tensor) -> None:
         self._answers = answers
         self._allowed = allowed
-        labels = answers.nan_to_num(-1).argmax(1) if answers.ndim == 2 else answers.clone()
+        if answers.ndim == 2:  # probabilities; a row of NaN: not answered
+            labels = answers.nan_to_num(-1).argmax(1)
+            labels[answers.isnan().any(1)] = -1
+        else:
+            labels = answers.clone()
         labels[~allowed] = -1
         self._labels = labels.to(self.device)
         self.record.update(
