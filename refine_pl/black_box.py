@@ -66,8 +66,10 @@ class BlackBox(nn.Module):
         self._last: tuple[Tensor, Tensor] | None = None
 
     def answer(self, images: Tensor) -> Any:
-        """The raw answer to detached float images ``[B, C, H, W]`` (run without autograd): classes ``[B]`` or
-        probabilities ``[B, K]``, as a numpy array or a tensor."""
+        """The raw answer to detached float images ``[B, C, H, W]`` (run without autograd).
+
+        Classes ``[B]`` or probabilities ``[B, K]``, as a numpy array or a tensor.
+        """
         raise NotImplementedError
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
@@ -138,9 +140,10 @@ class BlackBox(nn.Module):
                 )
             answer = answer.long()
             if len(answer) and (int(answer.min()) < 0 or int(answer.max()) >= self.num_classes):
+                wrong = int(answer.min()) if int(answer.min()) < 0 else int(answer.max())
                 raise ConfigError(
-                    f"The {self.name} answered class {int(answer.min()) if int(answer.min()) < 0 else int(answer.max())}"
-                    f", outside the data's {self.num_classes} classes: check num_classes."
+                    f"The {self.name} answered class {wrong}, outside the data's {self.num_classes} classes: check "
+                    "num_classes."
                 )
             return answer
         if answer.ndim != 2 or tuple(answer.shape) != (batch, self.num_classes) or not answer.is_floating_point():
@@ -197,7 +200,7 @@ class QueryFunction(BlackBox):
 
     @property
     def sha256(self) -> str:
-        """A stand-in for a file digest: the sha256 of the name (a checkpoint names the black box it was trained with)."""
+        """A stand-in for a file digest, the sha256 of the name: checkpoints name the black box they trained with."""
         return hashlib.sha256(f"query-function:{self.name}".encode()).hexdigest()
 
 
@@ -214,7 +217,8 @@ class ModelAnswers(BlackBox):
     """
 
     def __init__(self, classifier: NormalizedClassifier, num_classes: int, answers: Answers = "probabilities") -> None:
-        super().__init__(num_classes, answers, f"victim {getattr(classifier, 'arch', None) or 'model'} ({answers} only)")
+        arch = getattr(classifier, "arch", None) or "model"
+        super().__init__(num_classes, answers, f"victim {arch} ({answers} only)")
         self.classifier = classifier.eval().requires_grad_(False)
 
     def train(self, mode: bool = True) -> "ModelAnswers":
@@ -270,6 +274,16 @@ def _tensors(graph: Any) -> Any:
                 yield from attribute.tensors
 
 
+def _function_tensors(model: Any) -> Any:
+    """The Constant tensors of a model's local functions."""
+    for function in model.functions:
+        for node in function.node:
+            for attribute in node.attribute:
+                if attribute.HasField("t"):
+                    yield attribute.t
+                yield from attribute.tensors
+
+
 def _dims(value_info: Any) -> tuple[int, list[int | None]]:
     """Element type and dimensions (None where not fixed) of a graph input or output."""
     tensor = value_info.type.tensor_type
@@ -281,8 +295,7 @@ def _check_external_data(path: Path, model: Any) -> int:
     """Refuses external data outside the file's folder or missing; returns the external files' total size."""
     folder = path.parent.resolve()
     files: set[Path] = set()
-    for tensor in [*_tensors(model.graph), *(t for f in model.functions for n in f.node for a in n.attribute
-                                             for t in ([a.t] if a.HasField("t") else []))]:  # fmt: skip
+    for tensor in [*_tensors(model.graph), *_function_tensors(model)]:
         if tensor.data_location != 1:  # onnx.TensorProto.EXTERNAL
             continue
         location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
@@ -344,7 +357,7 @@ def check_onnx_file(path: str | Path, in_channels: int, image_size: int, num_cla
     local_domains = {function.domain for function in model.functions}
     custom = sorted({o.domain for o in model.opset_import} - STANDARD_DOMAINS - local_domains)
     nodes = [node for graph in _graphs(model.graph) for node in graph.node]
-    nodes += [node for function in model.functions for graph in [function] for node in graph.node]
+    nodes += [node for function in model.functions for node in function.node]
     if len(nodes) > ONNX_MAX_NODES:
         raise ConfigError(
             f"ONNX file {path} has {len(nodes)} nodes, more than refine-pl reads ({ONNX_MAX_NODES}): it is not an "
@@ -393,9 +406,7 @@ def check_onnx_file(path: str | Path, in_channels: int, image_size: int, num_cla
             if len(out) == 2
             else "export it with [B, num_classes] scores as its first output"
         )
-        raise ConfigError(
-            f"ONNX file {path} gives output {shown}, not [B, {num_classes}] class scores: {fix}."
-        )
+        raise ConfigError(f"ONNX file {path} gives output {shown}, not [B, {num_classes}] class scores: {fix}.")
     return model
 
 

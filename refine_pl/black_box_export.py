@@ -92,10 +92,11 @@ def load_black_box_defense(path: str | Path, black_box: BlackBox) -> DefendedCla
             description = json.loads((file.metadata() or {}).get("refine_pl", "{}"))
         except ValueError as error:
             raise ConfigError(f"{path} has damaged refine-pl metadata ({error}): export the model again.") from error
-        if not isinstance(description, dict) or description.get("format") != FORMAT:
+        found = description.get("format") if isinstance(description, dict) else None
+        if found != FORMAT:
             raise ConfigError(
-                f"{path} is not a black-box defense (format {description.get('format') if isinstance(description, dict) else None!r}): "
-                "load a white-box run's file with refine_pl.export.load_defended."
+                f"{path} is not a black-box defense (format {found!r}): load a white-box run's file with "
+                "refine_pl.export.load_defended."
             )
         tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (safe_open has no iterator)
     num_classes, in_channels = int(description["num_classes"]), int(description["in_channels"])
@@ -109,7 +110,8 @@ def load_black_box_defense(path: str | Path, black_box: BlackBox) -> DefendedCla
     defended = DefendedClassifier(
         transform, black_box, OutputRemap(num_classes), in_channels=in_channels, image_size=description["image_size"]
     )
-    missing = [name for name in defended.state_dict() if name.startswith(("transform.", "remap.")) and name not in tensors]
+    expected = [name for name in defended.state_dict() if name.startswith(("transform.", "remap."))]
+    missing = [name for name in expected if name not in tensors]
     if missing:
         raise ConfigError(f"{path} lacks {', '.join(missing[:3])}: the file is damaged; export the model again.")
     defended.load_state_dict(tensors, strict=False)
@@ -172,8 +174,8 @@ def export_black_box_onnx(defended: DefendedClassifier, image_size: int, path: s
             victim = version_converter.convert_version(victim, ONNX_OPSET)
         except Exception as error:  # the converter's own errors
             raise ConfigError(
-                f"The ONNX victim's opset {version} cannot be converted to {ONNX_OPSET} ({error}): export the victim at "
-                f"opset {ONNX_OPSET} and defend it again."
+                f"The ONNX victim's opset {version} cannot be converted to {ONNX_OPSET} ({error}): export the victim "
+                f"at opset {ONNX_OPSET} and defend it again."
             ) from error
     mean = box.mean.cpu().numpy().astype(np.float32)
     std = box.std.cpu().numpy().astype(np.float32)

@@ -38,9 +38,11 @@ RECORD_FILE = "black_box.json"
 
 
 def default_surrogate_arch(image_size: int) -> str:
-    """The surrogate architecture that fits ``image_size`` px images: of :data:`SURROGATE_CANDIDATES`, the one whose
-    native size is nearest (in ratio) the data's (small_cnn for MNIST's 28 px, the narrow CIFAR ResNet-18 at 32 px,
-    ImageNet's ResNet-18 at 224 px)."""
+    """The surrogate architecture that fits ``image_size`` px images.
+
+    Of :data:`SURROGATE_CANDIDATES`, the one whose native size is nearest (in ratio) the data's: small_cnn for MNIST's
+    28 px, the narrow CIFAR ResNet-18 at 32 px, ImageNet's ResNet-18 at 224 px.
+    """
     return min(SURROGATE_CANDIDATES, key=lambda name: abs(math.log(architecture(name).native_size / image_size)))
 
 
@@ -64,8 +66,8 @@ def check_query_budget(query_budget: Any) -> None:
         valid = float(query_budget).is_integer()
     if not valid or not query_budget > 0 or not math.isfinite(query_budget):
         raise ConfigError(
-            f"query_budget is the share (in (0, 1]) or number (a whole number above 1) of the unlabeled training images "
-            f"the black box may answer, got {query_budget!r}: set {cli_flag('model', 'query_budget')}."
+            f"query_budget is the share (in (0, 1]) or number (a whole number above 1) of the unlabeled training "
+            f"images the black box may answer, got {query_budget!r}: set {cli_flag('model', 'query_budget')}."
         )
 
 
@@ -209,7 +211,8 @@ class BlackBoxRefineLitModule(RefineLitModule):
                 )
             box = OnnxBlackBox(victim_checkpoint, num_classes, in_channels, image_size, mean, std, answers, outputs)
             return box, VictimRecord(path=str(victim_checkpoint), sha256=box.sha256, arch="onnx")
-        classifier, record = load_victim(victim_checkpoint, num_classes, in_channels, image_size, mean, std, victim_arch)
+        facts = (num_classes, in_channels, image_size, mean, std)
+        classifier, record = load_victim(victim_checkpoint, *facts, victim_arch)
         return ModelAnswers(classifier, num_classes, answers), record
 
     @property

@@ -45,7 +45,7 @@ DEFEND_CONFIGS = ["configs/refine/recipe.yaml", "configs/refine/own_model.yaml"]
 the project's recipe, then the own-model overlay (a folder of unlabeled images)."""
 
 BLACK_BOX_CONFIG = "configs/refine/black_box.yaml"
-"""The overlay of a model that can only be queried (an ``.onnx`` MODEL, or ``--answers``): REFINE through a surrogate."""
+"""The overlay of a model that can only be queried (an ``.onnx`` MODEL, or ``--answers``): REFINE via a surrogate."""
 
 DEFENDED_FILES = ("defended.safetensors", "defended.onnx", "defended.torchscript.pt", "MODEL_CARD.md")
 """What a defense writes for deployment (the ONNX and TorchScript files unless their formats are turned off)."""

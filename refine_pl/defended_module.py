@@ -142,8 +142,10 @@ class DefendedLitModule(BackdoorLitModule):
         std: tuple[float, ...],
         victim_arch: str | None,
     ) -> tuple[nn.Module, VictimRecord]:
-        """The frozen victim and its record (:func:`~refine_pl.victims.load_victim`); a defense of a model that can
-        only be queried builds its black box here instead."""
+        """The frozen victim and its record (:func:`~refine_pl.victims.load_victim`).
+
+        A defense of a model that can only be queried builds its black box here instead.
+        """
         return load_victim(victim_checkpoint, num_classes, in_channels, image_size, mean, std, victim_arch)
 
     def _frozen_models(self) -> dict[str, nn.Module]:

@@ -80,7 +80,7 @@ def write_onnx_classifier(
 
 @pytest.fixture
 def no_onnxruntime(monkeypatch: pytest.MonkeyPatch) -> None:
-    """onnxruntime refuses to open any session: a file checked by refine-pl must be refused before one opens."""
+    """No onnxruntime session opens: a file refine-pl checks must be refused before one would."""
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("onnxruntime ran a file refine-pl should have refused")
@@ -157,7 +157,7 @@ def test_label_only_mode_never_sees_a_probability(tmp_path: Path, monkeypatch: p
     def service(images: np.ndarray) -> np.ndarray:  # a service that gives probabilities where labels were promised
         return np.full((len(images), 10), 0.1, dtype=np.float32)
 
-    with pytest.raises(ConfigError, match="answers labels only but gave an answer of shape .*set answers probabilities"):
+    with pytest.raises(ConfigError, match="answers labels only but gave an answer of shape .*answers probabilities"):
         QueryFunction(service, 10, answers="labels").ask(torch.rand(3, 1, 28, 28))
 
 
@@ -186,9 +186,11 @@ def test_the_query_budget_bounds_the_images_answered_and_the_surrogate_fits_the_
     box = QueryFunction(lambda images: np.zeros(len(images), dtype=np.int64), 10, answers="labels")
     module = BlackBoxRefineLitModule(black_box=box, query_budget=0.25, **TINY)
     fit_and_test(module, tmp_path)
-    assert module.training_queries == box.queries - json.loads((tmp_path / "black_box.json").read_text())[
-        "test_queries"
-    ] <= 18  # a quarter of 72 training digits (the rest of the 80 is held out)
+    assert (
+        module.training_queries
+        == box.queries - json.loads((tmp_path / "black_box.json").read_text())["test_queries"]
+        <= 18
+    )  # a quarter of 72 training digits (the rest of the 80 is held out)
 
 
 # ---- ONNX files ------------------------------------------------------------------------------------------------------
