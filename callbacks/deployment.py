@@ -122,6 +122,7 @@ def model_card(
         f"- File: `{record.path}`, sha256 `{record.sha256}`",
         f"- Architecture: `{record.arch}`",
         "",
+        *(_black_box_lines(module) if isinstance(module.victim, BlackBox) else []),
         "## Defense",
         "",
         f"- REFINE: a U-Net ({unet}) in front of the frozen victim, and a fixed output remap drawn from seed "
@@ -141,6 +142,26 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _black_box_lines(module: InputTransformDefense) -> list[str]:
+    """What the card says of a black-box defense: what the victim answered, the surrogate, the queries."""
+    record = getattr(module, "record", {})
+    agreement = record.get("surrogate_test_agreement")
+    return [
+        "## Black box",
+        "",
+        f"- The victim only answered queries ({record.get('answers', module.victim.answers)}): "
+        f"{getattr(module, 'training_queries', 0)} images for training; T trained through a surrogate "
+        f"(`{record.get('surrogate_arch')}`) distilled from those answers, with the victim's own answers as "
+        "pseudo-labels. The deployed classifier is M(victim(T(x))).",
+        *(
+            [f"- The surrogate's agreement with the victim on the clean test images: {agreement:.4f}."]
+            if agreement
+            else []
+        ),
+        "",
+    ]
 
 
 class DeploymentFiles(Callback):

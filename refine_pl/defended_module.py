@@ -146,6 +146,12 @@ class DefendedLitModule(BackdoorLitModule):
 
         A defense of a model that can only be queried builds its black box here instead.
         """
+        if str(victim_checkpoint).lower().endswith(".onnx"):
+            raise ConfigError(
+                f"{victim_checkpoint} is an ONNX file, which {type(self).__name__} cannot train through: defend it as "
+                "a model you can only query, with --config configs/refine/black_box.yaml (or refine-pl defend "
+                "MODEL.onnx IMAGES); see docs/black-box.md."
+            )
         return load_victim(victim_checkpoint, num_classes, in_channels, image_size, mean, std, victim_arch)
 
     def _frozen_models(self) -> dict[str, nn.Module]:

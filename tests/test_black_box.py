@@ -16,6 +16,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from datamodules import RefineDataModule
+from refine_pl import RefineLitModule
 from refine_pl.black_box import BlackBox, ModelAnswers, OnnxBlackBox, QueryFunction, check_onnx_file
 from refine_pl.black_box_export import export_black_box_onnx, load_black_box_defense, save_black_box_defense
 from refine_pl.black_box_module import BlackBoxRefineLitModule, budget_indices, default_surrogate_arch
@@ -196,6 +197,12 @@ def test_the_query_budget_bounds_the_images_answered_and_the_surrogate_fits_the_
 # ---- ONNX files ------------------------------------------------------------------------------------------------------
 
 
+def test_a_white_box_defense_sends_an_onnx_victim_to_the_black_box_path(tmp_path: Path, no_onnxruntime: None) -> None:
+    path = write_onnx_classifier(tmp_path / "vendor.onnx")
+    with pytest.raises(ConfigError, match="configs/refine/black_box.yaml"):
+        RefineLitModule(victim_checkpoint=str(path), **MNIST_FACTS)
+
+
 def test_an_onnx_file_with_a_custom_domain_is_refused_without_running(tmp_path: Path, no_onnxruntime: None) -> None:
     path = write_onnx_classifier(tmp_path / "vendor.onnx", domain="com.vendor")
     with pytest.raises(ConfigError, match=r"custom domain\(s\) com.vendor.*standard ONNX operators only"):
@@ -313,6 +320,8 @@ def test_an_onnx_victim_is_defended_end_to_end_through_the_command_line(
     assert record["answers"] == "labels" and record["query_budget"] == 0.5
     assert 0 < record["training_queries"] <= 12  # half the training images (some of the 24 are held out)
     assert 0 <= report["defended"]["ba"] <= 1
+    card = (run / "MODEL_CARD.md").read_text()
+    assert "## Black box" in card and f"{record['training_queries']} images for training" in card
     session = onnxruntime.InferenceSession(str(run / "defended.onnx"), providers=["CPUExecutionProvider"])
     (logits,) = session.run(["logits"], {"images": np.random.default_rng(0).random((2, 1, 28, 28), np.float32)})
     assert logits.shape == (2, 3)
