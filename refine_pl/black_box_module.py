@@ -33,6 +33,15 @@ SURROGATE_CANDIDATES = ("small_cnn", "resnet18_cifar_narrow", "resnet18")
 BLACK_BOX_KEY = "black_box"
 """Key of a black-box run's checkpoint that holds the black box's answers, the images it answered and its counts."""
 
+QUERY_PASSES = 5
+"""Passes over the training loader that ask the black box about the images it may answer, until each is answered (a
+shuffled loader that drops its last partial batch leaves a few images out of each pass)."""
+
+QUERY_EPOCHS = 10_000
+DISTILLATION_EPOCHS = 20_000
+"""The data epochs (orders and augmentations of the run's seeded loader) of the query passes and the distillation's
+epochs: each pass its own, none of them a training epoch of REFINE."""
+
 RECORD_FILE = "black_box.json"
 """The run folder's record of the black box: answers mode, surrogate, queries, the surrogate's agreement."""
 
@@ -69,6 +78,19 @@ def check_query_budget(query_budget: Any) -> None:
             f"query_budget is the share (in (0, 1]) or number (a whole number above 1) of the unlabeled training "
             f"images the black box may answer, got {query_budget!r}: set {cli_flag('model', 'query_budget')}."
         )
+
+
+def _epoch(loader: Any, epoch: int) -> Any:
+    """``loader`` set to give the order and augmentations of data epoch ``epoch`` (when its sampler has epochs).
+
+    The loader is the module's own copy of the training loader, detached from the training loop, which would give
+    it the loop's epoch and length.
+    """
+    if hasattr(loader, "trainer"):
+        loader.trainer = None
+    if hasattr(getattr(loader, "sampler", None), "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    return loader
 
 
 def _originals(batch: Any) -> tuple[Tensor, Tensor]:
@@ -257,11 +279,16 @@ class BlackBoxRefineLitModule(RefineLitModule):
         probabilities = self.black_box.answers == "probabilities"
         k = self.hparams["num_classes"]
         answers = torch.full((num_images, k), math.nan) if probabilities else torch.full((num_images,), -1)
-        for batch in loader:
-            images, indices = _originals(batch)
-            ask = allowed[indices] & (answers[indices].isnan().any(1) if probabilities else answers[indices] < 0)
-            if bool(ask.any()):
-                answers[indices[ask]] = self._query(images[ask].to(self.device)).cpu()
+        for attempt in range(QUERY_PASSES):  # a loader that drops its last partial batch leaves some to the next pass
+            for batch in _epoch(loader, QUERY_EPOCHS + attempt):
+                images, indices = _originals(batch)
+                unanswered = answers[indices].isnan().any(1) if probabilities else answers[indices] < 0
+                ask = allowed[indices] & unanswered
+                if bool(ask.any()):
+                    answers[indices[ask]] = self._query(images[ask].to(self.device)).cpu()
+            missing = answers.isnan().any(1) if probabilities else answers < 0
+            if not bool((allowed & missing).any()):
+                break
         self._set_answers(answers, allowed)
         self._distill(loader)
         self.record.update(
@@ -303,8 +330,8 @@ class BlackBoxRefineLitModule(RefineLitModule):
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
         try:
             with torch.enable_grad():
-                for _ in range(self.surrogate_epochs):
-                    for batch in loader:
+                for epoch in range(self.surrogate_epochs):
+                    for batch in _epoch(loader, DISTILLATION_EPOCHS + epoch):
                         _, indices = _originals(batch)
                         views = batch.views if isinstance(batch, AugmentedViews) else batch.images
                         keep = self._allowed[indices]
@@ -331,7 +358,7 @@ class BlackBoxRefineLitModule(RefineLitModule):
         """The surrogate's agreement with the black box's classes on the answered training images (no new query)."""
         agreed = total = 0
         with torch.no_grad():
-            for batch in loader:
+            for batch in _epoch(loader, QUERY_EPOCHS):
                 images, indices = _originals(batch)
                 labels = self._labels_on(self.device)[indices.to(self.device)]
                 keep = labels >= 0

@@ -107,6 +107,7 @@ def test_the_black_box_is_never_asked_for_a_gradient_and_its_queries_are_counted
     fit_and_test(module, tmp_path)
     record = json.loads((tmp_path / "black_box.json").read_text())
     assert record["training_queries"] == module.training_queries == record["answered_images"] > 0
+    assert record["answered_images"] == record["training_images"]  # each once, also those a dropped last batch held
     assert box.queries == sum(seen) == module.training_queries + record["test_queries"]
     assert record["answers"] == "probabilities" and record["surrogate_arch"] == "small_cnn"
     assert 0 <= record["surrogate_test_agreement"] <= 1
