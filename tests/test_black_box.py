@@ -163,6 +163,23 @@ def test_label_only_mode_never_sees_a_probability(tmp_path: Path, monkeypatch: p
         QueryFunction(service, 10, answers="labels").ask(torch.rand(3, 1, 28, 28))
 
 
+def test_a_resumed_run_asks_the_black_box_nothing_again(tmp_path: Path) -> None:
+    def service(images: np.ndarray) -> np.ndarray:
+        return (images.reshape(len(images), -1).mean(1) * 100).astype(np.int64) % 10
+
+    first = BlackBoxRefineLitModule(black_box=QueryFunction(service, 10, answers="labels"), **TINY)
+    trainer = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(first, datamodule=digits())
+    trainer.save_checkpoint(tmp_path / "first.ckpt")
+    box = QueryFunction(service, 10, answers="labels")
+    resumed = BlackBoxRefineLitModule(black_box=box, **TINY)
+    quiet_trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(
+        resumed, datamodule=digits(), ckpt_path=tmp_path / "first.ckpt"
+    )
+    assert box.queries == 0 and resumed.training_queries == first.training_queries > 0
+    assert torch.equal(resumed._answers, first._answers)
+
+
 @pytest.mark.parametrize(
     ("answer", "message"),
     [
