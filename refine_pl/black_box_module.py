@@ -39,6 +39,7 @@ shuffled loader that drops its last partial batch leaves a few images out of eac
 
 QUERY_EPOCHS = 10_000
 DISTILLATION_EPOCHS = 20_000
+REFRESH_EPOCHS = 30_000
 """The data epochs (orders and augmentations of the run's seeded loader) of the query passes and the distillation's
 epochs: each pass its own, none of them a training epoch of REFINE."""
 
@@ -141,6 +142,9 @@ class BlackBoxRefineLitModule(RefineLitModule):
             answer (:func:`budget_indices`); REFINE trains on those.
         surrogate_epochs: Epochs of the surrogate's distillation.
         surrogate_lr: Learning rate of the distillation (Adam, cosine decay).
+        surrogate_refresh_epochs: Every this many REFINE epochs, the black box answers ``T``'s output on the answered
+            images and the surrogate is fine-tuned on it (:meth:`refresh_surrogate`; each refresh costs as many
+            queries as the first pass). 0 (default): never.
         **kwargs: What :class:`~refine_pl.RefineLitModule` takes (the transform, the remap, the losses, the optimizer,
             the data facts, ...).
     """
@@ -157,10 +161,20 @@ class BlackBoxRefineLitModule(RefineLitModule):
         query_budget: float = 1.0,
         surrogate_epochs: int = 20,
         surrogate_lr: float = 1e-3,
+        surrogate_refresh_epochs: int = 0,
         **kwargs: Any,
     ) -> None:
         check_answers_mode(answers)
         check_query_budget(query_budget)
+        if (
+            not isinstance(surrogate_refresh_epochs, int)
+            or isinstance(surrogate_refresh_epochs, bool)
+            or surrogate_refresh_epochs < 0
+        ):
+            raise ConfigError(
+                f"surrogate_refresh_epochs must be a whole number of at least 0, got {surrogate_refresh_epochs!r}: set "
+                f"{cli_flag('model', 'surrogate_refresh_epochs')}."
+            )
         if not isinstance(surrogate_epochs, int) or isinstance(surrogate_epochs, bool) or surrogate_epochs < 1:
             raise ConfigError(
                 f"surrogate_epochs must be a whole number of at least 1, got {surrogate_epochs!r}: set "
@@ -186,6 +200,7 @@ class BlackBoxRefineLitModule(RefineLitModule):
         self.query_budget = query_budget
         self.surrogate_epochs = surrogate_epochs
         self.surrogate_lr = surrogate_lr
+        self.surrogate_refresh_epochs = surrogate_refresh_epochs
         self._answers: Tensor | None = None  # [N] long classes (-1: not asked) or [N, K] probabilities (NaN rows)
         self._labels: Tensor | None = None  # [N] long, the black box's class of each answered image, -1 elsewhere
         self.training_queries = 0
@@ -337,22 +352,65 @@ class BlackBoxRefineLitModule(RefineLitModule):
                         keep = self._allowed[indices]
                         if not bool(keep.any()):
                             continue
-                        views = self.training_layout(views[keep].to(self.device))
-                        targets = self._targets(indices[keep])
-                        with self.training_autocast():
-                            logits = surrogate(views)
-                        log_probabilities = logits.float().log_softmax(1)
-                        if targets.ndim == 2:  # soft targets: the black box's probabilities
-                            loss = -(targets * log_probabilities).sum(1).mean()
-                        else:  # label-only: its classes
-                            loss = nn.functional.nll_loss(log_probabilities, targets)
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
+                        self._distillation_step(optimizer, views[keep], self._targets(indices[keep]))
                         schedule.step()
         finally:
             self._distilling = False
             surrogate.requires_grad_(False).eval()
+
+    def _distillation_step(self, optimizer: torch.optim.Optimizer, images: Tensor, targets: Tensor) -> None:
+        """One step of the surrogate towards the black box's answers: probabilities ``[B, K]`` or classes ``[B]``."""
+        with self.training_autocast():
+            logits = self.surrogate(self.training_layout(images.to(self.device)))
+        log_probabilities = logits.float().log_softmax(1)
+        if targets.ndim == 2:  # soft targets: the black box's probabilities
+            loss = -(targets * log_probabilities).sum(1).mean()
+        else:  # label-only: its classes
+            loss = nn.functional.nll_loss(log_probabilities, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def on_train_epoch_start(self) -> None:
+        every = self.surrogate_refresh_epochs
+        if every and self.current_epoch > 0 and self.current_epoch % every == 0:
+            self.refresh_surrogate()
+
+    def refresh_surrogate(self) -> None:
+        """Asks the black box about ``T``'s output on the answered images and fine-tunes the surrogate on it.
+
+        One pass over the training loader: each batch's views are transformed by the current ``T`` (in eval mode, as
+        deployed), the black box answers the transformed images (counted as training queries), and the surrogate
+        takes one step on the views with their originals' answers and the transformed images with theirs. So the
+        surrogate follows the black box where ``T`` sends the images, the inputs it stands in for the black box on.
+        The pseudo-labels stay the black box's answers on the original images.
+        """
+        loader = self.trainer.datamodule.train_dataloader()
+        surrogate, transform = self.surrogate, self.transform
+        was_training = transform.training
+        self._distilling = True
+        surrogate.requires_grad_(True).train()
+        transform.eval()
+        optimizer = torch.optim.Adam(surrogate.parameters(), lr=self.surrogate_lr)
+        try:
+            for batch in _epoch(loader, REFRESH_EPOCHS + self.current_epoch):
+                _, indices = _originals(batch)
+                views = batch.views if isinstance(batch, AugmentedViews) else batch.images
+                keep = self._labels_on(indices.device)[indices] >= 0
+                if not bool(keep.any()):
+                    continue
+                views = self.training_layout(views[keep].to(self.device))
+                with torch.no_grad(), self.training_autocast():
+                    transformed = transform(views).float().clamp(0, 1)
+                answers = self._query(transformed)
+                originals = self._targets(indices[keep])
+                with torch.enable_grad():
+                    self._distillation_step(optimizer, torch.cat([views, transformed]), torch.cat([originals, answers]))
+        finally:
+            self._distilling = False
+            surrogate.requires_grad_(False).eval()
+            transform.train(was_training)
+        self.record.update(surrogate_refreshes=int(self.record.get("surrogate_refreshes", 0)) + 1)
 
     def _train_agreement(self, loader: Any) -> float:
         """The surrogate's agreement with the black box's classes on the answered training images (no new query)."""

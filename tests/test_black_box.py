@@ -180,6 +180,24 @@ def test_a_resumed_run_asks_the_black_box_nothing_again(tmp_path: Path) -> None:
     assert torch.equal(resumed._answers, first._answers)
 
 
+def test_a_surrogate_refresh_asks_about_ts_output_and_counts_those_queries(tmp_path: Path) -> None:
+    seen = []
+
+    def service(images: np.ndarray) -> np.ndarray:
+        seen.append(images)
+        return (images.reshape(len(images), -1).mean(1) * 100).astype(np.int64) % 10
+
+    box = QueryFunction(service, 10, answers="labels")
+    module = BlackBoxRefineLitModule(black_box=box, surrogate_refresh_epochs=1, **TINY)
+    trainer = quiet_trainer(tmp_path, max_epochs=2, limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(module, datamodule=digits())
+    answered = module.record["answered_images"]
+    assert module.record["surrogate_refreshes"] == 1  # before epoch 1 (none before epoch 0)
+    assert module.training_queries == box.queries == 2 * answered - answered % 16  # full batches of the refresh
+    with pytest.raises(ConfigError, match="surrogate_refresh_epochs"):
+        BlackBoxRefineLitModule(black_box=box, surrogate_refresh_epochs=-1, **TINY)
+
+
 @pytest.mark.parametrize(
     ("answer", "message"),
     [
