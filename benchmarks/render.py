@@ -470,6 +470,32 @@ def detection_tuning(results_dir: Path = RESULTS) -> str:
     return table(header, rows)
 
 
+def _measured(value: str, digits: int = 4) -> str:
+    """A figure of a csv cell, ``-`` where it was not measured (empty or NaN)."""
+    return "-" if value in ("", "nan") else f"{float(value):.{digits}f}"
+
+
+def black_box(results_dir: Path = RESULTS) -> str:
+    """Black-box REFINE beside white-box REFINE, from ``black_box.csv`` (``benchmarks/black_box.py``).
+
+    Written to ``black_box.md`` by the benchmark; it joins :data:`RENDERERS` with a region of docs/black-box.md once
+    ``benchmarks/results/black_box.csv`` holds the measured rows (a region must render from a results file).
+    """
+    header = [
+        "attack", "seed", "answers", "surrogate", "query budget", "BA", "ASR", "any-class ASR",
+        "surrogate agreement", "queries", "seconds", "white-box BA", "white-box ASR", "white-box any-class ASR",
+        "white-box seconds",
+    ]  # fmt: skip
+    rows = []
+    for row in read_csv(results_dir / "black_box.csv"):
+        run = [row["attack"], row["seed"], row["mode"], row["surrogate"], f"{float(row['budget']):g}"]
+        figures = [_measured(row[key]) for key in ("ba", "asr", "any_class_asr", "surrogate_agreement")]
+        cost = [row["queries"], _measured(row["seconds"], 0)]
+        white_box = [_measured(row[f"white_box_{key}"]) for key in ("ba", "asr", "any_class_asr")]
+        rows.append([*run, *figures, *cost, *white_box, _measured(row["white_box_seconds"], 0)])
+    return table(header, rows)
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "main_job": main_job,
     "main_job_cost": main_job_cost,

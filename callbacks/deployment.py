@@ -12,6 +12,8 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from callbacks.export import exportable_defense
 from callbacks.report import defense_report, detector_line, format_report_table, label_free_line, report_path
+from refine_pl.black_box import BlackBox, OnnxBlackBox
+from refine_pl.black_box_export import export_black_box_onnx
 from refine_pl.detection import calibrate_on
 from refine_pl.errors import ConfigError, cli_flag
 from refine_pl.export import ONNX_OPSET, export_onnx, export_torchscript
@@ -66,7 +68,9 @@ def model_card(
     names = data.class_names
     if report is None:
         label_free = label_free_line(module.label_free_estimate)
-        detector = detector_line(calibrate_on(module.defended, data.val_set))
+        # A black box is not asked more queries for the detector's calibration.
+        black_box = isinstance(module.victim, BlackBox)
+        detector = None if black_box else detector_line(calibrate_on(module.defended, data.val_set))
         measured = [
             "Not measured yet: `test` the run (`--ckpt_path last`) to measure BA and ASR; it writes this card again.",
             *(["", label_free] if label_free else []),
@@ -118,6 +122,7 @@ def model_card(
         f"- File: `{record.path}`, sha256 `{record.sha256}`",
         f"- Architecture: `{record.arch}`",
         "",
+        *(_black_box_lines(module) if isinstance(module.victim, BlackBox) else []),
         "## Defense",
         "",
         f"- REFINE: a U-Net ({unet}) in front of the frozen victim, and a fixed output remap drawn from seed "
@@ -137,6 +142,26 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _black_box_lines(module: InputTransformDefense) -> list[str]:
+    """What the card says of a black-box defense: what the victim answered, the surrogate, the queries."""
+    record = getattr(module, "record", {})
+    agreement = record.get("surrogate_test_agreement")
+    return [
+        "## Black box",
+        "",
+        f"- The victim only answered queries ({record.get('answers', module.victim.answers)}): "
+        f"{getattr(module, 'training_queries', 0)} images for training; T trained through a surrogate "
+        f"(`{record.get('surrogate_arch')}`) distilled from those answers, with the victim's own answers as "
+        "pseudo-labels. The deployed classifier is M(victim(T(x))).",
+        *(
+            [f"- The surrogate's agreement with the victim on the clean test images: {agreement:.4f}."]
+            if agreement
+            else []
+        ),
+        "",
+    ]
 
 
 class DeploymentFiles(Callback):
@@ -170,15 +195,25 @@ class DeploymentFiles(Callback):
         defense = exportable_defense(trainer, pl_module, type(self).__name__, CARD)
         root = Path(trainer.default_root_dir)
         defended, size = defense.defended, defense.hparams.image_size
-        if "onnx" in self.formats:
-            export_onnx(defended, size, root / FORMATS["onnx"])
-        if "torchscript" in self.formats:
-            export_torchscript(defended, size, root / FORMATS["torchscript"])
-        files = {
-            "defended.safetensors": "weights and description; load with `refine_pl.export.load_defended`",
-            FORMATS["onnx"]: f"ONNX opset {ONNX_OPSET}, input `images`, output `logits`, dynamic batch",
-            FORMATS["torchscript"]: "TorchScript (`torch.jit.trace`), dynamic batch",
-        }
+        if isinstance(defended.victim, BlackBox):  # T and M around a black box: one ONNX graph for an ONNX victim
+            if "onnx" in self.formats and isinstance(defended.victim, OnnxBlackBox):
+                export_black_box_onnx(defended, size, root / FORMATS["onnx"])
+            files = {
+                "defended.safetensors": "T and M of the black-box defense; load with "
+                "`refine_pl.black_box_export.load_black_box_defense` around the black box",
+                FORMATS["onnx"]: f"ONNX opset {ONNX_OPSET}: T, the victim's graph and M, input `images`, output "
+                "`logits`, dynamic batch",
+            }
+        else:
+            if "onnx" in self.formats:
+                export_onnx(defended, size, root / FORMATS["onnx"])
+            if "torchscript" in self.formats:
+                export_torchscript(defended, size, root / FORMATS["torchscript"])
+            files = {
+                "defended.safetensors": "weights and description; load with `refine_pl.export.load_defended`",
+                FORMATS["onnx"]: f"ONNX opset {ONNX_OPSET}, input `images`, output `logits`, dynamic batch",
+                FORMATS["torchscript"]: "TorchScript (`torch.jit.trace`), dynamic batch",
+            }
         card = root / CARD if report is None else report_path(root / CARD, report)
         card.write_text(model_card(trainer, defense, report, files))
         print(f"Deployment files and model card saved to {root}")

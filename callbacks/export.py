@@ -6,6 +6,8 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.utilities import rank_zero_only
 
 from callbacks.checkpoint import require_trained_weights
+from refine_pl.black_box import BlackBox
+from refine_pl.black_box_export import save_black_box_defense
 from refine_pl.detection import DEFAULT_FPR, calibrate_on
 from refine_pl.errors import ConfigError, cli_flag
 from refine_pl.export import export_defended
@@ -57,6 +59,13 @@ class ExportDefendedClassifier(Callback):
     def _export(self, trainer: Trainer, pl_module: LightningModule) -> None:
         defense = exportable_defense(trainer, pl_module, type(self).__name__, self.filename)
         data = trainer.datamodule
+        if isinstance(defense.defended.victim, BlackBox):  # T and M only: the black box is not refine-pl's to copy
+            record = getattr(defense, "record", None)
+            path = save_black_box_defense(
+                defense.defended, defense.hparams.image_size, Path(trainer.default_root_dir) / self.filename, record
+            )
+            print(f"Black-box defense (T and M) saved to {path}")
+            return
         names = getattr(data, "class_names", None)
         path = export_defended(
             defense.defended,

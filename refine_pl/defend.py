@@ -30,6 +30,7 @@ from torch import nn
 from refine_pl.architectures import ARCHITECTURES, architecture, import_builder, is_import_path, torchvision_classifiers
 from refine_pl.architectures.registry import Builder
 from refine_pl.archives import ExportedNet
+from refine_pl.black_box import onnx_facts
 from refine_pl.classifier import IMAGENET_MEAN, IMAGENET_STD
 from refine_pl.configs import resolve_config
 from refine_pl.errors import ConfigError, first_sentence
@@ -42,6 +43,9 @@ from refine_pl.weights import WeightsFile, read_weights_file
 DEFEND_CONFIGS = ["configs/refine/recipe.yaml", "configs/refine/own_model.yaml"]
 """The REFINE recipe of ``refine-pl defend``, merged in order (resolved by :func:`~refine_pl.configs.resolve_config`):
 the project's recipe, then the own-model overlay (a folder of unlabeled images)."""
+
+BLACK_BOX_CONFIG = "configs/refine/black_box.yaml"
+"""The overlay of a model that can only be queried (an ``.onnx`` MODEL, or ``--answers``): REFINE via a surrogate."""
 
 DEFENDED_FILES = ("defended.safetensors", "defended.onnx", "defended.torchscript.pt", "MODEL_CARD.md")
 """What a defense writes for deployment (the ONNX and TorchScript files unless their formats are turned off)."""
@@ -66,6 +70,10 @@ DEFEND_TERMS = {
     "--trainer.max_epochs": "--max-epochs",
     "--data.init_args.batch_size": "--batch-size",
     "--fresh true": "--fresh",
+    "--model.init_args.answers": "--answers",
+    "--model.init_args.surrogate_arch": "--surrogate-arch",
+    "--model.init_args.query_budget": "--query-budget",
+    "--model.init_args.onnx_outputs": "--onnx-outputs",
 }
 """The LightningCLI flags that ``refine-pl defend`` sets from its own options, and those options: an error of a stage
 names the option the user typed (:func:`in_defend_terms`)."""
@@ -97,6 +105,10 @@ examples:
 
   a refine-pl victim checkpoint (it records its classes, size and normalisation), with predictions of IMAGES:
     refine-pl defend victim.ckpt my_images --predict
+
+  a model you can only query, as an ONNX file (run by onnxruntime after its checks; REFINE trains through a
+  surrogate distilled from its answers, docs/black-box.md), answering labels only, 40% of IMAGES queried:
+    refine-pl defend vendor.onnx my_images --mean 0.5 --std 0.25 --answers labels --query-budget 0.4
 
 what it writes (RUN, --out): defended.safetensors, defended.onnx, defended.torchscript.pt, MODEL_CARD.md,
 config.yaml (the whole job), checkpoints/; with test folders report.json and report.md (and the table is printed);
@@ -224,6 +236,26 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"images per batch (default: {recipe_value('data.init_args.batch_size')}; lower it when memory runs out)",
     )  # fmt: skip
     arg("--seed", type=int, help=f"the run's seed (default: {recipe_value('seed_everything')})")
+    arg(
+        "--answers", choices=("probabilities", "labels"),
+        help="defend the model as a black box that answers only class probabilities or only classes: REFINE trains "
+        "through a surrogate distilled from its answers, never through the model (default: probabilities for an .onnx "
+        "MODEL, which is always a black box; white-box REFINE otherwise)",
+    )  # fmt: skip
+    arg(
+        "--surrogate-arch", metavar="ARCH",
+        help="the black box's surrogate: a refine-pl or torchvision architecture or package.module:function (default: "
+        "the one of small_cnn, resnet18_cifar_narrow and resnet18 made for the nearest image size)",
+    )  # fmt: skip
+    arg(
+        "--query-budget", type=float, metavar="B",
+        help="the share (up to 1) or number (above 1) of IMAGES the black box may answer; REFINE trains on those "
+        "(default: 1, all of them)",
+    )  # fmt: skip
+    arg(
+        "--onnx-outputs", choices=("logits", "probabilities"),
+        help="what an .onnx MODEL's first output is (default: logits, softmaxed into probabilities)",
+    )  # fmt: skip
     arg(
         "--fresh", action="store_true",
         help="move an earlier run in --out aside (to RUN.replaced-<time>; nothing is deleted) and start anew; "
@@ -523,6 +555,37 @@ def _built(inference: _Inference, weights: WeightsFile, args: argparse.Namespace
     return ModelFacts(num_classes, channels, image_size, mean, std, arch)
 
 
+def _onnx(inference: _Inference, args: argparse.Namespace) -> ModelFacts:
+    """The facts of an ONNX file: its graph's input and output shapes (nothing of it runs)."""
+    path = inference.path
+    if args.arch is not None:
+        raise ConfigError(f"{path} is an ONNX file, which holds its own network: drop --arch.")
+    fixed = onnx_facts(path)
+    spec = f"the graph of {path}"
+    facts = {}
+    for fact, flag, given in (
+        ("in_channels", "channels", args.in_channels),
+        ("image_size", "--image-size", args.image_size),
+        ("num_classes", "--num-classes", args.num_classes),
+    ):
+        if given is not None:
+            facts[fact] = given
+        elif fixed[fact] is not None:
+            facts[fact] = inference.infer(flag, fixed[fact], spec)
+        elif fact == "in_channels":
+            facts[fact] = inference.infer("channels", 3, f"assumed: {path} does not fix its channels")
+        else:
+            option = "--channels" if fact == "in_channels" else flag
+            raise ConfigError(f"{path} does not fix its {fact.replace('_', ' ')}: pass {option}.")
+    mean, std = _normalisation(inference, args.mean, args.std, facts["in_channels"], None)
+    return ModelFacts(facts["num_classes"], facts["in_channels"], facts["image_size"], mean, std, None)
+
+
+def is_black_box(args: argparse.Namespace) -> bool:
+    """Whether the command defends MODEL as a black box: an ``.onnx`` file, or ``--answers`` given."""
+    return str(args.model).lower().endswith(".onnx") or args.answers is not None
+
+
 def infer_model_facts(args: argparse.Namespace) -> tuple[ModelFacts, list[str]]:
     """The model's facts, from the flags and what the file tells, and one line per inferred fact saying from what.
 
@@ -552,6 +615,8 @@ def infer_model_facts(args: argparse.Namespace) -> tuple[ModelFacts, list[str]]:
             "checkpoint)."
         )
     inference = _Inference(path)
+    if path.suffix.lower() == ".onnx":
+        return _onnx(inference, args), inference.lines
     weights = read_weights_file(path)
     if weights.program is not None:
         facts = _exported(inference, weights, args)
@@ -612,6 +677,15 @@ def stage_args(args: argparse.Namespace, facts: ModelFacts, run_dir: Path) -> li
         "--data.init_args.batch_size": args.batch_size,
         "--seed_everything": args.seed,
     }
+    if is_black_box(args):
+        options.update(
+            {
+                "--model.init_args.answers": args.answers,
+                "--model.init_args.surrogate_arch": args.surrogate_arch,
+                "--model.init_args.query_budget": args.query_budget,
+                "--model.init_args.onnx_outputs": args.onnx_outputs,
+            }
+        )
     return [item for flag, value in options.items() if value is not None for item in (flag, _flag_value(value))]
 
 
@@ -630,6 +704,15 @@ def _check_folders(args: argparse.Namespace) -> None:
             f"{given} needs {'--target-label' if given == '--triggered-root' else '--triggered-root'}: the triggered "
             "images and the class their trigger leads to go together (ASR)."
         )
+    black_box_options = ("--surrogate-arch", "--query-budget", "--onnx-outputs")
+    given = [name for name in black_box_options if getattr(args, name[2:].replace("-", "_")) is not None]
+    if given and not is_black_box(args):
+        raise ConfigError(
+            f"{given[0]} is an option of a black-box defense: give an .onnx MODEL, or --answers probabilities or "
+            "labels to defend MODEL through its answers only."
+        )
+    if args.onnx_outputs is not None and not str(args.model).lower().endswith(".onnx"):
+        raise ConfigError("--onnx-outputs says what an .onnx MODEL's output is: drop it for other model files.")
     for name, value in (("--max-epochs", args.max_epochs), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}.")
@@ -682,7 +765,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         tests = args.test_root is not None or args.triggered_root is not None
         report = run_defense(
             args.model,
-            DEFEND_CONFIGS,
+            [*DEFEND_CONFIGS, BLACK_BOX_CONFIG] if is_black_box(args) else DEFEND_CONFIGS,
             run_dir,
             [*stage_args(args, facts, run_dir), *passed],
             predict_root=args.images if args.predict else None,

@@ -12,7 +12,7 @@ from refine_pl.classifier import NormalizedClassifier
 from refine_pl.errors import ConfigError, cli_flag
 from refine_pl.metric_names import AGREEMENT, CLEAN_FLOOR, DEFENDED, LABEL_FREE, NO_DEFENSE
 from refine_pl.state_dicts import describe_key_mismatch
-from refine_pl.victims import load_victim
+from refine_pl.victims import VictimRecord, load_victim
 from refine_pl.weights import VICTIM_KEY
 
 DATA_FACTS_KEY = "data_facts"
@@ -107,7 +107,7 @@ class DefendedLitModule(BackdoorLitModule):
     ) -> None:
         rows = (DEFENDED, NO_DEFENSE, CLEAN_FLOOR)[: 3 if clean_reference else 2]
         super().__init__(num_classes, optimizer, scheduler, rows, bf16, channels_last, undefended_row=NO_DEFENSE)
-        self.save_hyperparameters(ignore=["transform", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["transform", "optimizer", "scheduler", "black_box"])
         if victim_access not in ("white_box", "query_only"):
             raise ConfigError(
                 f"victim_access must be white_box or query_only, got {victim_access!r}: set "
@@ -119,7 +119,7 @@ class DefendedLitModule(BackdoorLitModule):
                 f"give: use {cli_flag('model', 'victim_access')} white_box with the model's weights, or a defense "
                 "that only queries the victim."
             )
-        self.victim, self.victim_record = load_victim(
+        self.victim, self.victim_record = self.load_victim(
             victim_checkpoint, num_classes, in_channels, image_size, mean, std, victim_arch
         )
         self.victim.query_only = victim_access == "query_only"
@@ -131,6 +131,28 @@ class DefendedLitModule(BackdoorLitModule):
         if channels_last:
             for model in self._frozen_models().values():
                 model.to(memory_format=torch.channels_last)
+
+    def load_victim(
+        self,
+        victim_checkpoint: str,
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        victim_arch: str | None,
+    ) -> tuple[nn.Module, VictimRecord]:
+        """The frozen victim and its record (:func:`~refine_pl.victims.load_victim`).
+
+        A defense of a model that can only be queried builds its black box here instead.
+        """
+        if str(victim_checkpoint).lower().endswith(".onnx"):
+            raise ConfigError(
+                f"{victim_checkpoint} is an ONNX file, which {type(self).__name__} cannot train through: defend it as "
+                "a model you can only query, with --config configs/refine/black_box.yaml (or refine-pl defend "
+                "MODEL.onnx IMAGES); see docs/black-box.md."
+            )
+        return load_victim(victim_checkpoint, num_classes, in_channels, image_size, mean, std, victim_arch)
 
     def _frozen_models(self) -> dict[str, nn.Module]:
         """The models that never train, by every ``state_dict`` prefix they appear under.

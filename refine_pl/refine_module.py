@@ -134,6 +134,11 @@ class RefineLitModule(InputTransformDefense):
         restarts = checkpoint.get(TRANSFORM_RESTARTS, 0)
         self.transform_restarts = restarts if isinstance(restarts, int) else 0
 
+    @property
+    def gradient_victim(self) -> nn.Module:
+        """The network ``T``'s gradients flow through: the victim (a black-box defense puts its surrogate here)."""
+        return self.victim
+
     def pseudo_labels(self, images: Tensor, indices: Tensor | None = None) -> Tensor:
         """The victim's predictions ``[B]`` (long) on images ``[B, C, H, W]``; no gradient flows.
 
@@ -186,7 +191,7 @@ class RefineLitModule(InputTransformDefense):
                 images,
                 pseudo_labels,
                 self.transform,
-                self.victim,
+                self.gradient_victim,
                 self.remap,
                 self.utility_loss,
                 self.contrastive_loss,

@@ -405,7 +405,7 @@ def test_the_help_of_refine_pl_names_defend_and_defends_help_is_the_quick_refere
     examples = [
         shlex.split(line) for line in USAGE_EXAMPLES.replace("\\\n", " ").splitlines() if "refine-pl def" in line
     ]
-    assert len(examples) == 4
+    assert len(examples) == 5
     for words in examples:
         build_parser().parse_args(words[2 : words.index("--") if "--" in words else None])
 

@@ -1,0 +1,363 @@
+"""REFINE in front of a model that can only be queried: a query function, an ONNX file, a victim answering labels or
+probabilities only. The black box is never asked for a gradient, the pseudo-labels are its own answers (never the
+surrogate's), label-only mode never sees a probability, ONNX files are checked before anything of them runs, and the
+defended ONNX graph gives what the PyTorch side gives.
+"""
+
+import json
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from datamodules import RefineDataModule
+from refine_pl import RefineLitModule
+from refine_pl.black_box import BlackBox, ModelAnswers, OnnxBlackBox, QueryFunction, check_onnx_file
+from refine_pl.black_box_export import export_black_box_onnx, load_black_box_defense, save_black_box_defense
+from refine_pl.black_box_module import BlackBoxRefineLitModule, budget_indices, default_surrogate_arch
+from refine_pl.defend import main
+from refine_pl.errors import ConfigError
+from refine_pl.transform import UNet
+from refine_pl.victims import load_victim
+from tests.conftest import MNIST_FACTS, SmallDigits, quiet_trainer, write_victim_checkpoint
+from tests.test_unlabeled_folder import write_images, write_test_folder
+
+TINY = {**MNIST_FACTS, "transform": partial(UNet, base_width=4), "surrogate_epochs": 1}
+
+
+def digits() -> RefineDataModule:
+    """80 training digits in augmented views with their originals and indices, 30 test digits."""
+    return RefineDataModule(
+        SmallDigits((8,) * 10, (3,) * 10), batch_size=16, horizontal_flip=False, consistency=True, max_rotation=15,
+        num_workers=0,
+    )  # fmt: skip
+
+
+def fit_and_test(module: BlackBoxRefineLitModule, root: Path, steps: int = 2) -> None:
+    trainer = quiet_trainer(root, max_steps=steps, limit_val_batches=0)
+    data = digits()
+    trainer.fit(module, datamodule=data)
+    trainer.test(module, datamodule=data)
+
+
+def write_onnx_classifier(
+    path: Path,
+    num_classes: int = 10,
+    in_channels: int = 1,
+    image_size: int = 28,
+    domain: str = "",
+    opset: int = 17,
+    seed: int = 0,
+) -> Path:
+    """A linear classifier as an ONNX graph: Flatten, then Gemm to ``num_classes`` logits (dynamic batch)."""
+    rng = np.random.default_rng(seed)
+    weight = rng.normal(0, 0.05, (in_channels * image_size * image_size, num_classes)).astype(np.float32)
+    nodes = [
+        helper.make_node("Flatten", ["images"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "weight"], ["logits"]),
+    ]
+    opsets = [helper.make_opsetid("", opset)]
+    if domain:
+        nodes.append(helper.make_node("Evil", ["logits"], ["scores"], domain=domain))
+        opsets.append(helper.make_opsetid(domain, 1))
+    graph = helper.make_graph(
+        nodes,
+        "linear",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", in_channels, image_size, image_size])],
+        [helper.make_tensor_value_info("scores" if domain else "logits", TensorProto.FLOAT, ["batch", num_classes])],
+        [numpy_helper.from_array(weight, "weight")],
+    )
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    return path
+
+
+@pytest.fixture
+def no_onnxruntime(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No onnxruntime session opens: a file refine-pl checks must be refused before one would."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("onnxruntime ran a file refine-pl should have refused")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
+
+
+# ---- the black box answers, and nothing more -------------------------------------------------------------------------
+
+
+def test_the_black_box_is_never_asked_for_a_gradient_and_its_queries_are_counted(tmp_path: Path) -> None:
+    classifier, _ = load_victim(write_victim_checkpoint(tmp_path / "v.ckpt"), **MNIST_FACTS)
+    seen = []
+
+    def service(images: np.ndarray) -> np.ndarray:
+        assert isinstance(images, np.ndarray) and images.dtype == np.float32  # a plain array, never a tensor
+        assert not torch.is_grad_enabled()
+        seen.append(len(images))
+        return classifier(torch.from_numpy(images)).softmax(1).numpy()
+
+    box = QueryFunction(service, 10, name="my service")
+    module = BlackBoxRefineLitModule(black_box=box, **TINY)
+    fit_and_test(module, tmp_path)
+    record = json.loads((tmp_path / "black_box.json").read_text())
+    assert record["training_queries"] == module.training_queries == record["answered_images"] > 0
+    assert record["answered_images"] == record["training_images"]  # each once, also those a dropped last batch held
+    assert box.queries == sum(seen) == module.training_queries + record["test_queries"]
+    assert record["answers"] == "probabilities" and record["surrogate_arch"] == "small_cnn"
+    assert 0 <= record["surrogate_test_agreement"] <= 1
+    assert all(not p.requires_grad for p in module.surrogate.parameters())
+    assert module.victim_record.path == "my service"
+
+
+def test_the_pseudo_labels_are_the_black_boxs_answers_not_the_surrogates(tmp_path: Path) -> None:
+    def brightness_class(images: np.ndarray) -> np.ndarray:  # answers no network could be distilled into in 1 epoch
+        return (images.reshape(len(images), -1).sum(1) * 7).astype(np.int64) % 10
+
+    module = BlackBoxRefineLitModule(black_box=QueryFunction(brightness_class, 10, answers="labels"), **TINY)
+    given = []
+    original = module.pseudo_labels
+
+    def spy(images: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+        labels = original(images, indices)
+        given.append((images.detach().cpu(), labels.cpu()))
+        return labels
+
+    module.pseudo_labels = spy
+    fit_and_test(module, tmp_path, steps=3)
+    assert given
+    images = torch.cat([batch for batch, _ in given])
+    labels = torch.cat([labels for _, labels in given])
+    assert torch.equal(labels, torch.from_numpy(brightness_class(images.numpy())))
+    with torch.no_grad():
+        surrogate = module.surrogate(images).argmax(1)
+    assert not torch.equal(labels, surrogate)  # the surrogate's guesses differ: they were not used
+
+
+def test_label_only_mode_never_sees_a_probability(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    classifier, _ = load_victim(write_victim_checkpoint(tmp_path / "v.ckpt"), **MNIST_FACTS)
+    box = ModelAnswers(classifier, 10, answers="labels")
+    answers = []
+    ask = BlackBox.ask
+
+    def spy(self: BlackBox, images: torch.Tensor) -> torch.Tensor:
+        answer = ask(self, images)
+        answers.append(answer)
+        return answer
+
+    monkeypatch.setattr(BlackBox, "ask", spy)
+    module = BlackBoxRefineLitModule(black_box=box, **TINY)
+    fit_and_test(module, tmp_path)
+    assert answers and all(a.ndim == 1 and a.dtype == torch.long for a in answers)
+    assert module._answers.ndim == 1 and module._answers.dtype == torch.long
+
+    def service(images: np.ndarray) -> np.ndarray:  # a service that gives probabilities where labels were promised
+        return np.full((len(images), 10), 0.1, dtype=np.float32)
+
+    with pytest.raises(ConfigError, match="answers labels only but gave an answer of shape .*answers probabilities"):
+        QueryFunction(service, 10, answers="labels").ask(torch.rand(3, 1, 28, 28))
+
+
+def test_a_resumed_run_asks_the_black_box_nothing_again(tmp_path: Path) -> None:
+    def service(images: np.ndarray) -> np.ndarray:
+        return (images.reshape(len(images), -1).mean(1) * 100).astype(np.int64) % 10
+
+    first = BlackBoxRefineLitModule(black_box=QueryFunction(service, 10, answers="labels"), **TINY)
+    trainer = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(first, datamodule=digits())
+    trainer.save_checkpoint(tmp_path / "first.ckpt")
+    box = QueryFunction(service, 10, answers="labels")
+    resumed = BlackBoxRefineLitModule(black_box=box, **TINY)
+    quiet_trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(
+        resumed, datamodule=digits(), ckpt_path=tmp_path / "first.ckpt"
+    )
+    assert box.queries == 0 and resumed.training_queries == first.training_queries > 0
+    assert torch.equal(resumed._answers, first._answers)
+
+
+def test_a_surrogate_refresh_asks_about_ts_output_and_counts_those_queries(tmp_path: Path) -> None:
+    seen = []
+
+    def service(images: np.ndarray) -> np.ndarray:
+        seen.append(images)
+        return (images.reshape(len(images), -1).mean(1) * 100).astype(np.int64) % 10
+
+    box = QueryFunction(service, 10, answers="labels")
+    module = BlackBoxRefineLitModule(black_box=box, surrogate_refresh_epochs=1, **TINY)
+    trainer = quiet_trainer(tmp_path, max_epochs=2, limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(module, datamodule=digits())
+    answered = module.record["answered_images"]
+    assert module.record["surrogate_refreshes"] == 1  # before epoch 1 (none before epoch 0)
+    assert module.training_queries == box.queries == 2 * answered - answered % 16  # full batches of the refresh
+    with pytest.raises(ConfigError, match="surrogate_refresh_epochs"):
+        BlackBoxRefineLitModule(black_box=box, surrogate_refresh_epochs=-1, **TINY)
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (np.zeros(3, dtype=np.int64), "answers probabilities but gave .*set answers labels"),
+        (np.full((3, 10), 0.5, dtype=np.float32), "not probabilities"),
+        (np.full((3, 4), 0.25, dtype=np.float32), r"shape \(3, 4\)"),
+    ],
+)
+def test_answers_that_are_not_what_the_mode_says_are_refused(answer: np.ndarray, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        QueryFunction(lambda images: answer, 10).ask(torch.rand(3, 1, 28, 28))
+
+
+def test_the_query_budget_bounds_the_images_answered_and_the_surrogate_fits_the_data(tmp_path: Path) -> None:
+    assert len(budget_indices(100, 0.25, 0)) == 25 and len(budget_indices(100, 40, 0)) == 40
+    assert set(budget_indices(100, 0.1, 0).tolist()) <= set(budget_indices(100, 0.5, 0).tolist())
+    assert (default_surrogate_arch(28), default_surrogate_arch(32), default_surrogate_arch(224)) == (
+        "small_cnn", "resnet18_cifar_narrow", "resnet18"
+    )  # fmt: skip
+    for bad in (0, -1, 2.5, float("nan")):
+        with pytest.raises(ConfigError, match="query_budget"):
+            BlackBoxRefineLitModule(black_box=QueryFunction(lambda x: x, 10), query_budget=bad, **TINY)
+    box = QueryFunction(lambda images: np.zeros(len(images), dtype=np.int64), 10, answers="labels")
+    module = BlackBoxRefineLitModule(black_box=box, query_budget=0.25, **TINY)
+    fit_and_test(module, tmp_path)
+    assert (
+        module.training_queries
+        == box.queries - json.loads((tmp_path / "black_box.json").read_text())["test_queries"]
+        <= 18
+    )  # a quarter of 72 training digits (the rest of the 80 is held out)
+
+
+# ---- ONNX files ------------------------------------------------------------------------------------------------------
+
+
+def test_a_white_box_defense_sends_an_onnx_victim_to_the_black_box_path(tmp_path: Path, no_onnxruntime: None) -> None:
+    path = write_onnx_classifier(tmp_path / "vendor.onnx")
+    with pytest.raises(ConfigError, match="configs/refine/black_box.yaml"):
+        RefineLitModule(victim_checkpoint=str(path), **MNIST_FACTS)
+
+
+def test_an_onnx_file_with_a_custom_domain_is_refused_without_running(tmp_path: Path, no_onnxruntime: None) -> None:
+    path = write_onnx_classifier(tmp_path / "vendor.onnx", domain="com.vendor")
+    with pytest.raises(ConfigError, match=r"custom domain\(s\) com.vendor.*standard ONNX operators only"):
+        BlackBoxRefineLitModule(victim_checkpoint=str(path), **TINY)
+
+
+def test_external_data_outside_the_files_folder_is_refused_without_running(tmp_path: Path) -> None:
+    path = write_onnx_classifier(tmp_path / "model" / "vendor.onnx")
+    (tmp_path / "elsewhere").mkdir()
+    for location in ("../elsewhere/weights.bin", str(tmp_path / "elsewhere" / "weights.bin")):
+        keep_weights_in(path, location)  # written by hand: onnx.save_model refuses such paths itself
+        with pytest.raises(ConfigError, match="outside the file's folder"):
+            check_onnx_file(path, 1, 28, 10)
+    keep_weights_in(path, "weights.bin")
+    check_onnx_file(path, 1, 28, 10)  # beside the model: read
+    assert OnnxBlackBox(path, 10, 1, 28, (0.0,), (1.0,)).ask(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def keep_weights_in(path: Path, location: str) -> None:
+    """Writes the linear classifier to ``path`` with its weight tensor in the external file ``location``."""
+    model = onnx.load(str(write_onnx_classifier(path)))
+    tensor = model.graph.initializer[0]
+    (path.parent / location).write_bytes(tensor.raw_data)
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", location
+    path.write_bytes(model.SerializeToString())
+
+
+@pytest.mark.parametrize(
+    ("facts", "message"),
+    [
+        ({"in_channels": 3}, r"takes float input \['B', 1, 28, 28\], not float images \[B, 3, 28, 28\]"),
+        ({"image_size": 32}, r"not float images \[B, 1, 32, 32\]"),
+        ({"num_classes": 5}, r"gives output \['B', 10\], not \[B, 5\].*num_classes 10"),
+    ],
+)
+def test_an_onnx_graph_that_does_not_fit_the_data_is_refused_in_one_line(
+    tmp_path: Path, no_onnxruntime: None, facts: dict, message: str
+) -> None:
+    path = write_onnx_classifier(tmp_path / "vendor.onnx")
+    shape = {"in_channels": 1, "image_size": 28, "num_classes": 10, **facts}
+    with pytest.raises(ConfigError, match=message):
+        check_onnx_file(path, **shape)
+
+
+def test_too_large_a_graph_and_a_file_that_is_not_onnx_are_refused(
+    tmp_path: Path, no_onnxruntime: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_onnx_classifier(tmp_path / "vendor.onnx")
+    monkeypatch.setattr("refine_pl.black_box.ONNX_MAX_NODES", 1)
+    with pytest.raises(ConfigError, match="has 2 nodes, more than refine-pl reads"):
+        check_onnx_file(path, 1, 28, 10)
+    (tmp_path / "junk.onnx").write_bytes(b"\x08\x07not a protobuf at all\xff\xff")
+    with pytest.raises(ConfigError, match="is not an ONNX model|malformed"):
+        check_onnx_file(tmp_path / "junk.onnx", 1, 28, 10)
+
+
+@pytest.mark.parametrize("answers", ["probabilities", "labels"])
+def test_the_defended_onnx_graph_equals_the_pytorch_defended_classifier(tmp_path: Path, answers: str) -> None:
+    victim = write_onnx_classifier(tmp_path / "vendor.onnx", opset=17)  # converted to the export's opset
+    module = BlackBoxRefineLitModule(victim_checkpoint=str(victim), answers=answers, **TINY)
+    assert isinstance(module.black_box, OnnxBlackBox)
+    path = export_black_box_onnx(module.defended, 28, tmp_path / "defended.onnx")
+    images = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"images": images.numpy()})
+    with torch.no_grad():
+        expected = module.defended.eval()(images)
+    torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(torch.from_numpy(logits).argmax(1), expected.argmax(1))
+
+
+def test_the_defense_of_a_query_function_reloads_around_it(tmp_path: Path) -> None:
+    def service(images: np.ndarray) -> np.ndarray:
+        return (images.reshape(len(images), -1).mean(1) * 100).astype(np.int64) % 10
+
+    module = BlackBoxRefineLitModule(black_box=QueryFunction(service, 10, answers="labels"), **TINY)
+    path = save_black_box_defense(module.defended, 28, tmp_path / "defended.safetensors")
+    reloaded = load_black_box_defense(path, QueryFunction(service, 10, answers="labels"))
+    images = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(images), module.defended.eval()(images))
+    with pytest.raises(ConfigError, match="black box of 10 classes"):
+        load_black_box_defense(path, QueryFunction(service, 4, answers="labels"))
+
+
+# ---- the command line ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_an_onnx_victim_is_defended_end_to_end_through_the_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_onnx_classifier(tmp_path / "vendor.onnx", num_classes=3)
+    write_images(tmp_path / "my_images", 24)
+    write_test_folder(tmp_path / "my_test", ["a", "b", "c"])
+    report = main(
+        ["vendor.onnx", "my_images", "--mean", "0.5", "--std", "0.25", "--channels", "1", "--max-epochs", "1",
+         "--batch-size", "8", "--answers", "labels", "--query-budget", "0.5", "--test-root", "my_test", "--out", "run",
+         "--", "--model.init_args.transform.init_args.base_width", "4", "--model.init_args.surrogate_epochs", "1",
+         "--data.init_args.num_workers", "0", "--trainer.enable_progress_bar", "false"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "Inferred --image-size 28: the graph of vendor.onnx" in out
+    assert "Inferred --num-classes 3: the graph of vendor.onnx" in out
+    run = tmp_path / "run"
+    assert {"defended.safetensors", "defended.onnx", "MODEL_CARD.md", "black_box.json"} <= {
+        p.name for p in run.iterdir()
+    }  # fmt: skip
+    record = json.loads((run / "black_box.json").read_text())
+    assert record["answers"] == "labels" and record["query_budget"] == 0.5
+    assert 0 < record["training_queries"] <= 12  # half the training images (some of the 24 are held out)
+    assert 0 <= report["defended"]["ba"] <= 1
+    card = (run / "MODEL_CARD.md").read_text()
+    assert "## Black box" in card and f"{record['training_queries']} images for training" in card
+    session = onnxruntime.InferenceSession(str(run / "defended.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"images": np.random.default_rng(0).random((2, 1, 28, 28), np.float32)})
+    assert logits.shape == (2, 3)
