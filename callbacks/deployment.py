@@ -148,13 +148,17 @@ def _black_box_lines(module: InputTransformDefense) -> list[str]:
     """What the card says of a black-box defense: what the victim answered, the surrogate, the queries."""
     record = getattr(module, "record", {})
     agreement = record.get("surrogate_test_agreement")
+    queries = getattr(module, "training_queries", 0)
+    refreshes = int(record.get("surrogate_refreshes", 0))
+    refreshed = f" and refreshed {refreshes} times on the victim's answers to T's output" if refreshes else ""
     return [
         "## Black box",
         "",
         f"- The victim only answered queries ({record.get('answers', module.victim.answers)}): "
-        f"{getattr(module, 'training_queries', 0)} images for training; T trained through a surrogate "
-        f"(`{record.get('surrogate_arch')}`) distilled from those answers, with the victim's own answers as "
-        "pseudo-labels. The deployed classifier is M(victim(T(x))).",
+        f"{record.get('answered_images', queries)} images for training, {queries} training queries in all; T "
+        f"trained through a surrogate (`{record.get('surrogate_arch')}`) distilled from those answers{refreshed}, "
+        "with the victim's own answers to the original images as pseudo-labels. The deployed classifier is "
+        "M(victim(T(x))).",
         *(
             [f"- The surrogate's agreement with the victim on the clean test images: {agreement:.4f}."]
             if agreement
