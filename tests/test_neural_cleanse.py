@@ -279,6 +279,22 @@ def test_victim_labels_never_read_a_true_label(untrained_victim: Path, tmp_path:
         _labels_run(untrained_victim, tmp_path / "d", "true", torch.full((40,), -1))
 
 
+def test_the_copy_unlearns_in_train_mode_and_the_victims_statistics_never_move(
+    untrained_victim: Path, tmp_path: Path
+) -> None:
+    # Fine-tuned in the victim's eval mode, the copy's batch norm ran on frozen statistics and the MNIST victims'
+    # copies diverged to NaN within a few steps (every input then went to one class).
+    module = _labels_run(untrained_victim, tmp_path, "victim", None)
+    victim, copy = module.victim.state_dict(), module.defended.state_dict()
+    statistics = [key for key in copy if key.endswith("running_mean")]
+    assert statistics and all(not torch.equal(copy[key], victim[key]) for key in statistics)
+    assert all(torch.isfinite(value.float()).all() for value in copy.values())
+    assert not module.victim.training
+    checkpoint = torch.load(untrained_victim, weights_only=True)
+    saved = {key.removeprefix("model."): value for key, value in checkpoint["state_dict"].items()}
+    assert set(saved) <= set(victim) and all(torch.equal(victim[key], value) for key, value in saved.items())
+
+
 def test_neural_cleanse_refuses_a_scheduler_and_unknown_labels(untrained_victim: Path) -> None:
     with pytest.raises(ConfigError, match="anneals its unlearning rate itself"):
         NeuralCleanse(victim_checkpoint=str(untrained_victim), **MNIST_FACTS, scheduler=torch.optim.lr_scheduler.StepLR)

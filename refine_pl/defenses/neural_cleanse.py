@@ -512,6 +512,9 @@ class NeuralCleanse(DefendedLitModule):
         fraction = progress.unlearn_images / max(progress.unlearn_total, 1)
         for group in unlearning_optimizer.optimizer.param_groups:  # cosine annealing over the unlearning images
             group["lr"] = group["initial_lr"] * 0.5 * (1 + math.cos(math.pi * fraction))
+        # Lightning keeps each module's mode through the fit; the copy starts in the victim's eval mode, and
+        # fine-tuning it there (batch norm on frozen statistics) diverged within a few steps on the MNIST victims.
+        self.defended.train()
         with self.training_autocast():
             logits = self.defended(self.training_layout(inputs))
         loss = F.cross_entropy(logits.float(), labels)
