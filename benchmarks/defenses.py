@@ -21,7 +21,9 @@ full run's point is the matrix's REFINE run.
 Writes to ``--results-dir``: ``defenses_seeds.csv`` (``attack,seed,defense,<rates>,seconds``; defense ``none`` is
 the victim, ``clean_floor`` the clean model), ``defenses.csv`` (per attack and defense: the seeds held, each rate's
 mean, standard deviation and worst seed, the mean seconds), ``defenses.md`` (the matrix per metric, each defense's
-time, REFINE against the best other defense), ``defenses_heatmap.png`` (mean ASR and BA), ``data_efficiency.csv``
+time, REFINE against the best other defense), ``defenses_heatmap.png`` (mean ASR and BA),
+``defenses_true_labels.csv`` and ``.md`` (the labelled defenses' side rows with the true labels, ``--true-labels``,
+beside their seed-0 runs on the victim's predictions), ``data_efficiency.csv``
 (``attack,fraction,images,batch_size,epochs,cosine_epochs,warmup_epochs,steps,ba,asr,ra,der,seconds``),
 ``data_efficiency.md`` and ``data_efficiency.png``; the tables of the markdown files are rendered from the csv files by
 :mod:`benchmarks.render`, as the docs' are. Runs go to ``--run-dir/<attack>_s<seed>/<defense>``
@@ -83,6 +85,10 @@ MATRIX_ATTACKS = (*ATTACKS, *ADAPTIVE_ATTACKS)
 SEEDS = (0, 1, 2)
 OVER_SEEDS = ("refine", "neural_cleanse", "btidbf_unlearning", "btidbf_purification")
 """The defenses of the paper's comparison, run on :data:`SEEDS`; every other defense runs on seed 0."""
+LABELLED_DEFENSES = ("neural_cleanse", "btidbf_unlearning", "btidbf_purification")
+"""The defenses that need labels. In the matrix they get the victim's predictions (REFINE's threat model: unlabeled
+images only); their side row, on seed 0, reads the training set's true labels instead: what labels are worth."""
+TRUE_LABELS = ["--model.init_args.labels", "true"]
 FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 EFFICIENCY_ATTACKS = ("badnets", "blended", "wanet")
 SEED = 0
@@ -235,6 +241,46 @@ def cell_report(attack: str, seed: int, defense: str, args: argparse.Namespace) 
 def cell_args(seed: int, args: argparse.Namespace) -> list[str]:
     """The arguments of a (non-REFINE) defense's run with ``seed``."""
     return [*args.defense_arg, "--seed_everything", str(seed)]
+
+
+def true_label_folder(args: argparse.Namespace, attack: str, defense: str) -> Path:
+    """The folder of ``defense``'s side row on ``attack`` (seed 0) with the true labels."""
+    return attack_folder(args, attack) / f"{defense}_true_labels"
+
+
+def true_label_report(attack: str, defense: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The report of ``defense``'s true-label side row on ``attack`` (with its ``seconds``), or None if unfinished."""
+    folder = true_label_folder(args, attack, defense)
+    run_args = [*cell_args(SEED, args), *TRUE_LABELS]
+    if not (folder / "report.json").is_file() or "seconds" not in run_record(folder / RESULT, run_args):
+        return None
+    return {**json.loads((folder / "report.json").read_text()), **json.loads((folder / RESULT).read_text())}
+
+
+def run_true_label_row(attack: str, defense: str, args: argparse.Namespace) -> None:
+    """Runs ``defense`` with the true labels on ``attack``'s seed-0 victim (trained first when missing)."""
+    clean = clean_model(args.run_dir, SEED, args.victim_arg)
+    suspect = victim(args.run_dir, attack, SEED, args.victim_arg)
+    folder = true_label_folder(args, attack, defense)
+    defense_report(defense, suspect, clean, folder, [*cell_args(SEED, args), *TRUE_LABELS])
+
+
+def true_label_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every finished side row, each beside the same defense's matrix run on seed 0 (victim labels) when finished."""
+    rows = []
+    for attack in MATRIX_ATTACKS:
+        for defense in LABELLED_DEFENSES:
+            report = true_label_report(attack, defense, args)
+            if report is None:
+                continue
+            runs = (("victim", cell_report(attack, SEED, defense, args)), ("true", report))
+            for labels, run in runs:
+                if run is not None:
+                    rates = {rate: run[DEFENDED.key][rate] for rate in RATES}
+                    rows.append(
+                        {"attack": attack, "defense": defense, "labels": labels, **rates, "seconds": run["seconds"]}
+                    )
+    return rows
 
 
 def run_cell(attack: str, seed: int, defense: str, args: argparse.Namespace) -> None:
@@ -449,6 +495,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--fractions", nargs="+", type=float, default=list(FRACTIONS))
     parser.add_argument(
+        "--true-labels", action="store_true",
+        help=f"also run the side rows of {', '.join(LABELLED_DEFENSES)} (those of --defenses) with the true labels, "
+        f"seed {SEED}",
+    )  # fmt: skip
+    parser.add_argument(
         "--run-dir", type=Path, default=REPO / "runs" / "attacks",
         help="folder of the runs: victims, clean model and REFINE shared with benchmarks/attacks.py",
     )  # fmt: skip
@@ -484,6 +535,16 @@ def write_matrix(args: argparse.Namespace) -> str:
     return text
 
 
+def write_true_labels(args: argparse.Namespace) -> str:
+    """Writes ``defenses_true_labels.csv`` and ``.md`` from every finished side row; returns the markdown."""
+    rows = true_label_rows(args)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, ("attack", "defense", "labels", *RATES, "seconds"), args.results_dir / "defenses_true_labels.csv")
+    text = render.defenses_true_labels(args.results_dir)
+    (args.results_dir / "defenses_true_labels.md").write_text(text + "\n")
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     for run in args.rerun:
@@ -491,7 +552,12 @@ def main(argv: list[str] | None = None) -> None:
     if not args.finished_only:
         for attack, seed, defense in planned_cells(args.attacks, args.defenses, args.seeds):
             run_cell(attack, seed, defense, args)
+        if args.true_labels:
+            for attack in args.attacks:
+                for defense in (d for d in args.defenses if d in LABELLED_DEFENSES):
+                    run_true_label_row(attack, defense, args)
     print(write_matrix(args))
+    print(f"\n{write_true_labels(args)}")
     if args.efficiency_attacks:
         clean = clean_model(args.run_dir, SEED, args.victim_arg)
         curve = [

@@ -300,6 +300,27 @@ def defenses_verdict(results_dir: Path = RESULTS) -> str:
     )
 
 
+def defenses_true_labels(results_dir: Path = RESULTS) -> str:
+    """The labelled defenses with the victim's predictions and the true labels, from ``defenses_true_labels.csv``."""
+    from refine_pl.defenses import DEFENSES  # deferred: the labels of the defenses
+
+    rows = read_csv(results_dir / "defenses_true_labels.csv")
+    body = [
+        [row["attack"], DEFENSES[row["defense"]].label, "true" if row["labels"] == "true" else "victim's predictions"]
+        + [_fraction(row[metric]) for metric in ("ba", "asr", "any_class_asr", "der")]
+        + [f"{float(row['seconds']):.0f}"]
+        for row in rows
+    ]
+    header = ["attack", "defense", "labels", "BA", "ASR", "any-class ASR", "DER", "seconds"]
+    note = (
+        "Seed 0. The matrix's runs read no label (the victim's predictions on the same images); the side rows read "
+        "the training set's true labels."
+    )
+    if not body:
+        return "No true-label side row has finished yet (`python benchmarks/defenses.py --true-labels`)."
+    return table(header, body) + "\n\n" + note
+
+
 def data_efficiency(results_dir: Path = RESULTS) -> str:
     """REFINE's data-efficiency curve of ``benchmarks/defenses.py``, from ``data_efficiency.csv``."""
     rows = [
@@ -476,11 +497,7 @@ def _measured(value: str, digits: int = 4) -> str:
 
 
 def black_box(results_dir: Path = RESULTS) -> str:
-    """Black-box REFINE beside white-box REFINE, from ``black_box.csv`` (``benchmarks/black_box.py``).
-
-    Written to ``black_box.md`` by the benchmark; it joins :data:`RENDERERS` with a region of docs/black-box.md once
-    ``benchmarks/results/black_box.csv`` holds the measured rows (a region must render from a results file).
-    """
+    """Black-box REFINE beside white-box REFINE, from ``black_box.csv`` (``benchmarks/black_box.py``)."""
     header = [
         "attack", "seed", "answers", "surrogate", "query budget", "BA", "ASR", "any-class ASR",
         "surrogate agreement", "queries", "seconds", "white-box BA", "white-box ASR", "white-box any-class ASR",
@@ -508,6 +525,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     **{f"defenses_{metric}": partial(defenses, metric=metric) for metric in METRICS},
     "defenses_time": defenses_time,
     "defenses_verdict": defenses_verdict,
+    "defenses_true_labels": defenses_true_labels,
     "data_efficiency": data_efficiency,
     **{f"speed_{part}": partial(speed, part=part) for part in ("steps", "fit", "inference")},
     "tuning": tuning,

@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks.defenses import (
     MATRIX_ATTACKS,
+    TRUE_LABELS,
     defense_report,
     fraction_args,
     fraction_settings,
@@ -20,7 +21,9 @@ from benchmarks.defenses import (
     planned_cells,
     summarise,
     training_plan,
+    true_label_rows,
     write_matrix,
+    write_true_labels,
 )
 from refine_pl.errors import ConfigError
 from refine_pl.metric_names import CLEAN_FLOOR, NO_DEFENSE, REPORT_ROWS
@@ -185,3 +188,26 @@ def test_the_matrix_files_say_partial_and_render_the_seeds_each_cell_holds(tmp_p
     assert "| wanet | 0.0000 [seeds 0] | 1.0000 [seeds 0] | 0.0000 [seeds 0] | not run |" in asr
     assert "REFINE has the higher mean DER on 1 of the 1 attacks" in text
     assert (results / "defenses_heatmap.png").stat().st_size > 0
+
+
+def test_the_true_label_side_row_stands_beside_the_matrix_run_that_read_no_label(tmp_path: Path) -> None:
+    _finish_defense(tmp_path, "badnets", 0, "neural_cleanse", _report(_rates(0.98, 1.0, 0.0)))
+    _finish_defense(tmp_path, "badnets", 0, "neural_cleanse_true_labels", _report(_rates(0.97, 0.01, 0.98)))
+    side = tmp_path / "badnets_s0" / "neural_cleanse_true_labels" / "benchmark.json"
+    args = parse_args(["--run-dir", str(tmp_path), "--results-dir", str(tmp_path / "results"), "--finished-only"])
+    with pytest.raises(ConfigError, match="holds a run started with args"):  # not the true-label arguments
+        true_label_rows(args)
+    side.write_text(json.dumps({"args": ["--seed_everything", "0", *TRUE_LABELS], "seconds": 30.0, "resumed": False}))
+    rows = true_label_rows(args)
+    assert [(r["defense"], r["labels"], r["asr"], r["seconds"]) for r in rows] == [
+        ("neural_cleanse", "victim", 1.0, 12.0), ("neural_cleanse", "true", 0.01, 30.0),
+    ]  # fmt: skip
+    text = write_true_labels(args)
+    assert "| badnets | Neural Cleanse | true | 0.9700 | 0.0100 | 0.0100 | 0.9800 | 30 |" in text
+    assert "| badnets | Neural Cleanse | victim's predictions | 0.9800 | 1.0000 |" in text
+
+
+def test_no_finished_side_row_says_how_to_run_them(tmp_path: Path) -> None:
+    args = parse_args(["--run-dir", str(tmp_path), "--results-dir", str(tmp_path / "results"), "--finished-only"])
+    assert "--true-labels" in write_true_labels(args)
+    assert (tmp_path / "results" / "defenses_true_labels.csv").read_text().startswith("attack,defense,labels,")
