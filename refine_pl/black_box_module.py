@@ -144,8 +144,8 @@ class BlackBoxRefineLitModule(RefineLitModule):
         surrogate_lr: Learning rate of the distillation (Adam, cosine decay).
         surrogate_refresh_epochs: Every this many REFINE epochs, the black box answers ``T``'s output on the answered
             images and the surrogate is fine-tuned on it (:meth:`refresh_surrogate`; each refresh costs as many
-            queries as the first pass). Default 5: a 30-epoch run refreshes 5 times, about 6 queries per answered
-            image in all. 0: never (one query per image).
+            queries as the first pass). Default 1: a 30-epoch run refreshes 29 times, about 30 queries per
+            answered image in all. 0: never (one query per image).
         **kwargs: What :class:`~refine_pl.RefineLitModule` takes (the transform, the remap, the losses, the optimizer,
             the data facts, ...).
     """
@@ -162,7 +162,7 @@ class BlackBoxRefineLitModule(RefineLitModule):
         query_budget: float = 1.0,
         surrogate_epochs: int = 20,
         surrogate_lr: float = 1e-3,
-        surrogate_refresh_epochs: int = 5,
+        surrogate_refresh_epochs: int = 1,
         **kwargs: Any,
     ) -> None:
         check_answers_mode(answers)

@@ -167,12 +167,13 @@ def test_a_resumed_run_asks_the_black_box_nothing_again(tmp_path: Path) -> None:
     def service(images: np.ndarray) -> np.ndarray:
         return (images.reshape(len(images), -1).mean(1) * 100).astype(np.int64) % 10
 
-    first = BlackBoxRefineLitModule(black_box=QueryFunction(service, 10, answers="labels"), **TINY)
+    no_refresh = {**TINY, "surrogate_refresh_epochs": 0}  # the refreshes ask about T's new outputs (tested below)
+    first = BlackBoxRefineLitModule(black_box=QueryFunction(service, 10, answers="labels"), **no_refresh)
     trainer = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0)
     trainer.fit(first, datamodule=digits())
     trainer.save_checkpoint(tmp_path / "first.ckpt")
     box = QueryFunction(service, 10, answers="labels")
-    resumed = BlackBoxRefineLitModule(black_box=box, **TINY)
+    resumed = BlackBoxRefineLitModule(black_box=box, **no_refresh)
     quiet_trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(
         resumed, datamodule=digits(), ckpt_path=tmp_path / "first.ckpt"
     )
