@@ -263,4 +263,7 @@ def test_each_use_runs_through_the_cli_and_writes_its_report(
     assert report["defense"] == defense and report["attack"] == "badnets"
     assert all(isinstance(report["defended"][key], float) for key in ("ba", "asr", "ra", "der"))
     assert f"| {DEFENSES[defense].label} |" in (tmp_path / "report.md").read_text()
+    findings = report["findings"]  # the first round's repair voted: a target was detected
+    assert 0 <= findings["detected_target"] < 10 and sum(findings["target_votes"]) > 0
+    assert f"took class {findings['detected_target']} for the backdoor's target" in (tmp_path / "report.md").read_text()
     assert _sha256(victim_checkpoint) == digest

@@ -482,6 +482,29 @@ class BTIDBFTraining(DefendedLitModule):
     def start_rounds(self) -> None:
         """Called when the first round starts, after the pretraining."""
 
+    def findings(self) -> dict[str, Any]:
+        """The class BTI-DBF took for the backdoor's target, and the votes, for the report.
+
+        The target is the victim's most frequent class on the first round's generated images.
+        """
+        target = int(self.target_label)
+        votes = self.target_votes.tolist()
+        if target < 0:
+            summary = "BTI-DBF has not detected a target class yet (the first round's repair has not started)."
+        else:
+            share = votes[target] / max(sum(votes), 1)
+            summary = (
+                f"BTI-DBF took class {target} for the backdoor's target: the victim gave it to {share:.0%} of the "
+                f"first round's generated images (labels: {self.hparams['labels']})."
+            )
+        return {
+            "method": "btidbf",
+            "labels": self.hparams["labels"],
+            "detected_target": target if target >= 0 else None,
+            "target_votes": votes,
+            "summary": summary,
+        }
+
     def training_step(self, batch: Tensor | IndexedImages | AugmentedViews, batch_idx: int) -> Tensor:
         round_, phase, within = self.phase_at(self.current_epoch)
         images, labels = self.batch_images_and_labels(batch)
