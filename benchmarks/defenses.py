@@ -232,8 +232,16 @@ def cell_report(attack: str, seed: int, defense: str, args: argparse.Namespace) 
             return None
         report, seconds = finished_report(args.run_dir, attack, "refine", seed)
         return {**report, "seconds": seconds}
-    folder = attack_folder(args, attack, seed) / defense
-    if not (folder / "report.json").is_file() or "seconds" not in run_record(folder / RESULT, cell_args(seed, args)):
+    return finished_run(attack_folder(args, attack, seed) / defense, cell_args(seed, args))
+
+
+def finished_run(folder: Path, run_args: list[str]) -> dict[str, Any] | None:
+    """The report of the defense run in ``folder`` with its record (``seconds``), or None when it has not finished.
+
+    Raises:
+        ConfigError: ``folder`` holds a run started with other arguments than ``run_args``.
+    """
+    if not (folder / "report.json").is_file() or "seconds" not in run_record(folder / RESULT, run_args):
         return None
     return {**json.loads((folder / "report.json").read_text()), **json.loads((folder / RESULT).read_text())}
 
@@ -250,11 +258,7 @@ def true_label_folder(args: argparse.Namespace, attack: str, defense: str) -> Pa
 
 def true_label_report(attack: str, defense: str, args: argparse.Namespace) -> dict[str, Any] | None:
     """The report of ``defense``'s true-label side row on ``attack`` (with its ``seconds``), or None if unfinished."""
-    folder = true_label_folder(args, attack, defense)
-    run_args = [*cell_args(SEED, args), *TRUE_LABELS]
-    if not (folder / "report.json").is_file() or "seconds" not in run_record(folder / RESULT, run_args):
-        return None
-    return {**json.loads((folder / "report.json").read_text()), **json.loads((folder / RESULT).read_text())}
+    return finished_run(true_label_folder(args, attack, defense), [*cell_args(SEED, args), *TRUE_LABELS])
 
 
 def run_true_label_row(attack: str, defense: str, args: argparse.Namespace) -> None:
