@@ -535,6 +535,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "own_model": own_model,
     "detection": detection,
     "detection_tuning": detection_tuning,
+    "black_box": black_box,
 }
 """Region name -> the function that renders its content from a results folder."""
 
