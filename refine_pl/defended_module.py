@@ -1,5 +1,6 @@
 """The base of every defense: the frozen victim, the evaluation beside it, and checkpoints that name it."""
 
+import copy
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -153,6 +154,17 @@ class DefendedLitModule(BackdoorLitModule):
                 "MODEL.onnx IMAGES); see docs/black-box.md."
             )
         return load_victim(victim_checkpoint, num_classes, in_channels, image_size, mean, std, victim_arch)
+
+    def repairable_copy(self) -> NormalizedClassifier:
+        """A trainable copy of the victim, in train mode, for a defense that repairs the model it deploys.
+
+        Lightning keeps each module's mode through the fit (it switches to eval for validation and back), so the copy
+        must leave the victim's eval mode here: fine-tuned in it, batch norm runs on frozen statistics (Neural
+        Cleanse's unlearning diverged to NaN within 5 steps so). The victim itself stays frozen.
+        """
+        repaired = copy.deepcopy(self.victim)
+        repaired.query_only = False
+        return repaired.requires_grad_(True).train()
 
     def _frozen_models(self) -> dict[str, nn.Module]:
         """The models that never train, by every ``state_dict`` prefix they appear under.

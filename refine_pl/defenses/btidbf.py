@@ -28,7 +28,6 @@ benign set is ever read; ``labels: true`` takes the training set's true labels i
 what labels are worth.
 """
 
-import copy
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Literal
 
@@ -649,9 +648,7 @@ class BTIDBFUnlearning(BTIDBFTraining):
 
     def __init__(self, repair_lr: float = 1e-4, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        repaired = copy.deepcopy(self.victim)
-        repaired.query_only = False
-        self.defended = repaired.requires_grad_(True)
+        self.defended = self.repairable_copy()
         self.repaired_features = FeatureTap(self.defended, self.feature_layer)
 
     def inverted_classifier(self) -> NormalizedClassifier:

@@ -39,7 +39,6 @@ are the victim's own predictions on the un-stamped images (``labels: victim``, t
 the training set's true labels instead (a side row: what labels are worth).
 """
 
-import copy
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
@@ -304,9 +303,7 @@ class NeuralCleanse(DefendedLitModule):
             max_rounds=max_rounds,
         )
         # The deployed model: a copy of the victim that the unlearning trains; the victim itself stays frozen.
-        self.defended = copy.deepcopy(self.victim)
-        self.defended.query_only = False
-        self.defended.requires_grad_(True)
+        self.defended = self.repairable_copy()
         classes, channels, side = (self.hparams[key] for key in ("num_classes", "in_channels", "image_size"))
         self.mask_raw = nn.Parameter(torch.ones(1, 1, side, side))
         self.pattern_raw = nn.Parameter(torch.ones(1, channels, side, side))
@@ -512,9 +509,6 @@ class NeuralCleanse(DefendedLitModule):
         fraction = progress.unlearn_images / max(progress.unlearn_total, 1)
         for group in unlearning_optimizer.optimizer.param_groups:  # cosine annealing over the unlearning images
             group["lr"] = group["initial_lr"] * 0.5 * (1 + math.cos(math.pi * fraction))
-        # Lightning keeps each module's mode through the fit; the copy starts in the victim's eval mode, and
-        # fine-tuning it there (batch norm on frozen statistics) diverged within a few steps on the MNIST victims.
-        self.defended.train()
         with self.training_autocast():
             logits = self.defended(self.training_layout(inputs))
         loss = F.cross_entropy(logits.float(), labels)
