@@ -81,6 +81,14 @@ def check_query_budget(query_budget: Any) -> None:
         )
 
 
+def _unanswered(answers: Tensor) -> Tensor:
+    """``[N]`` bool: which images ``answers`` holds no answer for yet.
+
+    ``answers`` is probability rows ``[N, K]`` (a NaN row: not asked) or classes ``[N]`` (-1: not asked).
+    """
+    return answers.isnan().any(1) if answers.ndim == 2 else answers < 0
+
+
 def _epoch(loader: Any, epoch: int) -> Any:
     """``loader`` set to give the order and augmentations of data epoch ``epoch`` (when its sampler has epochs).
 
@@ -298,12 +306,10 @@ class BlackBoxRefineLitModule(RefineLitModule):
         for attempt in range(QUERY_PASSES):  # a loader that drops its last partial batch leaves some to the next pass
             for batch in _epoch(loader, QUERY_EPOCHS + attempt):
                 images, indices = _originals(batch)
-                unanswered = answers[indices].isnan().any(1) if probabilities else answers[indices] < 0
-                ask = allowed[indices] & unanswered
+                ask = allowed[indices] & _unanswered(answers[indices])
                 if bool(ask.any()):
                     answers[indices[ask]] = self._query(images[ask].to(self.device)).cpu()
-            missing = answers.isnan().any(1) if probabilities else answers < 0
-            if not bool((allowed & missing).any()):
+            if not bool((allowed & _unanswered(answers)).any()):
                 break
         self._set_answers(answers, allowed)
         self._distill(loader)
@@ -318,7 +324,7 @@ class BlackBoxRefineLitModule(RefineLitModule):
         self._allowed = allowed
         if answers.ndim == 2:  # probabilities; a row of NaN: not answered
             labels = answers.nan_to_num(-1).argmax(1)
-            labels[answers.isnan().any(1)] = -1
+            labels[_unanswered(answers)] = -1
         else:
             labels = answers.clone()
         labels[~allowed] = -1
