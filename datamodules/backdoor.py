@@ -150,20 +150,23 @@ class BackdoorDataModule(LightningDataModule):
             return 1, 0
         return self.trainer.world_size, self.trainer.global_rank
 
-    def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
+    def _loader(self, dataset: Dataset, shuffle: bool = False, min_epoch_samples: int = 0) -> DataLoader:
         """A training loader (``shuffle``) or an evaluation loader over this process's share of ``dataset``.
 
         Training order and augmentation are functions of the run's seed (``seed_everything``) and the
-        epoch, and the loader resumes mid-epoch (see :mod:`datamodules.sampling`). Batches of a run on a CUDA
-        GPU are in pinned memory. Evaluation loaders of a
-        multi-process run split the images over the processes without padding, so every image is counted
-        exactly once in BA / ASR (Lightning's own sampler would repeat some to even out the shares).
+        epoch, and the loader resumes mid-epoch (see :mod:`datamodules.sampling`); a training epoch draws at least
+        ``min_epoch_samples`` samples (a smaller set is passed over more than once). Batches of a run on a CUDA
+        GPU are in pinned memory. Evaluation loaders of a multi-process run split the images over the processes
+        without padding, so every image is counted exactly once in BA / ASR (Lightning's own sampler would repeat
+        some to even out the shares).
         """
         world_size, rank = self._processes()
         # Page-locked batches copy to a GPU asynchronously; on a CPU run they would only cost the pinning.
         pin_memory = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
         if shuffle:
-            sampler = ResumableSampler(dataset, self.batch_size, global_seed(), num_replicas=world_size, rank=rank)
+            sampler = ResumableSampler(
+                dataset, self.batch_size, global_seed(), world_size, rank, min_epoch_samples=min_epoch_samples
+            )
             return ResumableDataLoader(
                 dataset, sampler, num_workers=self.num_workers, trainer=self.trainer, pin_memory=pin_memory
             )
@@ -318,6 +321,9 @@ class RefineDataModule(BackdoorDataModule):
         consistency: Give each augmented image the pseudo-label of its un-augmented original (batches of
             :class:`~refine_pl.batches.AugmentedViews`) instead of the victim's prediction on the augmented
             image itself, so that ``T`` learns to map every view of an image to the victim's class of the image.
+        min_epoch_samples: The least number of images a training epoch draws: a smaller training set is passed
+            over several times an epoch (with augmentation, each pass gives new views), so that the number of
+            optimisation steps of a schedule in epochs does not shrink with the user's data. 0: one pass.
         predict_root: Folder of images to classify with ``predict`` (any nesting), or None.
         fraction: Share of the training split given as unlabeled training images, in (0, 1], drawn uniformly
             from ``split_seed`` (:func:`uniform_fraction`); validation and test images are not affected.
@@ -336,9 +342,15 @@ class RefineDataModule(BackdoorDataModule):
         fraction: float = 1.0,
         max_rotation: float = 0.0,
         consistency: bool = False,
+        min_epoch_samples: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(source, attack, batch_size, **kwargs)
+        if not isinstance(min_epoch_samples, int) or isinstance(min_epoch_samples, bool) or min_epoch_samples < 0:
+            raise ConfigError(
+                f"{cli_flag('data', 'min_epoch_samples')} is the least number of images a training epoch draws and "
+                f"must be a whole number >= 0 (0: one pass over the training images), got {min_epoch_samples!r}."
+            )
         if not isinstance(max_rotation, (int, float)) or not 0 <= max_rotation <= 180:
             raise ConfigError(
                 f"{cli_flag('data', 'max_rotation')} is the largest rotation of the augmentation in degrees and must "
@@ -361,6 +373,7 @@ class RefineDataModule(BackdoorDataModule):
         self.fraction = fraction
         self.max_rotation = max_rotation
         self.consistency = consistency
+        self.min_epoch_samples = min_epoch_samples
 
     def setup(self, stage: str | None = None) -> None:
         already_set_up = self.train_set is not None
@@ -380,11 +393,14 @@ class RefineDataModule(BackdoorDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if not self.augment:
-            return self._loader(IndexedUnlabeledImages(self.train_set), shuffle=True)
-        augmentation = refine_augmentation(self.image_size, self.in_channels, self.horizontal_flip, self.max_rotation)
-        if self.consistency:
-            return self._loader(IndexedAugmentedViews(self.train_set, augmentation), shuffle=True)
-        return self._loader(UnlabeledImages(self.train_set, augmentation), shuffle=True)
+            dataset: Dataset = IndexedUnlabeledImages(self.train_set)
+        else:
+            augmentation = refine_augmentation(
+                self.image_size, self.in_channels, self.horizontal_flip, self.max_rotation
+            )
+            views = IndexedAugmentedViews if self.consistency else UnlabeledImages
+            dataset = views(self.train_set, augmentation)
+        return self._loader(dataset, shuffle=True, min_epoch_samples=self.min_epoch_samples)
 
     def val_dataloader(self) -> list[DataLoader]:
         if self.source.labeled_train:

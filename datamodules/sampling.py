@@ -57,13 +57,25 @@ class ResumableSampler(KeptDistributedSampler):
         seed: Seed of the order and of the per-sample seeds.
         num_replicas: Number of processes.
         rank: This process's rank.
+        min_epoch_samples: The least number of samples an epoch draws (over all processes): a smaller dataset is
+            passed over several times in one epoch (each pass a new permutation, each sample its own seed, so a
+            repeated image is augmented anew). 0: one pass.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        min_epoch_samples: int = 0,
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.batch_size = batch_size
         self.global_batch_size = batch_size * num_replicas
-        self.num_batches = len(dataset) // self.global_batch_size
+        self.epoch_samples = max(len(dataset), min_epoch_samples) if len(dataset) else 0
+        self.num_batches = self.epoch_samples // self.global_batch_size
         if self.num_batches == 0:
             raise ConfigError(
                 f"The training set has {len(dataset)} images, fewer than one global batch of {num_replicas} "
@@ -75,17 +87,25 @@ class ResumableSampler(KeptDistributedSampler):
         """Batches at the start of the next iteration to leave out (set by :class:`ResumableDataLoader`)."""
 
     def epoch_plan(self) -> tuple[Tensor, Tensor]:
-        """``(order, seeds)`` of the current epoch: a permutation of the dataset indices and one seed per index."""
+        """``(order, seeds)`` of the current epoch: the dataset indices and their seeds, one per sample drawn.
+
+        The first pass is a permutation of the dataset, each further pass (``min_epoch_samples``) another one.
+        """
         generator = epoch_generator(self.seed, self.epoch)
-        order = torch.randperm(len(self.dataset), generator=generator)
-        seeds = torch.randint(0, 2**62, (len(self.dataset),), generator=generator)
-        return order, seeds
+        size = len(self.dataset)
+        order = torch.randperm(size, generator=generator)
+        seeds = torch.randint(0, 2**62, (size,), generator=generator)[order]
+        orders, all_seeds = [order], [seeds]
+        for _ in range(1, -(-self.epoch_samples // size)):
+            orders.append(torch.randperm(size, generator=generator))
+            all_seeds.append(torch.randint(0, 2**62, (size,), generator=generator))
+        return torch.cat(orders), torch.cat(all_seeds)
 
     def __iter__(self) -> Iterator[SampleKey]:
         order, seeds = self.epoch_plan()
-        shards = order[: self.total_size].view(self.num_batches, self.num_replicas, self.batch_size)
-        mine = shards[self.skip_batches :, self.rank].flatten()
-        return (SampleKey(index, seed) for index, seed in zip(mine.tolist(), seeds[mine].tolist(), strict=True))
+        positions = torch.arange(self.total_size).view(self.num_batches, self.num_replicas, self.batch_size)
+        mine = positions[self.skip_batches :, self.rank].flatten()
+        return (SampleKey(index, seed) for index, seed in zip(order[mine].tolist(), seeds[mine].tolist(), strict=True))
 
     def __len__(self) -> int:
         return self.num_samples

@@ -45,7 +45,12 @@ def test_a_job_built_from_python_objects_reports_and_exports_what_the_cli_job_do
     # The same job as a Python user writes it: the MNIST config's values, no config file, no CLI.
     seed_everything(0)
     data = RefineDataModule(
-        EmbeddedMNIST(), batch_size=64, augment=True, horizontal_flip=False, consistency=True, max_rotation=15.0
+        EmbeddedMNIST(),
+        batch_size=64,
+        horizontal_flip=False,
+        consistency=True,
+        max_rotation=15.0,
+        min_epoch_samples=3200,
     )
     module = RefineLitModule(
         victim_checkpoint=str(victim_checkpoint),

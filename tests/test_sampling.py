@@ -95,6 +95,32 @@ def test_augmentation_is_the_same_for_a_sample_whatever_the_global_generator_and
     assert not torch.equal(next(iter(datamodule.train_dataloader())).images, batch)  # the augmentation did run
 
 
+def test_a_small_set_is_passed_over_again_until_the_epoch_has_its_least_number_of_samples() -> None:
+    dataset = TensorDataset(torch.arange(10))
+    sampler = ResumableSampler(dataset, batch_size=4, seed=0, min_epoch_samples=25)
+    keys = list(sampler)
+    assert len(keys) == len(sampler) == 24  # 25 samples, cut to whole batches of 4
+    indices = [key.index for key in keys]
+    assert sorted(indices[:10]) == list(range(10)) and sorted(indices[10:20]) == list(range(10))
+    assert indices[:10] != indices[10:20]  # each pass a new permutation
+    first_seed = {key.index: key.seed for key in keys[:10]}
+    assert all(key.seed != first_seed[key.index] for key in keys[10:])  # a repeated image is augmented anew
+    one_pass = ResumableSampler(dataset, batch_size=4, seed=0)
+    assert list(one_pass) == keys[:8]  # the first pass is the order without the option
+    ranks = [list(ResumableSampler(dataset, 2, 0, num_replicas=2, rank=rank, min_epoch_samples=25)) for rank in (0, 1)]
+    steps = [ranks[0][step : step + 2] + ranks[1][step : step + 2] for step in range(0, 12, 2)]
+    assert [key for step in steps for key in step] == keys  # two processes share the same global batches
+
+
+def test_a_training_epoch_of_few_unlabeled_images_draws_the_least_number_asked() -> None:
+    datamodule = RefineDataModule(SmallDigits(), batch_size=16, horizontal_flip=False, min_epoch_samples=4096)
+    datamodule.setup("fit")
+    assert len(datamodule.train_set) < 4096
+    assert len(datamodule.train_dataloader()) == 4096 // 16
+    with pytest.raises(ConfigError, match="min_epoch_samples is the least number of images a training epoch"):
+        RefineDataModule(SmallDigits(), min_epoch_samples=-1)
+
+
 def test_training_set_smaller_than_one_global_batch_is_refused() -> None:
     with pytest.raises(ConfigError, match="fewer than one global batch of 2 process"):
         _loader(10, batch_size=8, num_replicas=2)
