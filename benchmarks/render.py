@@ -410,10 +410,13 @@ def time_to_defense(results_dir: Path = RESULTS) -> str:
         )
     own = record.get("own_model_224")
     if own:
+        drawn = own["projected_epoch_draws"]
+        draws = f" (an epoch draws {drawn:,}: min_epoch_samples)" if drawn > own["projected_images"] else ""
         lines.append(
             f"224 px own-model job (`refine-pl defend`, {own['arch']}, batch {own['batch_size']}): "
             f"{own['seconds_per_epoch']:.1f} s per epoch over {own['images_timed']} synthetic images, so "
-            f"{own['projected_epoch_s'] / 60:.1f} min per epoch over {own['projected_images']} images and at most "
+            f"{own['projected_epoch_s'] / 60:.1f} min per epoch over {own['projected_images']} images{draws} and at "
+            "most "
             f"{own['projected_run_min_at_max_epochs']:.0f} min for the default {own['max_epochs']} epochs (the "
             "stopping rule may end it sooner)."
         )

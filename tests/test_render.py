@@ -178,10 +178,15 @@ def test_the_time_to_defense_table_has_both_variants_their_ratio_and_the_224_px_
     assert "| after | 120.1 | 159.2 | 27 | 0.9790 | 0.9870 | 0.0000 | 0.9675 |" in text
     assert "REFINE stage 0.80x, main job 0.84x" in text and "a test machine, nothing else running" in text
     own = {"arch": "mobilenet_v3_small", "batch_size": 64, "seconds_per_epoch": 30.0, "images_timed": 128,
-           "projected_epoch_s": 351.6, "projected_images": 1500, "projected_run_min_at_max_epochs": 175.8,
-           "max_epochs": 30}  # fmt: skip
+           "projected_epoch_s": 351.6, "projected_images": 1500, "projected_epoch_draws": 1500,
+           "projected_run_min_at_max_epochs": 175.8, "max_epochs": 30}  # fmt: skip
     (results / "time_to_defense.json").write_text(json.dumps({"conditions": "x", "own_model_224": own}))
     assert "5.9 min per epoch over 1500 images and at most 176 min for the default 30 epochs" in (
+        render.time_to_defense(results)
+    )
+    own.update(projected_epoch_draws=3200, projected_epoch_s=750.0, projected_run_min_at_max_epochs=375.0)
+    (results / "time_to_defense.json").write_text(json.dumps({"conditions": "x", "own_model_224": own}))
+    assert "12.5 min per epoch over 1500 images (an epoch draws 3,200: min_epoch_samples) and at most 375 min" in (
         render.time_to_defense(results)
     )
 
