@@ -60,6 +60,7 @@ CANDIDATES: dict[str, list[str]] = {
     "recipe": [],  # configs/refine/recipe.yaml + configs/refine/mnist.yaml as they are
     "e8": [f"{EPOCHS}8"],  # 8 epochs at most
     "e12": [f"{EPOCHS}12"],  # 12 epochs at most
+    "w8": ["--model.init_args.transform.init_args.base_width=8"],  # a U-Net of half the width (a quarter the FLOPs)
 }
 """Candidate configs: overrides of the REFINE job (``train.py`` arguments) on top of the MNIST job's configs. The
 cosine of every candidate ends at its ``max_epochs``; the label-free stopping rule may end it sooner."""
