@@ -21,6 +21,7 @@ TINY_CASE = own_model.Case(
 TINY_REFINE = [
     "--refine-arg=--trainer.max_epochs=1",
     "--refine-arg=--data.init_args.batch_size=16",
+    "--refine-arg=--data.init_args.min_epoch_samples=0",  # one pass over the 36 training images
     "--refine-arg=--model.init_args.transform.init_args.base_width=4",
     "--refine-arg=--trainer.enable_progress_bar=false",
     "--refine-arg=--trainer.callbacks.init_args.formats=[]",  # no ONNX / TorchScript files

@@ -344,7 +344,8 @@ def test_an_onnx_victim_is_defended_end_to_end_through_the_command_line(
         ["vendor.onnx", "my_images", "--mean", "0.5", "--std", "0.25", "--channels", "1", "--max-epochs", "1",
          "--batch-size", "8", "--answers", "labels", "--query-budget", "0.5", "--test-root", "my_test", "--out", "run",
          "--", "--model.init_args.transform.init_args.base_width", "4", "--model.init_args.surrogate_epochs", "1",
-         "--data.init_args.num_workers", "0", "--trainer.enable_progress_bar", "false"]
+         "--data.init_args.num_workers", "0", "--data.init_args.min_epoch_samples", "0",
+         "--trainer.enable_progress_bar", "false"]
     )  # fmt: skip
     out = capsys.readouterr().out
     assert "Inferred --image-size 28: the graph of vendor.onnx" in out

@@ -47,8 +47,10 @@ SMALL_JOB = [
     "--data.init_args.num_workers", "0",
     "--trainer.enable_progress_bar", "false",
     "--trainer.enable_model_summary", "false",
+    "--data.init_args.min_epoch_samples", "0",
 ]  # fmt: skip
-"""LightningCLI flags passed through after ``--`` in the runs below: a U-Net of first width 4, no worker processes."""
+"""LightningCLI flags passed through after ``--`` in the runs below: a U-Net of first width 4, no worker processes, an
+epoch of one pass over the few images."""
 WITHOUT_DEPLOYMENT_FORMATS = ["--trainer.callbacks.init_args.formats", "[]"]
 
 
