@@ -230,7 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop training after this many minutes (Lightning's trainer.max_time; the last checkpoint is the "
         "defended model) or at --max-epochs, whichever comes first (default: no time limit)",
     )  # fmt: skip
-    arg("--max-epochs", type=int, metavar="N", help=f"training epochs (default: {recipe_value('trainer.max_epochs')})")
+    arg(
+        "--max-epochs", type=int, metavar="N",
+        help=f"training epochs (default: {recipe_value('trainer.max_epochs')}); an epoch draws at least "
+        f"{recipe_setting('data.init_args.min_epoch_samples') or 0} images, passing over fewer images more than once",
+    )  # fmt: skip
     arg(
         "--batch-size", type=int, metavar="N",
         help=f"images per batch (default: {recipe_value('data.init_args.batch_size')}; lower it when memory runs out)",
