@@ -22,6 +22,9 @@ an interrupted benchmark continues where it stopped and can run in parts::
     python benchmarks/black_box.py                                      # 8 attacks, seed 0, both modes, both surrogates
     python benchmarks/black_box.py --attacks badnets wanet batt --seeds 1 2 --modes probabilities --surrogates small_cnn
     python benchmarks/black_box.py --attacks badnets --budgets 0.05 0.1 0.25 0.5   # the query-budget curve
+    python benchmarks/black_box.py --finished-only    # the rows of what has finished, training nothing
+
+Every option defaults to all of its values (``--modes``, ``--surrogates``): name them to run a part.
 """
 
 import argparse
@@ -86,6 +89,11 @@ def _figure(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
+def finished(job: Path) -> bool:
+    """Whether the black-box run in ``job`` has finished (its report and its timing written)."""
+    return (job / "report.json").is_file() and (job / "timing.json").is_file()
+
+
 def black_box_row(
     run_dir: Path,
     victims_dir: Path,
@@ -100,7 +108,7 @@ def black_box_row(
     """One row: the black-box run (run unless finished) beside white-box REFINE."""
     job = job_folder(run_dir, attack, seed, mode, surrogate, budget)
     timing = job / "timing.json"
-    if not ((job / "report.json").is_file() and timing.is_file()):
+    if not finished(job):
         checkpoint = victim_checkpoint(victims_dir, attack, seed, victim_args)
         resumed, start = job.exists(), time.perf_counter()
         arguments = [
@@ -175,6 +183,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--results-dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--victim-arg", action="append", default=[], help="extra argument of a missing victim's job")
     parser.add_argument("--refine-arg", action="append", default=[], help="extra argument of the black-box jobs")
+    parser.add_argument(
+        "--finished-only", action="store_true",
+        help="train nothing: write the rows of the runs asked for that have finished (a partial table)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     rows = []
     for attack in args.attacks:
@@ -183,6 +195,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 for mode in args.modes:
                     for surrogate in args.surrogates:
                         job = (attack, seed, mode, surrogate, budget)
+                        if args.finished_only and not finished(job_folder(args.run_dir, *job)):
+                            continue
                         folders = (args.run_dir, args.victims_dir)
                         rows.append(black_box_row(*folders, *job, args.victim_arg, args.refine_arg))
                         write_results(rows, args.results_dir, torch.get_num_threads())

@@ -48,6 +48,7 @@ def test_a_tiny_run_measures_both_modes_beside_white_box_and_is_not_rerun(tmp_pa
         *TINY_REFINE,
         "--refine-arg=--model.init_args.surrogate_epochs=1",
         "--refine-arg=--data.init_args.fraction=0.02",
+        "--refine-arg=--data.init_args.min_epoch_samples=0",  # the surrogate's epoch: one pass over 64 images
         "--refine-arg=--trainer.callbacks.init_args.formats=[]",
     ]
     command = ["--attacks", "badnets", "--seeds", "0", "--surrogates", "small_cnn", "--victims-dir", str(victims),
@@ -64,4 +65,8 @@ def test_a_tiny_run_measures_both_modes_beside_white_box_and_is_not_rerun(tmp_pa
     timing = runs / "badnets_s0" / "probabilities_small_cnn" / "timing.json"
     before = timing.read_text()
     black_box.main([*command[:6], "--modes", "probabilities", *command[6:]])  # finished: read back, not rerun
+    assert timing.read_text() == before and len(read_csv(results / "black_box.csv")) == 2
+    # --finished-only writes what has finished of what is asked for and starts nothing.
+    black_box.main([*command, "--surrogates", "small_cnn", "resnet18_cifar_narrow", "--finished-only"])
+    assert not (runs / "badnets_s0" / "probabilities_resnet18_cifar_narrow").exists()
     assert timing.read_text() == before and len(read_csv(results / "black_box.csv")) == 2
