@@ -37,11 +37,9 @@ import inspect
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +52,9 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/own_model.py` from the root
 
 from benchmarks import render
+from benchmarks.victims import configs_version
 from datamodules import EmbeddedMNIST
 from refine_pl import defend
-from refine_pl.configs import resolve_config
 from refine_pl.metric_names import AGREEMENT, ASR, BA, DEFENDED, LABEL_FREE, NO_DEFENSE
 from refine_pl.pipeline import run_defense
 from refine_pl.run_folder import start_over
@@ -487,18 +485,6 @@ def after_arguments(case: Case, data: CaseData, model: Path, job: Path, extra: l
     ]  # fmt: skip
 
 
-def recipe_version() -> str:
-    """The recipe ``refine-pl defend`` runs now: the last commit of its configs, ``+changes`` if they differ from it."""
-    files = [resolve_config(config) for config in defend.DEFEND_CONFIGS]
-    try:
-        git = partial(subprocess.run, cwd=REPO, capture_output=True, text=True, check=True)
-        commit = git(["git", "log", "-1", "--format=%h", "--", *files]).stdout.strip()
-        changed = git(["git", "status", "--porcelain", "--", *files]).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return (commit or "uncommitted") + ("+changes" if changed else "")
-
-
 def defense_row(
     case: Case, variant: str, folder: Path, data: CaseData, record: dict[str, Any], redo: bool, extra: list[str]
 ) -> dict[str, Any]:
@@ -521,7 +507,7 @@ def defense_row(
             command = ["refine-pl", "defend", *after_arguments(case, data, model, job, extra)]
             defend.main(command[2:])
         seconds = time.perf_counter() - start
-        recipe = BEFORE_COMMIT if variant == "before" else recipe_version()
+        recipe = BEFORE_COMMIT if variant == "before" else configs_version(defend.DEFEND_CONFIGS)
         run = {"seconds": seconds, "resumed": resumed, "recipe": recipe, "command": command}
         timing.write_text(json.dumps(run, indent=1) + "\n")
     report, timed = json.loads((job / "report.json").read_text()), json.loads(timing.read_text())

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/tune_refine.py` from the root
 
 from benchmarks import render
-from benchmarks.victims import QUIET, RECIPES, REPO, VICTIM_CONFIG, attack_config
+from benchmarks.victims import QUIET, RECIPES, REPO, VICTIM_CONFIG, attack_config, configs_version
 from refine_pl.metric_names import AGREEMENT, ASR, BA, CLEAN_FLOOR, DEFENDED, LABEL_FREE, NO_DEFENSE
 from refine_pl.pipeline import run_defense, train_victim
 
@@ -89,20 +89,26 @@ def candidate_row(run_dir: Path, name: str, candidate: str) -> dict[str, Any]:
     suspect, clean = tuning_victim(run_dir, name)
     job = run_dir / name / candidate
     timing = job / "timing.json"
-    overrides = CANDIDATES[candidate]
+    overrides, recipe = CANDIDATES[candidate], configs_version(RECIPES["refine"])
     if timing.is_file() and (job / "report.json").is_file():
-        recorded = json.loads(timing.read_text()).get("overrides")
-        if recorded != overrides:
+        recorded = json.loads(timing.read_text())
+        if recorded.get("overrides") != overrides:
             raise SystemExit(
-                f"{job} holds a finished run of other overrides ({recorded}, not {overrides}): move it away, or pass "
-                "another --run-dir."
+                f"{job} holds a finished run of other overrides ({recorded.get('overrides')}, not {overrides}): "
+                "move it away, or pass another --run-dir."
+            )
+        if recorded.get("recipe", recipe) != recipe:  # runs from before the recipe was recorded are taken as they are
+            raise SystemExit(
+                f"{job} holds a finished run of the recipe of {recorded['recipe']}, not of {recipe} (the last commit "
+                f"of {', '.join(RECIPES['refine'])}): move it away, or pass another --run-dir."
             )
     else:
         start = time.perf_counter()
         seed = tuning_seed(name)
         arguments = [*QUIET, "--seed_everything", str(seed), "--model.init_args.remap_seed", str(seed)]
         run_defense(suspect, RECIPES["refine"], job, [*arguments, *overrides], clean)
-        timing.write_text(json.dumps({"seconds": time.perf_counter() - start, "overrides": overrides}) + "\n")
+        seconds = time.perf_counter() - start
+        timing.write_text(json.dumps({"seconds": seconds, "overrides": overrides, "recipe": recipe}) + "\n")
     report = json.loads((job / "report.json").read_text())
     victim, defended, floor = report[NO_DEFENSE.key], report[DEFENDED.key], report[CLEAN_FLOOR.key][ASR]
     return {

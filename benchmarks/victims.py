@@ -15,10 +15,13 @@ the attack's own seed (poisoned samples, patterns, per-sample transformations) a
 
 import json
 import math
+import subprocess
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from refine_pl.configs import resolve_config
 from refine_pl.pipeline import DEFAULT_REFINE_CONFIGS, run_defense, train_victim
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +37,18 @@ Like every config name here, resolved by :func:`~refine_pl.configs.resolve_confi
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 DEFAULT_ARCH = "small_cnn"
 """The victim architecture of configs/victim/mnist.yaml."""
+
+
+def configs_version(configs: list[str]) -> str:
+    """The version of a recipe: the last commit of its config files, ``+changes`` if they differ from it."""
+    files = [resolve_config(config) for config in configs]
+    try:
+        git = partial(subprocess.run, cwd=REPO, capture_output=True, text=True, check=True)
+        commit = git(["git", "log", "-1", "--format=%h", "--", *files]).stdout.strip()
+        changed = git(["git", "status", "--porcelain", "--", *files]).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return (commit or "uncommitted") + ("+changes" if changed else "")
 
 
 def attack_config(attack: str) -> str:
