@@ -102,6 +102,17 @@ def _epoch(loader: Any, epoch: int) -> Any:
     return loader
 
 
+def _first_occurrences(indices: Tensor) -> Tensor:
+    """``[B]`` bool: True where an index comes for the first time in the batch.
+
+    A batch that spans two passes over a small set may hold an image twice.
+    """
+    positions = torch.arange(len(indices))
+    _, groups = torch.unique(indices, return_inverse=True)
+    first = torch.full((len(indices),), len(indices)).scatter_reduce(0, groups, positions, "amin")
+    return positions == first[groups]
+
+
 def _originals(batch: Any) -> tuple[Tensor, Tensor]:
     """The un-augmented images and dataset indices of a training batch."""
     if isinstance(batch, AugmentedViews):
@@ -386,11 +397,14 @@ class BlackBoxRefineLitModule(RefineLitModule):
     def refresh_surrogate(self) -> None:
         """Asks the black box about ``T``'s output on the answered images and fine-tunes the surrogate on it.
 
-        One pass over the training loader: each batch's views are transformed by the current ``T`` (in eval mode, as
-        deployed), the black box answers the transformed images (counted as training queries), and the surrogate
-        takes one step on the views with their originals' answers and the transformed images with theirs. So the
-        surrogate follows the black box where ``T`` sends the images, the inputs it stands in for the black box on.
-        The pseudo-labels stay the black box's answers on the original images.
+        Each answered image at most once: the training loader's batches are taken until every answered image has
+        come or the epoch ends (an epoch that passes over a small set more than once, ``min_epoch_samples``, is not
+        read to its end, and an image met again is skipped). Each batch's views are transformed by the current
+        ``T`` (in eval mode, as deployed), the black box answers the transformed images (counted as training
+        queries), and the surrogate takes one step on the views with their originals' answers and the transformed
+        images with theirs. So the surrogate follows the black box where ``T`` sends the images, the inputs it stands
+        in for the black box on, and a refresh costs as many queries as there are answered images. The pseudo-labels
+        stay the black box's answers on the original images.
         """
         loader = self.trainer.datamodule.train_dataloader()
         surrogate, transform = self.surrogate, self.transform
@@ -400,12 +414,17 @@ class BlackBoxRefineLitModule(RefineLitModule):
         transform.eval()
         optimizer = torch.optim.Adam(surrogate.parameters(), lr=self.surrogate_lr)
         try:
+            answered = self._labels.cpu() >= 0
+            refreshed = torch.zeros_like(answered)
             for batch in _epoch(loader, REFRESH_EPOCHS + self.current_epoch):
                 _, indices = _originals(batch)
                 views = batch.views if isinstance(batch, AugmentedViews) else batch.images
-                keep = self._labels_on(indices.device)[indices] >= 0
-                if not bool(keep.any()):
+                listed = indices.cpu()
+                new = answered[listed] & ~refreshed[listed] & _first_occurrences(listed)
+                if not bool(new.any()):
                     continue
+                refreshed[listed[new]] = True
+                keep = new.to(indices.device)
                 views = self.training_layout(views[keep].to(self.device))
                 with torch.no_grad(), self.training_autocast():
                     transformed = transform(views).float().clamp(0, 1)
@@ -413,6 +432,8 @@ class BlackBoxRefineLitModule(RefineLitModule):
                 originals = self._targets(indices[keep])
                 with torch.enable_grad():
                     self._distillation_step(optimizer, torch.cat([views, transformed]), torch.cat([originals, answers]))
+                if bool(refreshed[answered].all()):
+                    break
         finally:
             self._distilling = False
             surrogate.requires_grad_(False).eval()

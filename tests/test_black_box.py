@@ -30,11 +30,11 @@ from tests.test_unlabeled_folder import write_images, write_test_folder
 TINY = {**MNIST_FACTS, "transform": partial(UNet, base_width=4), "surrogate_epochs": 1}
 
 
-def digits() -> RefineDataModule:
+def digits(min_epoch_samples: int = 0) -> RefineDataModule:
     """80 training digits in augmented views with their originals and indices, 30 test digits."""
     return RefineDataModule(
         SmallDigits((8,) * 10, (3,) * 10), batch_size=16, horizontal_flip=False, consistency=True, max_rotation=15,
-        num_workers=0,
+        num_workers=0, min_epoch_samples=min_epoch_samples,
     )  # fmt: skip
 
 
@@ -197,6 +197,25 @@ def test_a_surrogate_refresh_asks_about_ts_output_and_counts_those_queries(tmp_p
     assert module.training_queries == box.queries == 2 * answered - answered % 16  # full batches of the refresh
     with pytest.raises(ConfigError, match="surrogate_refresh_epochs"):
         BlackBoxRefineLitModule(black_box=box, surrogate_refresh_epochs=-1, **TINY)
+
+
+def test_a_refresh_asks_about_each_answered_image_once_when_an_epoch_passes_over_the_set_again(
+    tmp_path: Path,
+) -> None:
+    seen = []
+
+    def service(images: np.ndarray) -> np.ndarray:
+        seen.append(images)
+        return (images.reshape(len(images), -1).mean(1) * 100).astype(np.int64) % 10
+
+    box = QueryFunction(service, 10, answers="labels")
+    module = BlackBoxRefineLitModule(black_box=box, surrogate_refresh_epochs=1, **TINY)
+    trainer = quiet_trainer(tmp_path, max_epochs=2, limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(module, datamodule=digits(min_epoch_samples=4 * 80))  # every epoch passes over the images 4 times
+    answered = module.record["answered_images"]
+    assert module.record["surrogate_refreshes"] == 1
+    # the first pass asks each image once; the refresh asks each once more, the first pass's leftover included
+    assert module.training_queries == box.queries == 2 * answered
 
 
 @pytest.mark.parametrize(
