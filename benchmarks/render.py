@@ -534,7 +534,10 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "tuning": tuning,
     "time_to_defense": time_to_defense,
     "tuning_seed100": partial(tuning, name="tuning_seed100"),
-    **{name: partial(tuning, name=name) for name in ("tuning_e8", "tuning_e12", "tuning_recipe", "tuning_w8")},
+    **{
+        name: partial(tuning, name=name)
+        for name in ("tuning_e8", "tuning_e12", "tuning_recipe", "tuning_w8", "tuning_d2_probe")
+    },
     "own_model": own_model,
     "detection": detection,
     "detection_tuning": detection_tuning,

@@ -61,12 +61,10 @@ CANDIDATES: dict[str, list[str]] = {
     "e8": [f"{EPOCHS}8"],  # 8 epochs at most
     "e12": [f"{EPOCHS}12"],  # 12 epochs at most
     "w8": ["--model.init_args.transform.init_args.base_width=8"],  # a U-Net of half the width (a quarter the FLOPs)
-    # Two down stages instead of four: a 28 px image needs no padding (to 32 px at depth 4) and the U-Net's forward
-    # and backward take 0.43x the time (1 thread, batch 64), against 0.39x at width 8; its receptive field is smaller.
+    # Two down stages instead of four: a 28 px image needs no padding (to 32 px at depth 4) and the two smallest
+    # stages go; its receptive field is smaller.
     "d2": ["--model.init_args.transform.init_args.depth=2"],
-    # With d2 a training step takes about 0.65x (the victim's forward and backward, 0.033 s of the 0.105 s a step at
-    # batch 64, stays); 20 epochs of it would bring the main job's REFINE stage near the 60 s of issue 23.
-    "d2e20": ["--model.init_args.transform.init_args.depth=2", f"{EPOCHS}20"],
+    "d2e20": ["--model.init_args.transform.init_args.depth=2", f"{EPOCHS}20"],  # and 20 epochs: issue 23's 60 s
     # Ten times the weight decay: by hand it kept mobilenet_v3_small's BA 0.927 (0.885 at the recipe's), an own-model
     # case that fits its 450 images (docs/own-model.md).
     "wd5e-3": ["--model.init_args.optimizer.init_args.weight_decay=0.005"],
