@@ -165,6 +165,10 @@ class BlackBoxRefineLitModule(RefineLitModule):
             images and the surrogate is fine-tuned on it (:meth:`refresh_surrogate`; each refresh costs as many
             queries as the first pass). Default 1: a 30-epoch run refreshes 29 times, about 30 queries per
             answered image in all. 0: never (one query per image).
+        surrogate_label_smoothing: Label smoothing of the distillation on the black box's classes (label-only
+            answers; probabilities are taken as they are): the surrogate learns a share of its probability spread
+            over the other classes instead of all of it on the answered class.
+        surrogate_refresh_lr: Learning rate of the refreshes (Adam, constant); None: ``surrogate_lr``.
         **kwargs: What :class:`~refine_pl.RefineLitModule` takes (the transform, the remap, the losses, the optimizer,
             the data facts, ...).
     """
@@ -182,6 +186,8 @@ class BlackBoxRefineLitModule(RefineLitModule):
         surrogate_epochs: int = 20,
         surrogate_lr: float = 1e-3,
         surrogate_refresh_epochs: int = 1,
+        surrogate_label_smoothing: float = 0.0,
+        surrogate_refresh_lr: float | None = None,
         **kwargs: Any,
     ) -> None:
         check_answers_mode(answers)
@@ -199,6 +205,18 @@ class BlackBoxRefineLitModule(RefineLitModule):
             raise ConfigError(
                 f"surrogate_epochs must be a whole number of at least 1, got {surrogate_epochs!r}: set "
                 f"{cli_flag('model', 'surrogate_epochs')}."
+            )
+        if isinstance(surrogate_label_smoothing, bool) or not 0 <= surrogate_label_smoothing < 1:
+            raise ConfigError(
+                f"surrogate_label_smoothing is a share in [0, 1), got {surrogate_label_smoothing!r}: set "
+                f"{cli_flag('model', 'surrogate_label_smoothing')} (0: none)."
+            )
+        if surrogate_refresh_lr is not None and (
+            isinstance(surrogate_refresh_lr, bool) or not surrogate_refresh_lr > 0
+        ):
+            raise ConfigError(
+                f"surrogate_refresh_lr must be above 0, got {surrogate_refresh_lr!r}: set "
+                f"{cli_flag('model', 'surrogate_refresh_lr')} (or leave it unset: the distillation's rate)."
             )
         self._black_box_spec = (black_box, answers, onnx_outputs)
         kwargs.setdefault("victim_access", "query_only")
@@ -221,6 +239,8 @@ class BlackBoxRefineLitModule(RefineLitModule):
         self.surrogate_epochs = surrogate_epochs
         self.surrogate_lr = surrogate_lr
         self.surrogate_refresh_epochs = surrogate_refresh_epochs
+        self.surrogate_label_smoothing = surrogate_label_smoothing
+        self.surrogate_refresh_lr = surrogate_lr if surrogate_refresh_lr is None else surrogate_refresh_lr
         self._answers: Tensor | None = None  # [N] long classes (-1: not asked) or [N, K] probabilities (NaN rows)
         self._labels: Tensor | None = None  # [N] long, the black box's class of each answered image, -1 elsewhere
         self.training_queries = 0
@@ -380,11 +400,10 @@ class BlackBoxRefineLitModule(RefineLitModule):
         """One step of the surrogate towards the black box's answers: probabilities ``[B, K]`` or classes ``[B]``."""
         with self.training_autocast():
             logits = self.surrogate(self.training_layout(images.to(self.device)))
-        log_probabilities = logits.float().log_softmax(1)
         if targets.ndim == 2:  # soft targets: the black box's probabilities
-            loss = -(targets * log_probabilities).sum(1).mean()
+            loss = -(targets * logits.float().log_softmax(1)).sum(1).mean()
         else:  # label-only: its classes
-            loss = nn.functional.nll_loss(log_probabilities, targets)
+            loss = nn.functional.cross_entropy(logits.float(), targets, label_smoothing=self.surrogate_label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -412,7 +431,7 @@ class BlackBoxRefineLitModule(RefineLitModule):
         self._distilling = True
         surrogate.requires_grad_(True).train()
         transform.eval()
-        optimizer = torch.optim.Adam(surrogate.parameters(), lr=self.surrogate_lr)
+        optimizer = torch.optim.Adam(surrogate.parameters(), lr=self.surrogate_refresh_lr)
         try:
             answered = self._labels.cpu() >= 0
             refreshed = torch.zeros_like(answered)

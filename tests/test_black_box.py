@@ -383,3 +383,31 @@ def test_an_onnx_victim_is_defended_end_to_end_through_the_command_line(
     session = onnxruntime.InferenceSession(str(run / "defended.onnx"), providers=["CPUExecutionProvider"])
     (logits,) = session.run(["logits"], {"images": np.random.default_rng(0).random((2, 1, 28, 28), np.float32)})
     assert logits.shape == (2, 3)
+
+
+def test_label_smoothing_spreads_the_surrogates_probability_and_bad_settings_are_refused() -> None:
+    def service(images: np.ndarray) -> np.ndarray:
+        return (images.reshape(len(images), -1).mean(1) * 100).astype(np.int64) % 10
+
+    images = torch.stack([image for image, _ in SmallDigits((2,) * 10).load()[0]])
+    classes = torch.arange(10).repeat_interleave(2)
+    confidence = {}
+    for smoothing in (0.0, 0.5):
+        torch.manual_seed(0)
+        box = QueryFunction(service, 10, answers="labels")
+        module = BlackBoxRefineLitModule(black_box=box, surrogate_label_smoothing=smoothing, **TINY)
+        module.surrogate.requires_grad_(True).train()
+        optimizer = torch.optim.Adam(module.surrogate.parameters(), lr=1e-3)
+        for _ in range(60):
+            module._distillation_step(optimizer, images, classes)
+        module.surrogate.eval()
+        with torch.no_grad():
+            confidence[smoothing] = module.surrogate(images).softmax(1).amax(1).mean().item()
+    # the answered class's target share: 1 without smoothing, 1 - 0.5 + 0.5 / 10 = 0.55 with 0.5
+    assert confidence[0.5] < 0.7 < confidence[0.0]
+    box = QueryFunction(service, 10, answers="labels")
+    for bad in ({"surrogate_label_smoothing": 1.0}, {"surrogate_label_smoothing": -0.1}):
+        with pytest.raises(ConfigError, match="surrogate_label_smoothing is a share in"):
+            BlackBoxRefineLitModule(black_box=box, **bad, **TINY)
+    with pytest.raises(ConfigError, match="surrogate_refresh_lr must be above 0"):
+        BlackBoxRefineLitModule(black_box=box, surrogate_refresh_lr=0.0, **TINY)
