@@ -7,6 +7,7 @@ defended ONNX graph gives what the PyTorch side gives.
 import json
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -28,6 +29,11 @@ from tests.conftest import MNIST_FACTS, SmallDigits, quiet_trainer, write_victim
 from tests.test_unlabeled_folder import write_images, write_test_folder
 
 TINY = {**MNIST_FACTS, "transform": partial(UNet, base_width=4), "surrogate_epochs": 1}
+
+
+def brightness_class(images: np.ndarray) -> np.ndarray:
+    """A label-only service: the class of each image is its mean brightness in hundredths, modulo 10."""
+    return (images.reshape(len(images), -1).mean(1) * 100).astype(np.int64) % 10
 
 
 def digits(min_epoch_samples: int = 0) -> RefineDataModule:
@@ -116,10 +122,10 @@ def test_the_black_box_is_never_asked_for_a_gradient_and_its_queries_are_counted
 
 
 def test_the_pseudo_labels_are_the_black_boxs_answers_not_the_surrogates(tmp_path: Path) -> None:
-    def brightness_class(images: np.ndarray) -> np.ndarray:  # answers no network could be distilled into in 1 epoch
+    def scrambled_class(images: np.ndarray) -> np.ndarray:  # answers no network could be distilled into in 1 epoch
         return (images.reshape(len(images), -1).sum(1) * 7).astype(np.int64) % 10
 
-    module = BlackBoxRefineLitModule(black_box=QueryFunction(brightness_class, 10, answers="labels"), **TINY)
+    module = BlackBoxRefineLitModule(black_box=QueryFunction(scrambled_class, 10, answers="labels"), **TINY)
     given = []
     original = module.pseudo_labels
 
@@ -133,7 +139,7 @@ def test_the_pseudo_labels_are_the_black_boxs_answers_not_the_surrogates(tmp_pat
     assert given
     images = torch.cat([batch for batch, _ in given])
     labels = torch.cat([labels for _, labels in given])
-    assert torch.equal(labels, torch.from_numpy(brightness_class(images.numpy())))
+    assert torch.equal(labels, torch.from_numpy(scrambled_class(images.numpy())))
     with torch.no_grad():
         surrogate = module.surrogate(images).argmax(1)
     assert not torch.equal(labels, surrogate)  # the surrogate's guesses differ: they were not used
@@ -164,15 +170,12 @@ def test_label_only_mode_never_sees_a_probability(tmp_path: Path, monkeypatch: p
 
 
 def test_a_resumed_run_asks_the_black_box_nothing_again(tmp_path: Path) -> None:
-    def service(images: np.ndarray) -> np.ndarray:
-        return (images.reshape(len(images), -1).mean(1) * 100).astype(np.int64) % 10
-
     no_refresh = {**TINY, "surrogate_refresh_epochs": 0}  # the refreshes ask about T's new outputs (tested below)
-    first = BlackBoxRefineLitModule(black_box=QueryFunction(service, 10, answers="labels"), **no_refresh)
+    first = BlackBoxRefineLitModule(black_box=QueryFunction(brightness_class, 10, answers="labels"), **no_refresh)
     trainer = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0)
     trainer.fit(first, datamodule=digits())
     trainer.save_checkpoint(tmp_path / "first.ckpt")
-    box = QueryFunction(service, 10, answers="labels")
+    box = QueryFunction(brightness_class, 10, answers="labels")
     resumed = BlackBoxRefineLitModule(black_box=box, **no_refresh)
     quiet_trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(
         resumed, datamodule=digits(), ckpt_path=tmp_path / "first.ckpt"
@@ -181,41 +184,25 @@ def test_a_resumed_run_asks_the_black_box_nothing_again(tmp_path: Path) -> None:
     assert torch.equal(resumed._answers, first._answers)
 
 
-def test_a_surrogate_refresh_asks_about_ts_output_and_counts_those_queries(tmp_path: Path) -> None:
-    seen = []
-
-    def service(images: np.ndarray) -> np.ndarray:
-        seen.append(images)
-        return (images.reshape(len(images), -1).mean(1) * 100).astype(np.int64) % 10
-
-    box = QueryFunction(service, 10, answers="labels")
+@pytest.mark.parametrize(
+    ("min_epoch_samples", "expected_refresh_queries"),
+    [
+        (0, lambda answered: answered - answered % 16),  # one pass an epoch: the full batches
+        (4 * 80, lambda answered: answered),  # 4 passes an epoch: each image once, the leftover included
+    ],
+)
+def test_a_surrogate_refresh_asks_about_ts_output_once_per_answered_image_and_counts_those_queries(
+    tmp_path: Path, min_epoch_samples: int, expected_refresh_queries: Any
+) -> None:
+    box = QueryFunction(brightness_class, 10, answers="labels")
     module = BlackBoxRefineLitModule(black_box=box, surrogate_refresh_epochs=1, **TINY)
     trainer = quiet_trainer(tmp_path, max_epochs=2, limit_train_batches=1, limit_val_batches=0)
-    trainer.fit(module, datamodule=digits())
+    trainer.fit(module, datamodule=digits(min_epoch_samples))
     answered = module.record["answered_images"]
     assert module.record["surrogate_refreshes"] == 1  # before epoch 1 (none before epoch 0)
-    assert module.training_queries == box.queries == 2 * answered - answered % 16  # full batches of the refresh
+    assert module.training_queries == box.queries == answered + expected_refresh_queries(answered)
     with pytest.raises(ConfigError, match="surrogate_refresh_epochs"):
         BlackBoxRefineLitModule(black_box=box, surrogate_refresh_epochs=-1, **TINY)
-
-
-def test_a_refresh_asks_about_each_answered_image_once_when_an_epoch_passes_over_the_set_again(
-    tmp_path: Path,
-) -> None:
-    seen = []
-
-    def service(images: np.ndarray) -> np.ndarray:
-        seen.append(images)
-        return (images.reshape(len(images), -1).mean(1) * 100).astype(np.int64) % 10
-
-    box = QueryFunction(service, 10, answers="labels")
-    module = BlackBoxRefineLitModule(black_box=box, surrogate_refresh_epochs=1, **TINY)
-    trainer = quiet_trainer(tmp_path, max_epochs=2, limit_train_batches=1, limit_val_batches=0)
-    trainer.fit(module, datamodule=digits(min_epoch_samples=4 * 80))  # every epoch passes over the images 4 times
-    answered = module.record["answered_images"]
-    assert module.record["surrogate_refreshes"] == 1
-    # the first pass asks each image once; the refresh asks each once more, the first pass's leftover included
-    assert module.training_queries == box.queries == 2 * answered
 
 
 @pytest.mark.parametrize(
@@ -335,17 +322,14 @@ def test_the_defended_onnx_graph_equals_the_pytorch_defended_classifier(tmp_path
 
 
 def test_the_defense_of_a_query_function_reloads_around_it(tmp_path: Path) -> None:
-    def service(images: np.ndarray) -> np.ndarray:
-        return (images.reshape(len(images), -1).mean(1) * 100).astype(np.int64) % 10
-
-    module = BlackBoxRefineLitModule(black_box=QueryFunction(service, 10, answers="labels"), **TINY)
+    module = BlackBoxRefineLitModule(black_box=QueryFunction(brightness_class, 10, answers="labels"), **TINY)
     path = save_black_box_defense(module.defended, 28, tmp_path / "defended.safetensors")
-    reloaded = load_black_box_defense(path, QueryFunction(service, 10, answers="labels"))
+    reloaded = load_black_box_defense(path, QueryFunction(brightness_class, 10, answers="labels"))
     images = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(images), module.defended.eval()(images))
     with pytest.raises(ConfigError, match="black box of 10 classes"):
-        load_black_box_defense(path, QueryFunction(service, 4, answers="labels"))
+        load_black_box_defense(path, QueryFunction(brightness_class, 4, answers="labels"))
 
 
 # ---- the command line ------------------------------------------------------------------------------------------------
@@ -386,15 +370,12 @@ def test_an_onnx_victim_is_defended_end_to_end_through_the_command_line(
 
 
 def test_label_smoothing_spreads_the_surrogates_probability_and_bad_settings_are_refused() -> None:
-    def service(images: np.ndarray) -> np.ndarray:
-        return (images.reshape(len(images), -1).mean(1) * 100).astype(np.int64) % 10
-
     images = torch.stack([image for image, _ in SmallDigits((2,) * 10).load()[0]])
     classes = torch.arange(10).repeat_interleave(2)
     confidence = {}
     for smoothing in (0.0, 0.5):
         torch.manual_seed(0)
-        box = QueryFunction(service, 10, answers="labels")
+        box = QueryFunction(brightness_class, 10, answers="labels")
         module = BlackBoxRefineLitModule(black_box=box, surrogate_label_smoothing=smoothing, **TINY)
         module.surrogate.requires_grad_(True).train()
         optimizer = torch.optim.Adam(module.surrogate.parameters(), lr=1e-3)
@@ -405,7 +386,7 @@ def test_label_smoothing_spreads_the_surrogates_probability_and_bad_settings_are
             confidence[smoothing] = module.surrogate(images).softmax(1).amax(1).mean().item()
     # the answered class's target share: 1 without smoothing, 1 - 0.5 + 0.5 / 10 = 0.55 with 0.5
     assert confidence[0.5] < 0.7 < confidence[0.0]
-    box = QueryFunction(service, 10, answers="labels")
+    box = QueryFunction(brightness_class, 10, answers="labels")
     for bad in ({"surrogate_label_smoothing": 1.0}, {"surrogate_label_smoothing": -0.1}):
         with pytest.raises(ConfigError, match="surrogate_label_smoothing is a share in"):
             BlackBoxRefineLitModule(black_box=box, **bad, **TINY)
