@@ -5,10 +5,12 @@ transformed images, and BA / ASR are measured on it. The surrogate only carries 
 pseudo-labels are the black box's own answers on the un-augmented training images, asked once and kept.
 """
 
+import contextlib
 import hashlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +171,10 @@ class BlackBoxRefineLitModule(RefineLitModule):
             answers; probabilities are taken as they are): the surrogate learns a share of its probability spread
             over the other classes instead of all of it on the answered class.
         surrogate_refresh_lr: Learning rate of the refreshes (Adam, constant); None: ``surrogate_lr``.
+        surrogate_online: Refresh in every training step instead of every few epochs: before ``T``'s step the black
+            box answers ``T``'s output on the step's views and the surrogate takes one step on them (the same
+            queries and surrogate steps per epoch as a refresh every epoch, with a surrogate that is never an epoch
+            behind ``T``). Needs ``surrogate_refresh_epochs`` 0. The surrogate's optimizer starts anew on resume.
         **kwargs: What :class:`~refine_pl.RefineLitModule` takes (the transform, the remap, the losses, the optimizer,
             the data facts, ...).
     """
@@ -188,6 +194,7 @@ class BlackBoxRefineLitModule(RefineLitModule):
         surrogate_refresh_epochs: int = 1,
         surrogate_label_smoothing: float = 0.0,
         surrogate_refresh_lr: float | None = None,
+        surrogate_online: bool = False,
         **kwargs: Any,
     ) -> None:
         check_answers_mode(answers)
@@ -218,6 +225,11 @@ class BlackBoxRefineLitModule(RefineLitModule):
                 f"surrogate_refresh_lr must be above 0, got {surrogate_refresh_lr!r}: set "
                 f"{cli_flag('model', 'surrogate_refresh_lr')} (or leave it unset: the distillation's rate)."
             )
+        if surrogate_online and surrogate_refresh_epochs:
+            raise ConfigError(
+                f"surrogate_online refreshes the surrogate in every training step, in place of the refreshes every "
+                f"{surrogate_refresh_epochs} epoch(s): set {cli_flag('model', 'surrogate_refresh_epochs')} 0 with it."
+            )
         self._black_box_spec = (black_box, answers, onnx_outputs)
         kwargs.setdefault("victim_access", "query_only")
         kwargs.pop("pseudo_label_cache", None)
@@ -241,6 +253,8 @@ class BlackBoxRefineLitModule(RefineLitModule):
         self.surrogate_refresh_epochs = surrogate_refresh_epochs
         self.surrogate_label_smoothing = surrogate_label_smoothing
         self.surrogate_refresh_lr = surrogate_lr if surrogate_refresh_lr is None else surrogate_refresh_lr
+        self.surrogate_online = surrogate_online
+        self._online_optimizer: torch.optim.Optimizer | None = None
         self._answers: Tensor | None = None  # [N] long classes (-1: not asked) or [N, K] probabilities (NaN rows)
         self._labels: Tensor | None = None  # [N] long, the black box's class of each answered image, -1 elsewhere
         self.training_queries = 0
@@ -426,13 +440,8 @@ class BlackBoxRefineLitModule(RefineLitModule):
         stay the black box's answers on the original images.
         """
         loader = self.trainer.datamodule.train_dataloader()
-        surrogate, transform = self.surrogate, self.transform
-        was_training = transform.training
-        self._distilling = True
-        surrogate.requires_grad_(True).train()
-        transform.eval()
-        optimizer = torch.optim.Adam(surrogate.parameters(), lr=self.surrogate_refresh_lr)
-        try:
+        optimizer = torch.optim.Adam(self.surrogate.parameters(), lr=self.surrogate_refresh_lr)
+        with self._surrogate_learning():
             answered = self._labels.cpu() >= 0
             refreshed = torch.zeros_like(answered)
             for batch in _epoch(loader, REFRESH_EPOCHS + self.current_epoch):
@@ -444,20 +453,40 @@ class BlackBoxRefineLitModule(RefineLitModule):
                     continue
                 refreshed[listed[new]] = True
                 keep = new.to(indices.device)
-                views = self.training_layout(views[keep].to(self.device))
-                with torch.no_grad(), self.training_autocast():
-                    transformed = transform(views).float().clamp(0, 1)
-                answers = self._query(transformed)
-                originals = self._targets(indices[keep])
-                with torch.enable_grad():
-                    self._distillation_step(optimizer, torch.cat([views, transformed]), torch.cat([originals, answers]))
+                self._follow_black_box(optimizer, views[keep], indices[keep])
                 if bool(refreshed[answered].all()):
                     break
+        self.record.update(surrogate_refreshes=int(self.record.get("surrogate_refreshes", 0)) + 1)
+
+    @contextlib.contextmanager
+    def _surrogate_learning(self) -> Iterator[None]:
+        """The surrogate trainable (train mode) and ``T`` in eval mode, as deployed, for the surrogate's steps."""
+        surrogate, transform = self.surrogate, self.transform
+        was_training = transform.training
+        self._distilling = True
+        surrogate.requires_grad_(True).train()
+        transform.eval()
+        try:
+            yield
         finally:
             self._distilling = False
             surrogate.requires_grad_(False).eval()
             transform.train(was_training)
-        self.record.update(surrogate_refreshes=int(self.record.get("surrogate_refreshes", 0)) + 1)
+
+    def _follow_black_box(self, optimizer: torch.optim.Optimizer, views: Tensor, indices: Tensor) -> None:
+        """One surrogate step towards the black box on ``views`` and on ``T``'s output of them.
+
+        The black box answers ``T``'s output now (counted as training queries); the views keep their originals'
+        answers. Inside :meth:`_surrogate_learning`.
+        """
+        views = self.training_layout(views.to(self.device))
+        with torch.no_grad(), self.training_autocast():
+            transformed = self.transform(views).float().clamp(0, 1)
+        answers = self._query(transformed)
+        with torch.enable_grad():
+            self._distillation_step(
+                optimizer, torch.cat([views, transformed]), torch.cat([self._targets(indices), answers])
+            )
 
     def _train_agreement(self, loader: Any) -> float:
         """The surrogate's agreement with the black box's classes on the answered training images (no new query)."""
@@ -502,6 +531,12 @@ class BlackBoxRefineLitModule(RefineLitModule):
                 return None
             if not bool(keep.all()):
                 batch = type(batch)(*(field[keep] for field in batch))
+            if self.surrogate_online:
+                if self._online_optimizer is None:
+                    self._online_optimizer = torch.optim.Adam(self.surrogate.parameters(), lr=self.surrogate_refresh_lr)
+                views = batch.views if isinstance(batch, AugmentedViews) else batch.images
+                with self._surrogate_learning():
+                    self._follow_black_box(self._online_optimizer, views, batch.indices)
         return super().training_step(batch, batch_idx)
 
     # ------------------------------------------------------------------------------------------------ evaluation

@@ -205,6 +205,27 @@ def test_a_surrogate_refresh_asks_about_ts_output_once_per_answered_image_and_co
         BlackBoxRefineLitModule(black_box=box, surrogate_refresh_epochs=-1, **TINY)
 
 
+def test_an_online_surrogate_asks_about_ts_output_in_every_training_step(tmp_path: Path) -> None:
+    box = QueryFunction(brightness_class, 10, answers="labels")
+    module = BlackBoxRefineLitModule(black_box=box, surrogate_online=True, surrogate_refresh_epochs=0, **TINY)
+    distilled = {}
+    original = module._query_and_distill
+
+    def snapshot() -> None:
+        original()
+        distilled.update({name: value.clone() for name, value in module.surrogate.state_dict().items()})
+
+    module._query_and_distill = snapshot
+    quiet_trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(module, datamodule=digits())
+    answered = module.record["answered_images"]
+    assert module.training_queries == box.queries == answered + 3 * 16  # 3 steps, each asks about its 16 views
+    moved = [name for name, value in module.surrogate.state_dict().items() if not torch.equal(value, distilled[name])]
+    assert moved  # the surrogate took a step in each training step
+    assert not module.surrogate.training and all(not p.requires_grad for p in module.surrogate.parameters())
+    with pytest.raises(ConfigError, match="surrogate_online refreshes the surrogate in every training step"):
+        BlackBoxRefineLitModule(black_box=box, surrogate_online=True, surrogate_refresh_epochs=1, **TINY)
+
+
 @pytest.mark.parametrize(
     ("answer", "message"),
     [
