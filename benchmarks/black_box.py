@@ -23,6 +23,7 @@ an interrupted benchmark continues where it stopped and can run in parts::
     python benchmarks/black_box.py --attacks badnets wanet batt --seeds 1 2 --modes probabilities --surrogates small_cnn
     python benchmarks/black_box.py --attacks badnets --budgets 0.05 0.1 0.25 0.5   # the query-budget curve
     python benchmarks/black_box.py --finished-only    # the rows of what has finished, training nothing
+    python benchmarks/black_box.py --variant online --attacks wanet --modes labels   # other settings (VARIANTS)
 
 Every option defaults to all of its values (``--modes``, ``--surrogates``): name them to run a part.
 """
@@ -49,6 +50,17 @@ BLACK_BOX_CONFIG = "configs/refine/black_box.yaml"
 MODES = ("probabilities", "labels")
 SURROGATES = ("small_cnn", "resnet18_cifar_narrow")
 """The victim's own architecture (the attacks table's small CNN) and another one."""
+_OPTION = "--model.init_args."
+_ONLINE = [f"{_OPTION}surrogate_online=true", f"{_OPTION}surrogate_refresh_epochs=0"]
+VARIANTS: dict[str, list[str]] = {
+    "config": [],  # configs/refine/black_box.yaml as it is: a surrogate refresh every epoch
+    "online": _ONLINE,  # a refresh in every training step instead
+    "online_lr1e-4": [*_ONLINE, f"{_OPTION}surrogate_refresh_lr=0.0001"],  # and at a tenth of the rate
+    "refresh_lr1e-4": [f"{_OPTION}surrogate_refresh_lr=0.0001"],  # every epoch, at a tenth of the rate
+    "smoothing0.1": [f"{_OPTION}surrogate_label_smoothing=0.1"],  # label-only distillation with label smoothing
+}
+"""Variants of the black-box settings: overrides of the jobs. A variant's runs go to ``<run-dir>_<variant>`` and its
+rows to ``black_box_<variant>.csv`` (``config``: ``<run-dir>`` and ``black_box.csv``)."""
 COLUMNS = (
     "attack", "seed", "mode", "surrogate", "budget", "ba", "asr", "any_class_asr", "surrogate_agreement", "queries",
     "seconds", "white_box_ba", "white_box_asr", "white_box_any_class_asr", "white_box_seconds",
@@ -155,16 +167,23 @@ def _cell(column: str, value: Any) -> str:
     return f"{value:.1f}" if column.endswith("seconds") else f"{value:.4f}"
 
 
-def write_results(rows: list[dict[str, Any]], results_dir: Path, threads: int) -> None:
-    """Writes ``black_box.csv`` (merged with the rows already there) and ``black_box.md``."""
+def results_name(variant: str) -> str:
+    """The file name stem of a variant's results (:data:`VARIANTS`): ``black_box`` or ``black_box_<variant>``."""
+    return "black_box" if variant == "config" else f"black_box_{variant}"
+
+
+def write_results(rows: list[dict[str, Any]], results_dir: Path, threads: int, variant: str = "config") -> None:
+    """Writes the variant's csv (merged with the rows already there) and markdown table (:func:`results_name`)."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / "black_box.csv"
+    name = results_name(variant)
+    path = results_dir / f"{name}.csv"
     merged = merge(path, rows)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(COLUMNS)
         writer.writerows([_cell(column, row[column]) for column in COLUMNS] for row in merged)
-    (results_dir / "black_box.md").write_text(f"{render.black_box(results_dir)}\n\n{threads} torch thread(s).\n")
+    table = render.black_box(results_dir, name)
+    (results_dir / f"{name}.md").write_text(f"{table}\n\n{threads} torch thread(s).\n")
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -184,10 +203,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--victim-arg", action="append", default=[], help="extra argument of a missing victim's job")
     parser.add_argument("--refine-arg", action="append", default=[], help="extra argument of the black-box jobs")
     parser.add_argument(
+        "--variant", default="config", choices=VARIANTS,
+        help="black-box settings other than the config's (VARIANTS; runs in <run-dir>_<variant>)",
+    )  # fmt: skip
+    parser.add_argument(
         "--finished-only", action="store_true",
         help="train nothing: write the rows of the runs asked for that have finished (a partial table)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    run_dir = args.run_dir if args.variant == "config" else Path(f"{args.run_dir}_{args.variant}")
+    refine_args = [*VARIANTS[args.variant], *args.refine_arg]
     rows = []
     for attack in args.attacks:
         for seed in args.seeds:
@@ -195,11 +220,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 for mode in args.modes:
                     for surrogate in args.surrogates:
                         job = (attack, seed, mode, surrogate, budget)
-                        if args.finished_only and not finished(job_folder(args.run_dir, *job)):
+                        if args.finished_only and not finished(job_folder(run_dir, *job)):
                             continue
-                        folders = (args.run_dir, args.victims_dir)
-                        rows.append(black_box_row(*folders, *job, args.victim_arg, args.refine_arg))
-                        write_results(rows, args.results_dir, torch.get_num_threads())
+                        folders = (run_dir, args.victims_dir)
+                        rows.append(black_box_row(*folders, *job, args.victim_arg, refine_args))
+                        write_results(rows, args.results_dir, torch.get_num_threads(), args.variant)
     return rows
 
 

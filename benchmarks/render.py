@@ -499,15 +499,15 @@ def _measured(value: str, digits: int = 4) -> str:
     return "-" if value in ("", "nan") else f"{float(value):.{digits}f}"
 
 
-def black_box(results_dir: Path = RESULTS) -> str:
-    """Black-box REFINE beside white-box REFINE, from ``black_box.csv`` (``benchmarks/black_box.py``)."""
+def black_box(results_dir: Path = RESULTS, name: str = "black_box") -> str:
+    """Black-box REFINE beside white-box REFINE, from ``<name>.csv`` (``benchmarks/black_box.py``)."""
     header = [
         "attack", "seed", "answers", "surrogate", "query budget", "BA", "ASR", "any-class ASR",
         "surrogate agreement", "queries", "seconds", "white-box BA", "white-box ASR", "white-box any-class ASR",
         "white-box seconds",
     ]  # fmt: skip
     rows = []
-    for row in read_csv(results_dir / "black_box.csv"):
+    for row in read_csv(results_dir / f"{name}.csv"):
         run = [row["attack"], row["seed"], row["mode"], row["surrogate"], f"{float(row['budget']):g}"]
         figures = [_measured(row[key]) for key in ("ba", "asr", "any_class_asr", "surrogate_agreement")]
         cost = [row["queries"], _measured(row["seconds"], 0)]

@@ -70,3 +70,9 @@ def test_a_tiny_run_measures_both_modes_beside_white_box_and_is_not_rerun(tmp_pa
     black_box.main([*command, "--surrogates", "small_cnn", "resnet18_cifar_narrow", "--finished-only"])
     assert not (runs / "badnets_s0" / "probabilities_resnet18_cifar_narrow").exists()
     assert timing.read_text() == before and len(read_csv(results / "black_box.csv")) == 2
+    # A variant runs with its overrides in a folder and a results file of its own.
+    black_box.main([*command, "--modes", "labels", "--variant", "online"])
+    online = runs.parent / "runs_online" / "badnets_s0" / "labels_small_cnn"
+    assert "surrogate_online: true" in (online / "config.yaml").read_text()
+    assert [r["mode"] for r in read_csv(results / "black_box_online.csv")] == ["labels"]
+    assert len(read_csv(results / "black_box.csv")) == 2 and timing.read_text() == before
