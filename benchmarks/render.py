@@ -516,6 +516,36 @@ def black_box(results_dir: Path = RESULTS, name: str = "black_box") -> str:
     return table(header, rows)
 
 
+def black_box_variants(results_dir: Path = RESULTS) -> str:
+    """The black-box settings side by side (``benchmarks/black_box.py --variant``).
+
+    Each cell of a variant's ``black_box_<variant>.csv`` comes under the config's row of the same cell
+    (``black_box.csv``).
+    """
+    config = {_black_box_cell(row): row for row in read_csv(results_dir / "black_box.csv")}
+    variants = {}
+    for path in sorted(results_dir.glob("black_box_*.csv")):
+        for row in read_csv(path):
+            variants.setdefault(_black_box_cell(row), []).append((path.stem.removeprefix("black_box_"), row))
+    header = [
+        "attack", "seed", "answers", "surrogate", "settings", "BA", "ASR", "any-class ASR", "surrogate agreement",
+        "queries", "white-box BA", "white-box any-class ASR",
+    ]  # fmt: skip
+    body = []
+    for cell in sorted(variants, key=lambda cell: (cell[0] not in config and 1, cell)):
+        runs = ([("config", config[cell])] if cell in config else []) + variants[cell]
+        for name, row in runs:
+            figures = [_measured(row[key]) for key in ("ba", "asr", "any_class_asr", "surrogate_agreement")]
+            white_box = [_measured(row[f"white_box_{key}"]) for key in ("ba", "any_class_asr")]
+            body.append([row["attack"], row["seed"], row["mode"], row["surrogate"], name, *figures, row["queries"],
+                         *white_box])  # fmt: skip
+    return table(header, body)
+
+
+def _black_box_cell(row: dict[str, str]) -> tuple[str, int, str, str, float]:
+    return row["attack"], int(row["seed"]), row["mode"], row["surrogate"], float(row["budget"])
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "main_job": main_job,
     "main_job_cost": main_job_cost,
@@ -542,6 +572,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "detection": detection,
     "detection_tuning": detection_tuning,
     "black_box": black_box,
+    "black_box_variants": black_box_variants,
 }
 """Region name -> the function that renders its content from a results folder."""
 
