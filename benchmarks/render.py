@@ -532,7 +532,7 @@ def black_box_variants(results_dir: Path = RESULTS) -> str:
         "queries", "white-box BA", "white-box any-class ASR",
     ]  # fmt: skip
     body = []
-    for cell in sorted(variants, key=lambda cell: (cell[0] not in config and 1, cell)):
+    for cell in sorted(variants):
         runs = ([("config", config[cell])] if cell in config else []) + variants[cell]
         for name, row in runs:
             figures = [_measured(row[key]) for key in ("ba", "asr", "any_class_asr", "surrogate_agreement")]

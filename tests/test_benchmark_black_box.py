@@ -41,6 +41,18 @@ def test_rows_written_in_parts_merge_into_one_table_in_a_fixed_order(tmp_path: P
     assert (tmp_path / "black_box.md").read_text().startswith(table)
 
 
+def test_a_variants_rows_come_under_the_configs_row_of_the_same_cell(tmp_path: Path) -> None:
+    black_box.write_results([row("wanet", ba=0.5), row()], tmp_path, threads=1)
+    black_box.write_results([row("wanet", ba=0.9), row("wanet", mode="labels", ba=0.1)], tmp_path, 1, "online")
+    assert (tmp_path / "black_box_online.csv").is_file() and (tmp_path / "black_box_online.md").is_file()
+    lines = [line for line in render.black_box_variants(tmp_path).splitlines() if line.startswith("| wanet")]
+    assert [line.split(" | ")[2:6] for line in lines] == [
+        ["labels", "small_cnn", "online", "0.1000"],  # no config row for this cell
+        ["probabilities", "small_cnn", "config", "0.5000"],
+        ["probabilities", "small_cnn", "online", "0.9000"],
+    ]
+
+
 @pytest.mark.slow
 def test_a_tiny_run_measures_both_modes_beside_white_box_and_is_not_rerun(tmp_path: Path) -> None:
     runs, victims, results = tmp_path / "runs", tmp_path / "victims", tmp_path / "results"
