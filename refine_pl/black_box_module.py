@@ -6,6 +6,7 @@ pseudo-labels are the black box's own answers on the un-augmented training image
 """
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 
 from refine_pl.architectures import build_architecture, import_builder, is_import_path
@@ -25,6 +26,7 @@ from refine_pl.black_box import Answers, BlackBox, ModelAnswers, OnnxBlackBox, c
 from refine_pl.classifier import NormalizedClassifier
 from refine_pl.errors import ConfigError, cli_flag
 from refine_pl.internals import global_seed
+from refine_pl.metric_names import AGREEMENT
 from refine_pl.metrics import CLEAN_LOADER
 from refine_pl.refine_module import RefineLitModule
 from refine_pl.victims import VictimRecord, check_victim_accepts, load_victim
@@ -44,6 +46,10 @@ DISTILLATION_EPOCHS = 20_000
 REFRESH_EPOCHS = 30_000
 """The data epochs (orders and augmentations of the run's seeded loader) of the query passes and the distillation's
 epochs: each pass its own, none of them a training epoch of REFINE."""
+
+ROLLBACK_KEY = "agreement_rollback"
+"""Key of a black-box run's checkpoint that holds the best label-free agreement's epoch, weights and optimizer state
+(:attr:`BlackBoxRefineLitModule.agreement_rollback`)."""
 
 RECORD_FILE = "black_box.json"
 """The run folder's record of the black box: answers mode, surrogate, queries, the surrogate's agreement."""
@@ -175,6 +181,12 @@ class BlackBoxRefineLitModule(RefineLitModule):
             box answers ``T``'s output on the step's views and the surrogate takes one step on them (the same
             queries and surrogate steps per epoch as a refresh every epoch, with a surrogate that is never an epoch
             behind ``T``). Needs ``surrogate_refresh_epochs`` 0. The surrogate's optimizer starts anew on resume.
+        agreement_rollback: When the label-free agreement (``val/agreement``) falls more than this below its best,
+            ``T``, the surrogate and ``T``'s optimizer state go back to the best validation's (:meth:`roll_back`)
+            and training goes on from there, at the schedule's current rate. Through a surrogate, ``T`` can find a
+            region of the black box the surrogate does not know, where every image gets one class (a backdoor's
+            target): the agreement collapses and does not come back. None: never. A fit then never ends more than
+            this below its best agreement. Needs held-out images (``data.val_fraction``) and validation every epoch.
         **kwargs: What :class:`~refine_pl.RefineLitModule` takes (the transform, the remap, the losses, the optimizer,
             the data facts, ...).
     """
@@ -195,6 +207,7 @@ class BlackBoxRefineLitModule(RefineLitModule):
         surrogate_label_smoothing: float = 0.0,
         surrogate_refresh_lr: float | None = None,
         surrogate_online: bool = False,
+        agreement_rollback: float | None = None,
         **kwargs: Any,
     ) -> None:
         check_answers_mode(answers)
@@ -230,6 +243,13 @@ class BlackBoxRefineLitModule(RefineLitModule):
                 f"surrogate_online refreshes the surrogate in every training step, in place of the refreshes every "
                 f"{surrogate_refresh_epochs} epoch(s): set {cli_flag('model', 'surrogate_refresh_epochs')} 0 with it."
             )
+        if agreement_rollback is not None and (
+            isinstance(agreement_rollback, bool) or not 0 < agreement_rollback < 1
+        ):
+            raise ConfigError(
+                f"agreement_rollback is a fall of the label-free agreement in (0, 1), got {agreement_rollback!r}: "
+                f"set {cli_flag('model', 'agreement_rollback')} (or leave it unset: never roll back)."
+            )
         self._black_box_spec = (black_box, answers, onnx_outputs)
         kwargs.setdefault("victim_access", "query_only")
         kwargs.pop("pseudo_label_cache", None)
@@ -255,6 +275,8 @@ class BlackBoxRefineLitModule(RefineLitModule):
         self.surrogate_refresh_lr = surrogate_lr if surrogate_refresh_lr is None else surrogate_refresh_lr
         self.surrogate_online = surrogate_online
         self._online_optimizer: torch.optim.Optimizer | None = None
+        self.agreement_rollback = agreement_rollback
+        self._best: dict[str, Any] | None = None  # the best agreement's estimate, weights and optimizer states
         self._answers: Tensor | None = None  # [N] long classes (-1: not asked) or [N, K] probabilities (NaN rows)
         self._labels: Tensor | None = None  # [N] long, the black box's class of each answered image, -1 elsewhere
         self.training_queries = 0
@@ -539,6 +561,60 @@ class BlackBoxRefineLitModule(RefineLitModule):
                     self._follow_black_box(self._online_optimizer, views, batch.indices)
         return super().training_step(batch, batch_idx)
 
+    # ------------------------------------------------------------------------------------------ agreement rollback
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        estimate = self.label_free_estimate
+        if self.agreement_rollback is None or self.trainer.sanity_checking or estimate is None:
+            return
+        if estimate["epoch"] != self.current_epoch + 1:
+            return  # no agreement measured in this validation
+        if self._best is None or estimate[AGREEMENT] > self._best["estimate"][AGREEMENT]:
+            self._best = {
+                "estimate": dict(estimate),
+                "weights": {name: value.detach().cpu().clone() for name, value in self._trained_state().items()},
+                "optimizers": [copy.deepcopy(optimizer.state_dict()) for optimizer in self.trainer.optimizers],
+            }
+        elif estimate[AGREEMENT] < self._best["estimate"][AGREEMENT] - self.agreement_rollback:
+            self.roll_back()
+
+    def _trained_state(self) -> dict[str, Tensor]:
+        """The state that training changes: everything but the frozen models (``T``, the surrogate, the remap)."""
+        frozen = tuple(self._frozen_models())
+        return {name: value for name, value in self.state_dict().items() if not name.startswith(frozen)}
+
+    def roll_back(self) -> None:
+        """Puts ``T``, the surrogate and the per-parameter state of ``T``'s optimizer back to the best agreement's.
+
+        The learning rates stay the schedule's current ones; the online surrogate's optimizer starts anew. The
+        label-free estimate becomes the best one's (it describes the weights held now), and ``black_box.json``
+        records the rollback (``agreement_rollbacks``).
+        """
+        best, fallen = self._best, dict(self.label_free_estimate or {})
+        with torch.no_grad():
+            for name, value in self._trained_state().items():
+                value.copy_(best["weights"][name])
+        for optimizer, saved in zip(self.trainer.optimizers, best["optimizers"], strict=True):
+            saved = copy.deepcopy(saved)
+            for group, now in zip(saved["param_groups"], optimizer.state_dict()["param_groups"], strict=True):
+                group.update({key: value for key, value in now.items() if key != "params"})
+            optimizer.load_state_dict(saved)
+        self._online_optimizer = None
+        self._output_spread = None
+        self.label_free_estimate = dict(best["estimate"])
+        rollbacks = [*self.record.get("agreement_rollbacks", []), {
+            "epoch": fallen.get("epoch"), "agreement": fallen.get(AGREEMENT),
+            "restored_epoch": best["estimate"]["epoch"], "restored_agreement": best["estimate"][AGREEMENT],
+        }]  # fmt: skip
+        self.record.update(agreement_rollbacks=rollbacks)
+        rank_zero_warn(
+            f"The label-free agreement fell to {fallen.get(AGREEMENT)} in epoch {fallen.get('epoch')}, more than "
+            f"{self.agreement_rollback} below its best ({best['estimate'][AGREEMENT]} in epoch "
+            f"{best['estimate']['epoch']}): T and the surrogate go back to that epoch's weights and train on "
+            f"(rollback {len(rollbacks)})."
+        )
+
     # ------------------------------------------------------------------------------------------------ evaluation
 
     def on_test_epoch_start(self) -> None:
@@ -591,6 +667,8 @@ class BlackBoxRefineLitModule(RefineLitModule):
                 "training_queries": self.training_queries,
                 "record": dict(self.record),
             }
+        if self._best is not None:
+            checkpoint[ROLLBACK_KEY] = self._best
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -599,3 +677,6 @@ class BlackBoxRefineLitModule(RefineLitModule):
             self.training_queries = int(saved.get("training_queries", 0))
             self.record.update(saved.get("record") or {})
             self._set_answers(saved["answers"], saved["allowed"])
+        best = checkpoint.get(ROLLBACK_KEY)
+        if isinstance(best, dict) and isinstance(best.get("weights"), dict):
+            self._best = best

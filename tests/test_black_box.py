@@ -15,14 +15,18 @@ import onnxruntime
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from pytorch_lightning import Callback
+from torch import Tensor
 
 from datamodules import RefineDataModule
 from refine_pl import RefineLitModule
+from refine_pl.base_module import BackdoorLitModule
 from refine_pl.black_box import BlackBox, ModelAnswers, OnnxBlackBox, QueryFunction, check_onnx_file
 from refine_pl.black_box_export import export_black_box_onnx, load_black_box_defense, save_black_box_defense
 from refine_pl.black_box_module import BlackBoxRefineLitModule, budget_indices, default_surrogate_arch
 from refine_pl.defend import main
 from refine_pl.errors import ConfigError
+from refine_pl.metric_names import AGREEMENT
 from refine_pl.transform import UNet
 from refine_pl.victims import load_victim
 from tests.conftest import MNIST_FACTS, SmallDigits, quiet_trainer, write_victim_checkpoint
@@ -413,3 +417,50 @@ def test_label_smoothing_spreads_the_surrogates_probability_and_bad_settings_are
             BlackBoxRefineLitModule(black_box=box, **bad, **TINY)
     with pytest.raises(ConfigError, match="surrogate_refresh_lr must be above 0"):
         BlackBoxRefineLitModule(black_box=box, surrogate_refresh_lr=0.0, **TINY)
+
+
+def test_a_collapsed_agreement_rolls_t_and_the_surrogate_back_to_the_best_epoch_and_a_resume_keeps_the_best(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agreements = [0.5, 0.9, 0.7, 0.4, 0.85]  # epoch 3 falls 0.2 below the best (kept), epoch 4 0.5 (rolled back)
+
+    def scripted_agreement(module: BackdoorLitModule) -> None:
+        epoch = module.current_epoch
+        module.label_free_estimate = {AGREEMENT: agreements[epoch], "held_out_images": 8, "epoch": epoch + 1}
+
+    monkeypatch.setattr(BackdoorLitModule, "on_validation_epoch_end", scripted_agreement)
+    weights: dict[int, dict[str, Tensor]] = {}
+
+    class KeepWeights(Callback):
+        def on_validation_end(self, trainer: Any, module: BlackBoxRefineLitModule) -> None:
+            weights[module.current_epoch] = {k: v.clone() for k, v in module._trained_state().items()}
+
+    box = QueryFunction(brightness_class, 10, answers="labels")
+    module = BlackBoxRefineLitModule(black_box=box, agreement_rollback=0.3, **TINY)
+    epochs = {"limit_train_batches": 2, "limit_val_batches": 1, "callbacks": [KeepWeights()]}
+    trainer = quiet_trainer(tmp_path, max_epochs=4, **epochs)
+    with pytest.warns(UserWarning, match="fell to 0.4 in epoch 4.*go back to that epoch's weights"):
+        trainer.fit(module, datamodule=digits())
+    assert module.record["agreement_rollbacks"] == [
+        {"epoch": 4, "agreement": 0.4, "restored_epoch": 2, "restored_agreement": 0.9}
+    ]
+    best, kept = weights[1], weights[2]  # epoch 2's weights, and epoch 3's, which were not rolled back
+    assert any(not torch.equal(kept[name], best[name]) for name in best)
+    assert all(torch.equal(weights[3][name], best[name]) for name in best)
+    assert module.label_free_estimate[AGREEMENT] == 0.9  # the estimate describes the weights held
+    held, saved = trainer.optimizers[0].state_dict()["state"], module._best["optimizers"][0]["state"]
+    assert held.keys() == saved.keys() and held  # the optimizer state goes back too (momentum and step count)
+    assert all(torch.equal(torch.as_tensor(held[p][k]), torch.as_tensor(saved[p][k])) for p in held for k in held[p])
+    trainer.save_checkpoint(tmp_path / "rolled_back.ckpt")
+
+    agreements[4] = 0.55  # 0.35 below the best the checkpoint kept, though above the epoch before it
+    resumed = BlackBoxRefineLitModule(black_box=QueryFunction(brightness_class, 10, answers="labels"),
+                                      agreement_rollback=0.3, **TINY)  # fmt: skip
+    quiet_trainer(tmp_path, max_epochs=5, **epochs).fit(
+        resumed, datamodule=digits(), ckpt_path=tmp_path / "rolled_back.ckpt"
+    )
+    assert [r["epoch"] for r in resumed.record["agreement_rollbacks"]] == [4, 5]
+    assert all(torch.equal(weights[4][name], best[name]) for name in best)
+    for bad in (0.0, 1.0, True):
+        with pytest.raises(ConfigError, match="agreement_rollback is a fall of the label-free agreement"):
+            BlackBoxRefineLitModule(black_box=box, agreement_rollback=bad, **TINY)
