@@ -56,6 +56,7 @@ TUNING_VICTIMS: dict[str, tuple[str, list[str]]] = {
 }  # fmt: skip
 
 EPOCHS = "--trainer.max_epochs="
+_OPTION = "--model.init_args."
 CANDIDATES: dict[str, list[str]] = {
     "recipe": [],  # configs/refine/recipe.yaml + configs/refine/mnist.yaml as they are
     "e8": [f"{EPOCHS}8"],  # 8 epochs at most
@@ -68,7 +69,37 @@ CANDIDATES: dict[str, list[str]] = {
     # Ten times the weight decay: by hand it kept mobilenet_v3_small's BA 0.927 (0.885 at the recipe's), an own-model
     # case that fits its 450 images (docs/own-model.md).
     "wd5e-3": ["--model.init_args.optimizer.init_args.weight_decay=0.005"],
+    # Black-box REFINE (docs/black-box.md), with labels only and with probabilities: a surrogate refresh every epoch,
+    # and an online surrogate (a refresh every step) with the agreement rollback, its rate constant or following T's.
+    **{
+        f"bb_{answers}_{settings}": [f"{_OPTION}answers={answers}", *options]
+        for answers in ("labels", "probabilities")
+        for settings, options in (
+            ("refresh", [f"{_OPTION}surrogate_refresh_epochs=1", f"{_OPTION}surrogate_online=false"]),
+            (
+                "online_rollback",
+                [
+                    f"{_OPTION}surrogate_refresh_epochs=0",
+                    f"{_OPTION}surrogate_online=true",
+                    f"{_OPTION}agreement_rollback=0.3",
+                ],
+            ),
+            (
+                "online_rollback_schedule",  # and the surrogate's rate following T's warmup and cosine decay
+                [
+                    f"{_OPTION}surrogate_refresh_epochs=0",
+                    f"{_OPTION}surrogate_online=true",
+                    f"{_OPTION}agreement_rollback=0.3",
+                    f"{_OPTION}surrogate_refresh_schedule=true",
+                ],
+            ),
+        )
+    },
 }
+CANDIDATE_CONFIGS: dict[str, list[str]] = {
+    candidate: ["configs/refine/black_box.yaml"] for candidate in CANDIDATES if candidate.startswith("bb_")
+}
+"""Configs a candidate merges after the MNIST job's (none unless named here)."""
 """Candidate configs: overrides of the REFINE job (``train.py`` arguments) on top of the MNIST job's configs. The
 cosine of every candidate ends at its ``max_epochs``; the label-free stopping rule may end it sooner."""
 
@@ -113,7 +144,8 @@ def candidate_row(run_dir: Path, name: str, candidate: str) -> dict[str, Any]:
         start = time.perf_counter()
         seed = tuning_seed(name)
         arguments = [*QUIET, "--seed_everything", str(seed), "--model.init_args.remap_seed", str(seed)]
-        run_defense(suspect, RECIPES["refine"], job, [*arguments, *overrides], clean)
+        configs = [*RECIPES["refine"], *CANDIDATE_CONFIGS.get(candidate, [])]
+        run_defense(suspect, configs, job, [*arguments, *overrides], clean)
         seconds = time.perf_counter() - start
         timing.write_text(json.dumps({"seconds": seconds, "overrides": overrides, "recipe": recipe}) + "\n")
     report = json.loads((job / "report.json").read_text())

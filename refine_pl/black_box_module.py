@@ -176,7 +176,10 @@ class BlackBoxRefineLitModule(RefineLitModule):
         surrogate_label_smoothing: Label smoothing of the distillation on the black box's classes (label-only
             answers; probabilities are taken as they are): the surrogate learns a share of its probability spread
             over the other classes instead of all of it on the answered class.
-        surrogate_refresh_lr: Learning rate of the refreshes (Adam, constant); None: ``surrogate_lr``.
+        surrogate_refresh_lr: Learning rate of the refreshes (Adam); None: ``surrogate_lr``.
+        surrogate_refresh_schedule: The refreshes' rate follows ``T``'s schedule: ``surrogate_refresh_lr`` times the
+            share of its full rate that ``T``'s optimizer has at the time (after a warmup and a cosine decay the
+            surrogate settles with ``T`` instead of moving under it at a constant rate). False: constant.
         surrogate_online: Refresh in every training step instead of every few epochs: before ``T``'s step the black
             box answers ``T``'s output on the step's views and the surrogate takes one step on them (the same
             queries and surrogate steps per epoch as a refresh every epoch, with a surrogate that is never an epoch
@@ -206,6 +209,7 @@ class BlackBoxRefineLitModule(RefineLitModule):
         surrogate_refresh_epochs: int = 1,
         surrogate_label_smoothing: float = 0.0,
         surrogate_refresh_lr: float | None = None,
+        surrogate_refresh_schedule: bool = False,
         surrogate_online: bool = False,
         agreement_rollback: float | None = None,
         **kwargs: Any,
@@ -243,9 +247,7 @@ class BlackBoxRefineLitModule(RefineLitModule):
                 f"surrogate_online refreshes the surrogate in every training step, in place of the refreshes every "
                 f"{surrogate_refresh_epochs} epoch(s): set {cli_flag('model', 'surrogate_refresh_epochs')} 0 with it."
             )
-        if agreement_rollback is not None and (
-            isinstance(agreement_rollback, bool) or not 0 < agreement_rollback < 1
-        ):
+        if agreement_rollback is not None and (isinstance(agreement_rollback, bool) or not 0 < agreement_rollback < 1):
             raise ConfigError(
                 f"agreement_rollback is a fall of the label-free agreement in (0, 1), got {agreement_rollback!r}: "
                 f"set {cli_flag('model', 'agreement_rollback')} (or leave it unset: never roll back)."
@@ -273,6 +275,7 @@ class BlackBoxRefineLitModule(RefineLitModule):
         self.surrogate_refresh_epochs = surrogate_refresh_epochs
         self.surrogate_label_smoothing = surrogate_label_smoothing
         self.surrogate_refresh_lr = surrogate_lr if surrogate_refresh_lr is None else surrogate_refresh_lr
+        self.surrogate_refresh_schedule = surrogate_refresh_schedule
         self.surrogate_online = surrogate_online
         self._online_optimizer: torch.optim.Optimizer | None = None
         self.agreement_rollback = agreement_rollback
@@ -462,7 +465,7 @@ class BlackBoxRefineLitModule(RefineLitModule):
         stay the black box's answers on the original images.
         """
         loader = self.trainer.datamodule.train_dataloader()
-        optimizer = torch.optim.Adam(self.surrogate.parameters(), lr=self.surrogate_refresh_lr)
+        optimizer = torch.optim.Adam(self.surrogate.parameters(), lr=self._refresh_rate())
         with self._surrogate_learning():
             answered = self._labels.cpu() >= 0
             refreshed = torch.zeros_like(answered)
@@ -479,6 +482,14 @@ class BlackBoxRefineLitModule(RefineLitModule):
                 if bool(refreshed[answered].all()):
                     break
         self.record.update(surrogate_refreshes=int(self.record.get("surrogate_refreshes", 0)) + 1)
+
+    def _refresh_rate(self) -> float:
+        """The refreshes' rate now: ``surrogate_refresh_lr``, times ``T``'s share of its full rate if it follows."""
+        if not self.surrogate_refresh_schedule:
+            return self.surrogate_refresh_lr
+        group = self.trainer.optimizers[0].param_groups[0]
+        full = group.get("initial_lr") or group["lr"]
+        return self.surrogate_refresh_lr * group["lr"] / full if full else self.surrogate_refresh_lr
 
     @contextlib.contextmanager
     def _surrogate_learning(self) -> Iterator[None]:
@@ -555,7 +566,9 @@ class BlackBoxRefineLitModule(RefineLitModule):
                 batch = type(batch)(*(field[keep] for field in batch))
             if self.surrogate_online:
                 if self._online_optimizer is None:
-                    self._online_optimizer = torch.optim.Adam(self.surrogate.parameters(), lr=self.surrogate_refresh_lr)
+                    self._online_optimizer = torch.optim.Adam(self.surrogate.parameters(), lr=self._refresh_rate())
+                for group in self._online_optimizer.param_groups:
+                    group["lr"] = self._refresh_rate()
                 views = batch.views if isinstance(batch, AugmentedViews) else batch.images
                 with self._surrogate_learning():
                     self._follow_black_box(self._online_optimizer, views, batch.indices)

@@ -464,3 +464,24 @@ def test_a_collapsed_agreement_rolls_t_and_the_surrogate_back_to_the_best_epoch_
     for bad in (0.0, 1.0, True):
         with pytest.raises(ConfigError, match="agreement_rollback is a fall of the label-free agreement"):
             BlackBoxRefineLitModule(black_box=box, agreement_rollback=bad, **TINY)
+
+
+def test_the_refreshes_rate_follows_ts_schedule_when_asked(tmp_path: Path) -> None:
+    class QuarterRate(Callback):  # T's schedule at a quarter of its full rate
+        def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+            for group in trainer.optimizers[0].param_groups:
+                group.setdefault("initial_lr", group["lr"])
+                group["lr"] = group["initial_lr"] / 4
+
+    rates = {}
+    for follows in (False, True):
+        box = QueryFunction(brightness_class, 10, answers="labels")
+        module = BlackBoxRefineLitModule(
+            black_box=box, surrogate_online=True, surrogate_refresh_epochs=0, surrogate_refresh_lr=0.002,
+            surrogate_refresh_schedule=follows, **TINY,
+        )  # fmt: skip
+        quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[QuarterRate()]).fit(
+            module, datamodule=digits()
+        )
+        rates[follows] = module._online_optimizer.param_groups[0]["lr"]
+    assert rates == {False: 0.002, True: pytest.approx(0.0005)}
