@@ -61,6 +61,7 @@ VARIANTS: dict[str, list[str]] = {
     "smoothing0.1": [f"{_OPTION}surrogate_label_smoothing=0.1"],  # label-only distillation with label smoothing
     "rollback": [_ROLLBACK],  # back to the best label-free agreement's weights after a collapse
     "online_rollback": [*_ONLINE, _ROLLBACK],
+    "online_rollback_schedule": [*_ONLINE, _ROLLBACK, f"{_OPTION}surrogate_refresh_schedule=true"],  # rate follows T's
 }
 """Variants of the black-box settings: overrides of the jobs. A variant's runs go to ``<run-dir>_<variant>`` and its
 rows to ``black_box_<variant>.csv`` (``config``: ``<run-dir>`` and ``black_box.csv``)."""

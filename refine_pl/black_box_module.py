@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 
 from refine_pl.architectures import build_architecture, import_builder, is_import_path
@@ -190,6 +190,9 @@ class BlackBoxRefineLitModule(RefineLitModule):
             region of the black box the surrogate does not know, where every image gets one class (a backdoor's
             target): the agreement collapses and does not come back. None: never. A fit then never ends more than
             this below its best agreement. Needs held-out images (``data.val_fraction``) and validation every epoch.
+        keep_best_agreement: At the last epoch (``max_epochs``), keep the weights of the epoch of the best
+            label-free agreement (the first of a tie) if the last epoch's is lower: a choice of the epoch to
+            deploy without a label. ``black_box.json`` records the kept epoch (``kept_epoch``).
         **kwargs: What :class:`~refine_pl.RefineLitModule` takes (the transform, the remap, the losses, the optimizer,
             the data facts, ...).
     """
@@ -212,6 +215,7 @@ class BlackBoxRefineLitModule(RefineLitModule):
         surrogate_refresh_schedule: bool = False,
         surrogate_online: bool = False,
         agreement_rollback: float | None = None,
+        keep_best_agreement: bool = False,
         **kwargs: Any,
     ) -> None:
         check_answers_mode(answers)
@@ -279,6 +283,7 @@ class BlackBoxRefineLitModule(RefineLitModule):
         self.surrogate_online = surrogate_online
         self._online_optimizer: torch.optim.Optimizer | None = None
         self.agreement_rollback = agreement_rollback
+        self.keep_best_agreement = keep_best_agreement
         self._best: dict[str, Any] | None = None  # the best agreement's estimate, weights and optimizer states
         self._answers: Tensor | None = None  # [N] long classes (-1: not asked) or [N, K] probabilities (NaN rows)
         self._labels: Tensor | None = None  # [N] long, the black box's class of each answered image, -1 elsewhere
@@ -579,7 +584,8 @@ class BlackBoxRefineLitModule(RefineLitModule):
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         estimate = self.label_free_estimate
-        if self.agreement_rollback is None or self.trainer.sanity_checking or estimate is None:
+        watched = self.agreement_rollback is not None or self.keep_best_agreement
+        if not watched or self.trainer.sanity_checking or estimate is None:
             return
         if estimate["epoch"] != self.current_epoch + 1:
             return  # no agreement measured in this validation
@@ -589,22 +595,33 @@ class BlackBoxRefineLitModule(RefineLitModule):
                 "weights": {name: value.detach().cpu().clone() for name, value in self._trained_state().items()},
                 "optimizers": [copy.deepcopy(optimizer.state_dict()) for optimizer in self.trainer.optimizers],
             }
-        elif estimate[AGREEMENT] < self._best["estimate"][AGREEMENT] - self.agreement_rollback:
+        elif self.agreement_rollback is not None and (
+            estimate[AGREEMENT] < self._best["estimate"][AGREEMENT] - self.agreement_rollback
+        ):
             self.roll_back()
+        epochs = self.trainer.max_epochs
+        if self.keep_best_agreement and epochs is not None and epochs > 0 and self.current_epoch + 1 >= epochs:
+            kept = self._best["estimate"]
+            if self.label_free_estimate["epoch"] != kept["epoch"]:
+                rank_zero_info(
+                    f"The label-free agreement of the last epoch ({estimate[AGREEMENT]}) is below its best "
+                    f"({kept[AGREEMENT]}, epoch {kept['epoch']}): that epoch's T and surrogate are kept."
+                )
+                self._restore_best()
+            self.record.update(kept_epoch=kept["epoch"], last_epoch_agreement=estimate[AGREEMENT])
 
     def _trained_state(self) -> dict[str, Tensor]:
         """The state that training changes: everything but the frozen models (``T``, the surrogate, the remap)."""
         frozen = tuple(self._frozen_models())
         return {name: value for name, value in self.state_dict().items() if not name.startswith(frozen)}
 
-    def roll_back(self) -> None:
+    def _restore_best(self) -> None:
         """Puts ``T``, the surrogate and the per-parameter state of ``T``'s optimizer back to the best agreement's.
 
         The learning rates stay the schedule's current ones; the online surrogate's optimizer starts anew. The
-        label-free estimate becomes the best one's (it describes the weights held now), and ``black_box.json``
-        records the rollback (``agreement_rollbacks``).
+        label-free estimate becomes the best one's: it describes the weights held now.
         """
-        best, fallen = self._best, dict(self.label_free_estimate or {})
+        best = self._best
         with torch.no_grad():
             for name, value in self._trained_state().items():
                 value.copy_(best["weights"][name])
@@ -616,16 +633,23 @@ class BlackBoxRefineLitModule(RefineLitModule):
         self._online_optimizer = None
         self._output_spread = None
         self.label_free_estimate = dict(best["estimate"])
+
+    def roll_back(self) -> None:
+        """Goes back to the best agreement's weights after a collapse (:attr:`agreement_rollback`) and trains on.
+
+        ``black_box.json`` records each rollback (``agreement_rollbacks``).
+        """
+        best, fallen = self._best["estimate"], dict(self.label_free_estimate)
+        self._restore_best()
         rollbacks = [*self.record.get("agreement_rollbacks", []), {
-            "epoch": fallen.get("epoch"), "agreement": fallen.get(AGREEMENT),
-            "restored_epoch": best["estimate"]["epoch"], "restored_agreement": best["estimate"][AGREEMENT],
+            "epoch": fallen["epoch"], "agreement": fallen[AGREEMENT],
+            "restored_epoch": best["epoch"], "restored_agreement": best[AGREEMENT],
         }]  # fmt: skip
         self.record.update(agreement_rollbacks=rollbacks)
         rank_zero_warn(
-            f"The label-free agreement fell to {fallen.get(AGREEMENT)} in epoch {fallen.get('epoch')}, more than "
-            f"{self.agreement_rollback} below its best ({best['estimate'][AGREEMENT]} in epoch "
-            f"{best['estimate']['epoch']}): T and the surrogate go back to that epoch's weights and train on "
-            f"(rollback {len(rollbacks)})."
+            f"The label-free agreement fell to {fallen[AGREEMENT]} in epoch {fallen['epoch']}, more than "
+            f"{self.agreement_rollback} below its best ({best[AGREEMENT]} in epoch {best['epoch']}): T and the "
+            f"surrogate go back to that epoch's weights and train on (rollback {len(rollbacks)})."
         )
 
     # ------------------------------------------------------------------------------------------------ evaluation

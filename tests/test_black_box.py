@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from pytorch_lightning import Callback
 from torch import Tensor
 
+from callbacks import RunCheckpoint
 from datamodules import RefineDataModule
 from refine_pl import RefineLitModule
 from refine_pl.base_module import BackdoorLitModule
@@ -419,25 +420,41 @@ def test_label_smoothing_spreads_the_surrogates_probability_and_bad_settings_are
         BlackBoxRefineLitModule(black_box=box, surrogate_refresh_lr=0.0, **TINY)
 
 
-def test_a_collapsed_agreement_rolls_t_and_the_surrogate_back_to_the_best_epoch_and_a_resume_keeps_the_best(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    agreements = [0.5, 0.9, 0.7, 0.4, 0.85]  # epoch 3 falls 0.2 below the best (kept), epoch 4 0.5 (rolled back)
+class KeepWeights(Callback):
+    """Keeps the module's trained state before (``trained``) and after (``weights``) each validation, by 0-based
+    epoch."""
+
+    def __init__(self) -> None:
+        self.trained: dict[int, dict[str, Tensor]] = {}
+        self.weights: dict[int, dict[str, Tensor]] = {}
+
+    def on_validation_start(self, trainer: Any, module: BlackBoxRefineLitModule) -> None:
+        self.trained[module.current_epoch] = {k: v.clone() for k, v in module._trained_state().items()}
+
+    def on_validation_end(self, trainer: Any, module: BlackBoxRefineLitModule) -> None:
+        self.weights[module.current_epoch] = {k: v.clone() for k, v in module._trained_state().items()}
+
+
+def script_agreements(monkeypatch: pytest.MonkeyPatch, agreements: list[float]) -> None:
+    """Each validation measures the next of ``agreements`` as the label-free agreement (on 8 held-out images)."""
 
     def scripted_agreement(module: BackdoorLitModule) -> None:
         epoch = module.current_epoch
         module.label_free_estimate = {AGREEMENT: agreements[epoch], "held_out_images": 8, "epoch": epoch + 1}
 
     monkeypatch.setattr(BackdoorLitModule, "on_validation_epoch_end", scripted_agreement)
-    weights: dict[int, dict[str, Tensor]] = {}
 
-    class KeepWeights(Callback):
-        def on_validation_end(self, trainer: Any, module: BlackBoxRefineLitModule) -> None:
-            weights[module.current_epoch] = {k: v.clone() for k, v in module._trained_state().items()}
 
+def test_a_collapsed_agreement_rolls_t_and_the_surrogate_back_to_the_best_epoch_and_a_resume_keeps_the_best(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agreements = [0.5, 0.9, 0.7, 0.4, 0.85]  # epoch 3 falls 0.2 below the best (kept), epoch 4 0.5 (rolled back)
+    script_agreements(monkeypatch, agreements)
+    kept_weights = KeepWeights()
+    weights = kept_weights.weights
     box = QueryFunction(brightness_class, 10, answers="labels")
     module = BlackBoxRefineLitModule(black_box=box, agreement_rollback=0.3, **TINY)
-    epochs = {"limit_train_batches": 2, "limit_val_batches": 1, "callbacks": [KeepWeights()]}
+    epochs = {"limit_train_batches": 2, "limit_val_batches": 1, "callbacks": [kept_weights]}
     trainer = quiet_trainer(tmp_path, max_epochs=4, **epochs)
     with pytest.warns(UserWarning, match="fell to 0.4 in epoch 4.*go back to that epoch's weights"):
         trainer.fit(module, datamodule=digits())
@@ -485,3 +502,25 @@ def test_the_refreshes_rate_follows_ts_schedule_when_asked(tmp_path: Path) -> No
         )
         rates[follows] = module._online_optimizer.param_groups[0]["lr"]
     assert rates == {False: 0.002, True: pytest.approx(0.0005)}
+
+
+@pytest.mark.parametrize(("agreements", "kept_epoch"), [([0.5, 0.9, 0.7, 0.8], 2), ([0.5, 0.9, 0.7, 0.95], 4)])
+def test_the_best_agreements_epoch_is_kept_at_the_end_and_is_what_the_last_checkpoint_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, agreements: list[float], kept_epoch: int
+) -> None:
+    script_agreements(monkeypatch, agreements)
+    kept_weights = KeepWeights()
+    box = QueryFunction(brightness_class, 10, answers="labels")
+    module = BlackBoxRefineLitModule(black_box=box, keep_best_agreement=True, **TINY)
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=4, limit_train_batches=2, limit_val_batches=1, callbacks=[kept_weights, RunCheckpoint()]
+    )
+    trainer.fit(module, datamodule=digits())
+    assert module.record["kept_epoch"] == kept_epoch and module.record["last_epoch_agreement"] == agreements[-1]
+    assert module.label_free_estimate[AGREEMENT] == max(agreements)
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    trained = module._trained_state()
+    for weights in (trained, saved):  # the weights held and the ones a later test reads
+        assert all(torch.equal(weights[name], value) for name, value in kept_weights.weights[kept_epoch - 1].items())
+    if kept_epoch != len(agreements):  # another epoch's weights than those the last epoch trained to
+        assert any(not torch.equal(trained[n], v) for n, v in kept_weights.trained[len(agreements) - 1].items())
