@@ -52,16 +52,16 @@ SURROGATES = ("small_cnn", "resnet18_cifar_narrow")
 """The victim's own architecture (the attacks table's small CNN) and another one."""
 _OPTION = "--model.init_args."
 _ONLINE = [f"{_OPTION}surrogate_online=true", f"{_OPTION}surrogate_refresh_epochs=0"]
-_NO_ROLLBACK = f"{_OPTION}agreement_rollback=null"
+_ROLLBACK = f"{_OPTION}agreement_rollback=0.3"
 VARIANTS: dict[str, list[str]] = {
-    "config": [],  # configs/refine/black_box.yaml as it is: a surrogate refresh every epoch, the agreement rollback
-    "no_rollback": [_NO_ROLLBACK],  # the config without the rollback (its runs before the rollback was in it)
-    "online": [*_ONLINE, _NO_ROLLBACK],  # a refresh in every training step instead
-    "online_lr1e-4": [*_ONLINE, f"{_OPTION}surrogate_refresh_lr=0.0001", _NO_ROLLBACK],  # at a tenth of the rate
-    "refresh_lr1e-4": [f"{_OPTION}surrogate_refresh_lr=0.0001", _NO_ROLLBACK],  # every epoch, a tenth of the rate
-    "smoothing0.1": [f"{_OPTION}surrogate_label_smoothing=0.1", _NO_ROLLBACK],  # label-only, with label smoothing
-    "online_rollback": [*_ONLINE],  # online, with the config's rollback
-    "online_rollback_schedule": [*_ONLINE, f"{_OPTION}surrogate_refresh_schedule=true"],  # its rate following T's
+    "config": [],  # configs/refine/black_box.yaml as it is: a surrogate refresh every epoch
+    "online": _ONLINE,  # a refresh in every training step instead
+    "online_lr1e-4": [*_ONLINE, f"{_OPTION}surrogate_refresh_lr=0.0001"],  # and at a tenth of the rate
+    "refresh_lr1e-4": [f"{_OPTION}surrogate_refresh_lr=0.0001"],  # every epoch, at a tenth of the rate
+    "smoothing0.1": [f"{_OPTION}surrogate_label_smoothing=0.1"],  # label-only distillation with label smoothing
+    "rollback": [_ROLLBACK],  # back to the best label-free agreement's T and surrogate after a collapse
+    "online_rollback": [*_ONLINE, _ROLLBACK],
+    "online_rollback_schedule": [*_ONLINE, _ROLLBACK, f"{_OPTION}surrogate_refresh_schedule=true"],  # rate follows T's
 }
 """Variants of the black-box settings: overrides of the jobs. A variant's runs go to ``<run-dir>_<variant>`` and its
 rows to ``black_box_<variant>.csv`` (``config``: ``<run-dir>`` and ``black_box.csv``)."""
