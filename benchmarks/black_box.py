@@ -53,6 +53,7 @@ SURROGATES = ("small_cnn", "resnet18_cifar_narrow")
 _OPTION = "--model.init_args."
 _ONLINE = [f"{_OPTION}surrogate_online=true", f"{_OPTION}surrogate_refresh_epochs=0"]
 _ROLLBACK = f"{_OPTION}agreement_rollback=0.3"
+_KEEP_SURROGATE = f"{_OPTION}rollback_keeps_surrogate=true"
 VARIANTS: dict[str, list[str]] = {
     "config": [],  # configs/refine/black_box.yaml as it is: a surrogate refresh every epoch
     "online": _ONLINE,  # a refresh in every training step instead
@@ -62,6 +63,8 @@ VARIANTS: dict[str, list[str]] = {
     "rollback": [_ROLLBACK],  # back to the best label-free agreement's T and surrogate after a collapse
     "online_rollback": [*_ONLINE, _ROLLBACK],
     "online_rollback_schedule": [*_ONLINE, _ROLLBACK, f"{_OPTION}surrogate_refresh_schedule=true"],  # rate follows T's
+    "rollback_t": [_ROLLBACK, _KEEP_SURROGATE],  # the rollback of T alone: the surrogate keeps what it learned since
+    "online_rollback_t": [*_ONLINE, _ROLLBACK, _KEEP_SURROGATE],
 }
 """Variants of the black-box settings: overrides of the jobs. A variant's runs go to ``<run-dir>_<variant>`` and its
 rows to ``black_box_<variant>.csv`` (``config``: ``<run-dir>`` and ``black_box.csv``)."""

@@ -190,6 +190,8 @@ class BlackBoxRefineLitModule(RefineLitModule):
             region of the black box the surrogate does not know, where every image gets one class (a backdoor's
             target): the agreement collapses and does not come back. None: never. A fit then never ends more than
             this below its best agreement. Needs held-out images (``data.val_fraction``) and validation every epoch.
+        rollback_keeps_surrogate: A rollback takes ``T`` back but keeps the surrogate as it has become: what the
+            refreshes since the best epoch taught it about ``T``'s images stays.
         keep_best_agreement: At the last epoch (``max_epochs``), keep the weights of the epoch of the best
             label-free agreement (the first of a tie) if the last epoch's is lower: a choice of the epoch to
             deploy without a label. ``black_box.json`` records the kept epoch (``kept_epoch``).
@@ -215,6 +217,7 @@ class BlackBoxRefineLitModule(RefineLitModule):
         surrogate_refresh_schedule: bool = False,
         surrogate_online: bool = False,
         agreement_rollback: float | None = None,
+        rollback_keeps_surrogate: bool = False,
         keep_best_agreement: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -283,6 +286,7 @@ class BlackBoxRefineLitModule(RefineLitModule):
         self.surrogate_online = surrogate_online
         self._online_optimizer: torch.optim.Optimizer | None = None
         self.agreement_rollback = agreement_rollback
+        self.rollback_keeps_surrogate = rollback_keeps_surrogate
         self.keep_best_agreement = keep_best_agreement
         self._best: dict[str, Any] | None = None  # the best agreement's estimate, weights and optimizer states
         self._answers: Tensor | None = None  # [N] long classes (-1: not asked) or [N, K] probabilities (NaN rows)
@@ -615,22 +619,24 @@ class BlackBoxRefineLitModule(RefineLitModule):
         frozen = tuple(self._frozen_models())
         return {name: value for name, value in self.state_dict().items() if not name.startswith(frozen)}
 
-    def _restore_best(self) -> None:
-        """Puts ``T``, the surrogate and the per-parameter state of ``T``'s optimizer back to the best agreement's.
+    def _restore_best(self, surrogate: bool = True) -> None:
+        """Puts ``T``, its optimizer's per-parameter state and (with ``surrogate``) the surrogate back to the best's.
 
-        The learning rates stay the schedule's current ones; the online surrogate's optimizer starts anew. The
-        label-free estimate becomes the best one's: it describes the weights held now.
+        The learning rates stay the schedule's current ones; a surrogate taken back starts its online optimizer anew.
+        The label-free estimate becomes the best one's.
         """
         best = self._best
         with torch.no_grad():
             for name, value in self._trained_state().items():
-                value.copy_(best["weights"][name])
+                if surrogate or not name.startswith("surrogate."):
+                    value.copy_(best["weights"][name])
         for optimizer, saved in zip(self.trainer.optimizers, best["optimizers"], strict=True):
             saved = copy.deepcopy(saved)
             for group, now in zip(saved["param_groups"], optimizer.state_dict()["param_groups"], strict=True):
                 group.update({key: value for key, value in now.items() if key != "params"})
             optimizer.load_state_dict(saved)
-        self._online_optimizer = None
+        if surrogate:
+            self._online_optimizer = None
         self._output_spread = None
         self.label_free_estimate = dict(best["estimate"])
 
@@ -640,7 +646,7 @@ class BlackBoxRefineLitModule(RefineLitModule):
         ``black_box.json`` records each rollback (``agreement_rollbacks``).
         """
         best, fallen = self._best["estimate"], dict(self.label_free_estimate)
-        self._restore_best()
+        self._restore_best(surrogate=not self.rollback_keeps_surrogate)
         rollbacks = [*self.record.get("agreement_rollbacks", []), {
             "epoch": fallen["epoch"], "agreement": fallen[AGREEMENT],
             "restored_epoch": best["epoch"], "restored_agreement": best[AGREEMENT],

@@ -421,8 +421,7 @@ def test_label_smoothing_spreads_the_surrogates_probability_and_bad_settings_are
 
 
 class KeepWeights(Callback):
-    """Keeps the module's trained state before (``trained``) and after (``weights``) each validation, by 0-based
-    epoch."""
+    """The module's trained state before (``trained``) and after (``weights``) each validation, by 0-based epoch."""
 
     def __init__(self) -> None:
         self.trained: dict[int, dict[str, Tensor]] = {}
@@ -524,3 +523,22 @@ def test_the_best_agreements_epoch_is_kept_at_the_end_and_is_what_the_last_check
         assert all(torch.equal(weights[name], value) for name, value in kept_weights.weights[kept_epoch - 1].items())
     if kept_epoch != len(agreements):  # another epoch's weights than those the last epoch trained to
         assert any(not torch.equal(trained[n], v) for n, v in kept_weights.trained[len(agreements) - 1].items())
+
+
+def test_a_rollback_can_keep_the_surrogate_as_it_has_become(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    script_agreements(monkeypatch, [0.5, 0.9, 0.4])  # epoch 3 falls 0.5 below epoch 2's best
+    kept_weights = KeepWeights()
+    box = QueryFunction(brightness_class, 10, answers="labels")
+    module = BlackBoxRefineLitModule(black_box=box, agreement_rollback=0.3, rollback_keeps_surrogate=True, **TINY)
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=3, limit_train_batches=2, limit_val_batches=1, callbacks=[kept_weights]
+    )
+    with pytest.warns(UserWarning, match="go back to that epoch's weights"):
+        trainer.fit(module, datamodule=digits())
+    best, fallen, held = kept_weights.weights[1], kept_weights.trained[2], module._trained_state()
+    surrogate = [name for name in held if name.startswith("surrogate.")]
+    transform = [name for name in held if name.startswith("defended.transform.")]
+    assert surrogate and transform
+    assert all(torch.equal(held[name], best[name]) for name in transform)  # T went back
+    assert all(torch.equal(held[name], fallen[name]) for name in surrogate)  # the surrogate stayed
+    assert any(not torch.equal(best[name], fallen[name]) for name in surrogate)  # ... and had moved since
