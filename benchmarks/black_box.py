@@ -52,19 +52,19 @@ SURROGATES = ("small_cnn", "resnet18_cifar_narrow")
 """The victim's own architecture (the attacks table's small CNN) and another one."""
 _OPTION = "--model.init_args."
 _ONLINE = [f"{_OPTION}surrogate_online=true", f"{_OPTION}surrogate_refresh_epochs=0"]
-_ROLLBACK = f"{_OPTION}agreement_rollback=0.3"
-_KEEP_SURROGATE = f"{_OPTION}rollback_keeps_surrogate=true"
+_NO_ROLLBACK = f"{_OPTION}agreement_rollback=null"
+_ROLLBACK_SURROGATE = f"{_OPTION}rollback_keeps_surrogate=false"
 VARIANTS: dict[str, list[str]] = {
-    "config": [],  # configs/refine/black_box.yaml as it is: a surrogate refresh every epoch
-    "online": _ONLINE,  # a refresh in every training step instead
-    "online_lr1e-4": [*_ONLINE, f"{_OPTION}surrogate_refresh_lr=0.0001"],  # and at a tenth of the rate
-    "refresh_lr1e-4": [f"{_OPTION}surrogate_refresh_lr=0.0001"],  # every epoch, at a tenth of the rate
-    "smoothing0.1": [f"{_OPTION}surrogate_label_smoothing=0.1"],  # label-only distillation with label smoothing
-    "rollback": [_ROLLBACK],  # back to the best label-free agreement's T and surrogate after a collapse
-    "online_rollback": [*_ONLINE, _ROLLBACK],
-    "online_rollback_schedule": [*_ONLINE, _ROLLBACK, f"{_OPTION}surrogate_refresh_schedule=true"],  # rate follows T's
-    "rollback_t": [_ROLLBACK, _KEEP_SURROGATE],  # the rollback of T alone: the surrogate keeps what it learned since
-    "online_rollback_t": [*_ONLINE, _ROLLBACK, _KEEP_SURROGATE],
+    "config": [],  # configs/refine/black_box.yaml as it is: a refresh every epoch, the rollback of T
+    "no_rollback": [_NO_ROLLBACK],  # without the rollback (the config before it)
+    "online": [*_ONLINE, _NO_ROLLBACK],  # a refresh in every training step instead
+    "online_lr1e-4": [*_ONLINE, f"{_OPTION}surrogate_refresh_lr=0.0001", _NO_ROLLBACK],  # and at a tenth of the rate
+    "refresh_lr1e-4": [f"{_OPTION}surrogate_refresh_lr=0.0001", _NO_ROLLBACK],  # every epoch, a tenth of the rate
+    "smoothing0.1": [f"{_OPTION}surrogate_label_smoothing=0.1", _NO_ROLLBACK],  # label-only, label smoothing
+    "rollback": [_ROLLBACK_SURROGATE],  # the rollback of T and the surrogate
+    "online_rollback": [*_ONLINE, _ROLLBACK_SURROGATE],  # online, the rollback of T and the surrogate
+    "online_rollback_schedule": [*_ONLINE, _ROLLBACK_SURROGATE, f"{_OPTION}surrogate_refresh_schedule=true"],
+    "online_rollback_t": [*_ONLINE],  # online, the rollback of T
 }
 """Variants of the black-box settings: overrides of the jobs. A variant's runs go to ``<run-dir>_<variant>`` and its
 rows to ``black_box_<variant>.csv`` (``config``: ``<run-dir>`` and ``black_box.csv``)."""
