@@ -96,12 +96,12 @@ CANDIDATES: dict[str, list[str]] = {
         )
     },
 }
+"""Candidate configs: overrides of the REFINE job (``train.py`` arguments) on top of the MNIST job's configs. The
+cosine of every candidate ends at its ``max_epochs``; the label-free stopping rule may end it sooner."""
 CANDIDATE_CONFIGS: dict[str, list[str]] = {
     candidate: ["configs/refine/black_box.yaml"] for candidate in CANDIDATES if candidate.startswith("bb_")
 }
 """Configs a candidate merges after the MNIST job's (none unless named here)."""
-"""Candidate configs: overrides of the REFINE job (``train.py`` arguments) on top of the MNIST job's configs. The
-cosine of every candidate ends at its ``max_epochs``; the label-free stopping rule may end it sooner."""
 
 GATE_ASR, FLOOR_MARGIN, GATE_BA_DROP = 0.01, 0.005, 0.005
 
