@@ -185,11 +185,12 @@ class BlackBoxRefineLitModule(RefineLitModule):
             queries and surrogate steps per epoch as a refresh every epoch, with a surrogate that is never an epoch
             behind ``T``). Needs ``surrogate_refresh_epochs`` 0. The surrogate's optimizer starts anew on resume.
         agreement_rollback: When the label-free agreement (``val/agreement``) falls more than this below its best,
-            ``T``, the surrogate and ``T``'s optimizer state go back to the best validation's (:meth:`roll_back`)
-            and training goes on from there, at the schedule's current rate. Through a surrogate, ``T`` can find a
-            region of the black box the surrogate does not know, where every image gets one class (a backdoor's
-            target): the agreement collapses and does not come back. None: never. A fit then never ends more than
-            this below its best agreement. Needs held-out images (``data.val_fraction``) and validation every epoch.
+            ``T``, ``T``'s optimizer state and (unless ``rollback_keeps_surrogate``) the surrogate go back to the
+            best validation's (:meth:`roll_back`) and training goes on from there, at the schedule's current rate.
+            Through a surrogate, ``T`` can find a region of the black box the surrogate does not know, where every
+            image gets one class (a backdoor's target): the agreement collapses and does not come back. None: never.
+            A fit then never ends more than this below its best agreement. Needs held-out images
+            (``data.val_fraction``) and validation every epoch.
         rollback_keeps_surrogate: A rollback takes ``T`` back but keeps the surrogate as it has become: what the
             refreshes since the best epoch taught it about ``T``'s images stays.
         keep_best_agreement: At the last epoch (``max_epochs``), keep the weights of the epoch of the best
@@ -652,10 +653,12 @@ class BlackBoxRefineLitModule(RefineLitModule):
             "restored_epoch": best["epoch"], "restored_agreement": best[AGREEMENT],
         }]  # fmt: skip
         self.record.update(agreement_rollbacks=rollbacks)
+        stays = ", the surrogate stays as it is" if self.rollback_keeps_surrogate else ""
         rank_zero_warn(
             f"The label-free agreement fell to {fallen[AGREEMENT]} in epoch {fallen['epoch']}, more than "
-            f"{self.agreement_rollback} below its best ({best[AGREEMENT]} in epoch {best['epoch']}): T and the "
-            f"surrogate go back to that epoch's weights and train on (rollback {len(rollbacks)})."
+            f"{self.agreement_rollback} below its best ({best[AGREEMENT]} in epoch {best['epoch']}): "
+            f"{'T and its optimizer' if stays else 'T and the surrogate'} go back to that epoch's weights and train "
+            f"on{stays} (rollback {len(rollbacks)})."
         )
 
     # ------------------------------------------------------------------------------------------------ evaluation
