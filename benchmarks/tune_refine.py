@@ -69,8 +69,8 @@ CANDIDATES: dict[str, list[str]] = {
     # Ten times the weight decay: by hand it kept mobilenet_v3_small's BA 0.927 (0.885 at the recipe's), an own-model
     # case that fits its 450 images (docs/own-model.md).
     "wd5e-3": ["--model.init_args.optimizer.init_args.weight_decay=0.005"],
-    # Both: the own-model path's weight decay and the 28 px U-Net of two down stages, the candidate for one recipe
-    # change to the MNIST job (its tables regenerated once for both).
+    # Both: the own-model path's weight decay and the 28 px U-Net of two down stages (0.70x the REFINE stage's time),
+    # tried as one recipe change to the MNIST job; it lost a BATT victim's BA (tuning_d2_wd5e-3.md).
     "d2_wd5e-3": [
         "--model.init_args.transform.init_args.depth=2",
         "--model.init_args.optimizer.init_args.weight_decay=0.005",
