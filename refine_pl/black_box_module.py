@@ -653,12 +653,11 @@ class BlackBoxRefineLitModule(RefineLitModule):
             "restored_epoch": best["epoch"], "restored_agreement": best[AGREEMENT],
         }]  # fmt: skip
         self.record.update(agreement_rollbacks=rollbacks)
-        stays = ", the surrogate stays as it is" if self.rollback_keeps_surrogate else ""
+        restored = "T and its optimizer" if self.rollback_keeps_surrogate else "T, its optimizer and the surrogate"
         rank_zero_warn(
             f"The label-free agreement fell to {fallen[AGREEMENT]} in epoch {fallen['epoch']}, more than "
-            f"{self.agreement_rollback} below its best ({best[AGREEMENT]} in epoch {best['epoch']}): "
-            f"{'T and its optimizer' if stays else 'T and the surrogate'} go back to that epoch's weights and train "
-            f"on{stays} (rollback {len(rollbacks)})."
+            f"{self.agreement_rollback} below its best ({best[AGREEMENT]} in epoch {best['epoch']}): {restored} go "
+            f"back to that epoch's weights and train on (rollback {len(rollbacks)})."
         )
 
     # ------------------------------------------------------------------------------------------------ evaluation
