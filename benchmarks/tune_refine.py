@@ -75,19 +75,29 @@ CANDIDATES: dict[str, list[str]] = {
         "--model.init_args.transform.init_args.depth=2",
         "--model.init_args.optimizer.init_args.weight_decay=0.005",
     ],
-    # Black-box REFINE (docs/black-box.md), with labels only and with probabilities: a surrogate refresh every epoch,
-    # and an online surrogate (a refresh every step) with the agreement rollback, its rate constant or following T's.
+    # Black-box REFINE (docs/black-box.md), with labels only and with probabilities: a surrogate refresh every epoch
+    # without the rollback, and an online surrogate (a refresh every step) with the rollback of T and the surrogate,
+    # its rate constant or following T's. Each names its rollback settings, as they were measured, whatever
+    # configs/refine/black_box.yaml (merged before them) holds since.
     **{
         f"bb_{answers}_{settings}": [f"{_OPTION}answers={answers}", *options]
         for answers in ("labels", "probabilities")
         for settings, options in (
-            ("refresh", [f"{_OPTION}surrogate_refresh_epochs=1", f"{_OPTION}surrogate_online=false"]),
+            (
+                "refresh",
+                [
+                    f"{_OPTION}surrogate_refresh_epochs=1",
+                    f"{_OPTION}surrogate_online=false",
+                    f"{_OPTION}agreement_rollback=null",
+                ],
+            ),
             (
                 "online_rollback",
                 [
                     f"{_OPTION}surrogate_refresh_epochs=0",
                     f"{_OPTION}surrogate_online=true",
                     f"{_OPTION}agreement_rollback=0.3",
+                    f"{_OPTION}rollback_keeps_surrogate=false",
                 ],
             ),
             (
@@ -96,6 +106,7 @@ CANDIDATES: dict[str, list[str]] = {
                     f"{_OPTION}surrogate_refresh_epochs=0",
                     f"{_OPTION}surrogate_online=true",
                     f"{_OPTION}agreement_rollback=0.3",
+                    f"{_OPTION}rollback_keeps_surrogate=false",
                     f"{_OPTION}surrogate_refresh_schedule=true",
                 ],
             ),
