@@ -31,7 +31,10 @@ beside their seed-0 runs on the victim's predictions), ``data_efficiency.csv``
 one resumes from its last checkpoint, so a killed benchmark continues where it stopped when started again with the
 same arguments. The matrix files always hold every cell finished in ``--run-dir`` (not only those of this
 invocation), so the benchmark can be run in parts; until every cell of the full matrix has finished they say
-**PARTIAL** and which cells are missing.
+**PARTIAL** and which cells are missing. Run folders are not kept in git, the results files are: a run whose folder is
+not in ``--run-dir`` is carried from the committed ``defenses_seeds.csv`` (``defenses_true_labels.csv``) when no
+config of the matrix changed since that file's commit, so the benchmark goes on in a later session on another machine
+(``--fresh``: carry nothing).
 
     python benchmarks/defenses.py                                  # everything (many hours on a CPU)
     python benchmarks/defenses.py --defenses neural_cleanse --seeds 0 --efficiency-attacks   # one part
@@ -64,7 +67,10 @@ from benchmarks.victims import (
     QUIET,
     RECIPES,
     REPO,
+    VICTIM_CONFIG,
+    attack_config,
     clean_model,
+    configs_changed_since,
     defended_report,
     finished,
     finished_report,
@@ -270,20 +276,27 @@ def run_true_label_row(attack: str, defense: str, args: argparse.Namespace) -> N
 
 
 def true_label_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every finished side row, each beside the same defense's matrix run on seed 0 (victim labels) when finished."""
+    """Every finished side row, each beside the same defense's matrix run on seed 0 (victim labels) when finished.
+
+    A run whose folder is not in ``--run-dir`` is carried from the committed ``defenses_true_labels.csv``
+    (:func:`committed_rows`).
+    """
+    carried = committed_rows(args.results_dir / "defenses_true_labels.csv", ("attack", "defense", "labels"), args)
     rows = []
     for attack in MATRIX_ATTACKS:
         for defense in LABELLED_DEFENSES:
-            report = true_label_report(attack, defense, args)
-            if report is None:
+            runs = {"victim": cell_report(attack, SEED, defense, args)}
+            runs["true"] = true_label_report(attack, defense, args)
+            if runs["true"] is None and (attack, defense, "true") not in carried:
                 continue
-            runs = (("victim", cell_report(attack, SEED, defense, args)), ("true", report))
-            for labels, run in runs:
+            for labels, run in runs.items():
                 if run is not None:
                     rates = {rate: run[DEFENDED.key][rate] for rate in RATES}
                     rows.append(
                         {"attack": attack, "defense": defense, "labels": labels, **rates, "seconds": run["seconds"]}
                     )
+                elif (attack, defense, labels) in carried:
+                    rows.append(carried[attack, defense, labels])
     return rows
 
 
@@ -297,34 +310,91 @@ def run_cell(attack: str, seed: int, defense: str, args: argparse.Namespace) -> 
         defense_report(defense, suspect, clean, attack_folder(args, attack, seed) / defense, cell_args(seed, args))
 
 
-def matrix_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[tuple[str, int, str]]]:
-    """The rows of the finished runs of the full matrix, and the runs that have not finished.
+MATRIX_CONFIGS = [
+    VICTIM_CONFIG,
+    *(attack_config(attack) for attack in MATRIX_ATTACKS),
+    *dict.fromkeys(config for entry in DEFENSES.values() for config in entry.configs(REFINE_JOB)),
+]
+"""Every config a run of the matrix reads: a change to one makes the figures of earlier runs another config's."""
 
-    Each attack and seed also gets the victim's (``none``) and the clean model's (``clean_floor``) row. The victim
-    and the clean model are measured in every defense's test pass; they must agree across the runs.
+
+def committed_rows(path: Path, key: tuple[str, ...], args: argparse.Namespace) -> dict[tuple[Any, ...], dict]:
+    """The rows of the results file ``path`` as last committed, by the values of its ``key`` columns.
+
+    Run folders are not kept in git; the results files are. A run whose folder is not in ``--run-dir`` (an earlier
+    session's, on another machine) is carried into the tables from its committed row, so the benchmark goes on over
+    sessions. Nothing is carried with ``--fresh``, from a file that is in no commit, or from a missing file.
+
+    Raises:
+        ConfigError: A config of the matrix changed since ``path`` was committed: its rows are another config's.
     """
+    changed = None if args.fresh or not path.is_file() else configs_changed_since(path, MATRIX_CONFIGS)
+    if changed is None:
+        return {}
+    if changed:
+        raise ConfigError(
+            f"{path} holds runs of earlier configs: {', '.join(changed)} changed since it was committed. Rerun them "
+            "(the whole benchmark), or pass --fresh to build the tables from the runs in --run-dir alone."
+        )
+    with path.open(newline="") as handle:
+        rows = [_parsed(row) for row in csv.DictReader(handle)]
+    return {tuple(row[column] for column in key): row for row in rows}
+
+
+def _parsed(row: dict[str, str]) -> dict[str, Any]:
+    """A row read back from a results csv: rates and seconds as numbers (None where empty), the seed an int."""
+    numbers = {*RATES, "seconds"}
+    parsed: dict[str, Any] = {k: (float(v) if v else None) if k in numbers else v for k, v in row.items()}
+    if "seed" in parsed:
+        parsed["seed"] = int(parsed["seed"])
+    return parsed
+
+
+def _rounded(rates: dict[str, Any]) -> dict[str, Any]:
+    """A classifier's measured rates as the csv holds them (4 decimals), to compare a run with a carried row."""
+    return {rate: round(rates[rate], 4) for rate in NO_DEFENSE.rates}
+
+
+def matrix_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[tuple[str, int, str]], int]:
+    """The rows of the finished runs of the full matrix, the runs that have not finished, and how many were carried.
+
+    A run is read from its folder under ``--run-dir``, or else carried from the committed ``defenses_seeds.csv`` of
+    ``--results-dir`` (:func:`committed_rows`). Each attack and seed also gets the victim's (``none``) and the clean
+    model's (``clean_floor``) row. The victim and the clean model are measured in every defense's test pass; they
+    must agree across the runs, carried ones included (to the csv's 4 decimals): a victim retrained here must be the
+    one the carried runs defended.
+    """
+    carried = committed_rows(args.results_dir / "defenses_seeds.csv", ("attack", "seed", "defense"), args)
     rows: list[dict[str, Any]] = []
     missing = []
+    carried_runs = 0
     measured: dict[tuple[str, int], tuple[str, tuple[Any, Any]]] = {}
     for attack, seed, defense in planned_cells(list(MATRIX_ATTACKS), list(DEFENSES), list(SEEDS)):
         report = cell_report(attack, seed, defense, args)
-        if report is None:
+        if report is not None:
+            models = (report[NO_DEFENSE.key], report[CLEAN_FLOOR.key])
+            row = {"attack": attack, "seed": seed, "defense": defense, **report[DEFENDED.key]}
+            row["seconds"] = report["seconds"]
+        elif (attack, seed, defense) in carried:
+            models = (carried[attack, seed, "none"], carried[attack, seed, CLEAN_FLOOR.key])
+            row = carried[attack, seed, defense]
+            carried_runs += 1
+        else:
             missing.append((attack, seed, defense))
             continue
-        models = (report[NO_DEFENSE.key], report[CLEAN_FLOOR.key])
         first = measured.setdefault((attack, seed), (defense, models))
-        if models != first[1]:
-            raise ConfigError(  # the same models on the same images: a difference is a bug
+        if tuple(map(_rounded, models)) != tuple(map(_rounded, first[1])):
+            raise ConfigError(  # the same models on the same images: a difference is a bug or another victim
                 f"{attack} seed {seed}: the victim or clean model measured in the {defense} run differs from the "
-                f"{first[0]} run's: {models[0]}, {models[1]}."
+                f"{first[0]} run's: {_rounded(models[0])}, {_rounded(models[1])} against {_rounded(first[1][0])}, "
+                f"{_rounded(first[1][1])}."
             )
         if first[0] == defense:
             for key, model in (("none", models[0]), (CLEAN_FLOOR.key, models[1])):
-                rows.append({"attack": attack, "seed": seed, "defense": key, **model, DER: None, "seconds": None})
-        rows.append(
-            {"attack": attack, "seed": seed, "defense": defense, **report[DEFENDED.key], "seconds": report["seconds"]}
-        )
-    return rows, missing
+                rates = {rate: model[rate] for rate in NO_DEFENSE.rates}
+                rows.append({"attack": attack, "seed": seed, "defense": key, **rates, DER: None, "seconds": None})
+        rows.append({key: row[key] for key in ("attack", "seed", "defense", *RATES, "seconds")})
+    return rows, missing, carried_runs
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -407,8 +477,11 @@ def is_full(args: argparse.Namespace) -> bool:
     )
 
 
-def matrix_description(args: argparse.Namespace, missing: list[tuple[str, int, str]]) -> str:
-    """What the matrix files hold: full, or PARTIAL with the runs still missing; the extra arguments, if any."""
+def matrix_description(args: argparse.Namespace, missing: list[tuple[str, int, str]], carried: int) -> str:
+    """What the matrix files hold: full, or PARTIAL with the runs still missing; the extra arguments, if any.
+
+    It says how many runs were carried from the committed results (:func:`committed_rows`).
+    """
     over_seeds = ", ".join(d for d in OVER_SEEDS if d in DEFENSES)
     held = f"seeds {' '.join(map(str, SEEDS))} for {over_seeds}, seed {SEED} for the others"
     extra = (
@@ -417,11 +490,17 @@ def matrix_description(args: argparse.Namespace, missing: list[tuple[str, int, s
         if args.victim_arg or args.defense_arg
         else ""
     )
+    origin = (
+        f" {carried} runs are carried from the committed defenses_seeds.csv (run in earlier sessions; their folders "
+        "are not in the run folder), the others read from their run folders."
+        if carried
+        else ""
+    )
     if not missing:
-        return f"Full matrix: {len(MATRIX_ATTACKS)} attacks x {len(DEFENSES)} defenses, {held}{extra}."
+        return f"Full matrix: {len(MATRIX_ATTACKS)} attacks x {len(DEFENSES)} defenses, {held}{extra}.{origin}"
     return (
         f"**PARTIAL** matrix ({held}{extra}): {len(missing)} runs of the full matrix have not finished: "
-        f"{missing_note(missing)}."
+        f"{missing_note(missing)}.{origin}"
     )
 
 
@@ -508,6 +587,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="folder of the runs: victims, clean model and REFINE shared with benchmarks/attacks.py",
     )  # fmt: skip
     parser.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument(
+        "--fresh", action="store_true",
+        help="carry nothing from the committed results files: the tables hold the runs in --run-dir alone",
+    )  # fmt: skip
     add_job_arguments(parser, "victim", "every victim job")
     add_job_arguments(parser, "defense", "every defense job")
     parser.add_argument(
@@ -526,14 +609,14 @@ MATRIX_COLUMNS = ("attack", "defense", "seeds", *(f"{r}{x}" for r in RATES for x
 
 def write_matrix(args: argparse.Namespace) -> str:
     """Writes the matrix files from every finished run under ``--run-dir``; returns the markdown."""
-    rows, missing = matrix_rows(args)
+    rows, missing, carried = matrix_rows(args)
     summary = summarise(rows)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     write_csv(rows, ("attack", "seed", "defense", *RATES, "seconds"), args.results_dir / "defenses_seeds.csv")
     write_csv(summary, MATRIX_COLUMNS, args.results_dir / "defenses.csv")
     tables = [render.defenses(args.results_dir, metric) for metric in render.METRICS]
     tables += [render.defenses_time(args.results_dir), render.defenses_verdict(args.results_dir)]
-    text = "\n\n".join([matrix_description(args, missing), *tables])
+    text = "\n\n".join([matrix_description(args, missing, carried), *tables])
     (args.results_dir / "defenses.md").write_text(text + "\n")
     plot_heatmap(summary, "; PARTIAL" if missing else "", args.results_dir / "defenses_heatmap.png")
     return text

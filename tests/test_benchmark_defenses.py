@@ -4,11 +4,13 @@ full run.
 """
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from benchmarks import defenses, victims
 from benchmarks.defenses import (
     MATRIX_ATTACKS,
     TRUE_LABELS,
@@ -136,8 +138,9 @@ def test_the_matrix_holds_every_finished_run_and_names_the_missing_ones(tmp_path
     for seed, asr in ((0, 0.0), (1, 0.02), (2, 0.01)):
         _finish_refine(tmp_path, "badnets", seed, _rates(0.97, asr, 0.99), 100.0 + seed)
     _finish_defense(tmp_path, "badnets", 0, "shrinkpad", _report(_rates(0.90, 0.5, 0.7)))
-    args = parse_args(["--run-dir", str(tmp_path), "--finished-only"])
-    rows, missing = matrix_rows(args)
+    args = parse_args(["--run-dir", str(tmp_path), "--results-dir", str(tmp_path / "results"), "--finished-only"])
+    rows, missing, carried = matrix_rows(args)
+    assert carried == 0  # no committed results file in --results-dir
     assert [(r["seed"], r["defense"]) for r in rows if r["attack"] == "badnets"] == [
         (0, "none"), (0, "clean_floor"), (0, "refine"), (0, "shrinkpad"),
         (1, "none"), (1, "clean_floor"), (1, "refine"), (2, "none"), (2, "clean_floor"), (2, "refine"),
@@ -160,13 +163,13 @@ def test_a_victim_measured_differently_in_two_runs_of_one_seed_is_refused(tmp_pa
     _finish_refine(tmp_path, "badnets", 0, _rates(0.97, 0.0, 0.99), 100.0)
     _finish_defense(tmp_path, "badnets", 0, "shrinkpad", _report(_rates(0.90, 0.5, 0.7), victim_ba=0.5))
     with pytest.raises(ConfigError, match="badnets seed 0: the victim or clean model measured in the shrinkpad run"):
-        matrix_rows(parse_args(["--run-dir", str(tmp_path), "--finished-only"]))
+        matrix_rows(parse_args(["--run-dir", str(tmp_path), "--fresh", "--finished-only"]))
 
 
 def test_a_run_of_other_arguments_is_not_read_as_the_matrix(tmp_path: Path) -> None:
     _finish_defense(tmp_path, "badnets", 0, "shrinkpad", _report(_rates(0.90, 0.5, 0.7)))
     with pytest.raises(ConfigError, match="holds a run started with args"):
-        matrix_rows(parse_args(["--run-dir", str(tmp_path), "--defense-arg=--trainer.max_epochs=1"]))
+        matrix_rows(parse_args(["--run-dir", str(tmp_path), "--fresh", "--defense-arg=--trainer.max_epochs=1"]))
 
 
 def test_the_matrix_files_say_partial_and_render_the_seeds_each_cell_holds(tmp_path: Path) -> None:
@@ -211,3 +214,106 @@ def test_no_finished_side_row_says_how_to_run_them(tmp_path: Path) -> None:
     args = parse_args(["--run-dir", str(tmp_path), "--results-dir", str(tmp_path / "results"), "--finished-only"])
     assert "--true-labels" in write_true_labels(args)
     assert (tmp_path / "results" / "defenses_true_labels.csv").read_text().startswith("attack,defense,labels,")
+
+
+def _committed(monkeypatch: pytest.MonkeyPatch, changed: list[str] | None) -> None:
+    """Results files read as committed, with ``changed`` the configs changed since (None: in no commit)."""
+    monkeypatch.setattr(defenses, "configs_changed_since", lambda record, configs: changed)
+
+
+def _earlier_session(tmp_path: Path) -> Path:
+    """The results of an earlier session: BadNets seed 0 with REFINE and ShrinkPad, whose run folders are gone."""
+    earlier = tmp_path / "earlier"
+    _finish_refine(earlier, "badnets", 0, _rates(0.97, 0.0, 0.99), 100.0)
+    _finish_defense(earlier, "badnets", 0, "shrinkpad", _report(_rates(0.90, 0.5, 0.7)))
+    results = tmp_path / "results"
+    write_matrix(parse_args(["--run-dir", str(earlier), "--results-dir", str(results), "--fresh", "--finished-only"]))
+    return results
+
+
+def test_runs_of_an_earlier_session_are_carried_from_the_committed_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = _earlier_session(tmp_path)
+    _committed(monkeypatch, [])
+    _finish_defense(tmp_path / "runs", "badnets", 0, "median", _report(_rates(0.95, 1.0, 0.0)))  # this session's
+    args = parse_args(["--run-dir", str(tmp_path / "runs"), "--results-dir", str(results), "--finished-only"])
+    rows, missing, carried = matrix_rows(args)
+    assert carried == 2
+    assert [(r["defense"], r["ba"], r["seconds"]) for r in rows if r["attack"] == "badnets"] == [
+        ("none", 0.98, None), ("clean_floor", 0.98, None), ("refine", 0.97, 100.0), ("shrinkpad", 0.9, 12.0),
+        ("median", 0.95, 12.0),
+    ]  # fmt: skip
+    assert ("badnets", 0, "refine") not in missing and ("badnets", 1, "refine") in missing
+    text = write_matrix(args)
+    assert "2 runs are carried from the committed defenses_seeds.csv" in text
+    rows_again, _, carried_again = matrix_rows(args)  # the file now written is carried alike
+    assert rows_again == rows and carried_again == 2
+
+    _finish_defense(tmp_path / "runs", "badnets", 0, "shrinkpad", _report(_rates(0.91, 0.4, 0.8)))
+    rows, _, carried = matrix_rows(args)  # a run in --run-dir is read from its folder, not carried
+    assert carried == 1 and [r["ba"] for r in rows if r["defense"] == "shrinkpad"] == [0.91]
+
+
+def test_a_victim_retrained_unlike_the_one_the_carried_runs_defended_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = _earlier_session(tmp_path)
+    _committed(monkeypatch, [])
+    _finish_defense(tmp_path / "runs", "badnets", 0, "median", _report(_rates(0.95, 1.0, 0.0), victim_ba=0.5))
+    args = parse_args(["--run-dir", str(tmp_path / "runs"), "--results-dir", str(results), "--finished-only"])
+    with pytest.raises(ConfigError, match="badnets seed 0: the victim or clean model measured in the median run"):
+        matrix_rows(args)
+
+
+def test_nothing_is_carried_from_results_of_changed_configs_or_with_fresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = _earlier_session(tmp_path)
+    args = ["--run-dir", str(tmp_path / "runs"), "--results-dir", str(results), "--finished-only"]
+    _committed(monkeypatch, ["refine_pl/configs/refine/recipe.yaml"])
+    with pytest.raises(ConfigError, match="recipe.yaml changed since it was committed.*--fresh"):
+        matrix_rows(parse_args(args))
+    assert matrix_rows(parse_args([*args, "--fresh"]))[0] == []
+    _committed(monkeypatch, None)  # a results file in no commit is no record
+    assert matrix_rows(parse_args(args))[2] == 0
+
+
+def test_true_label_side_rows_of_an_earlier_session_are_carried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    earlier = tmp_path / "earlier"
+    _finish_defense(earlier, "badnets", 0, "neural_cleanse", _report(_rates(0.98, 1.0, 0.0)))
+    _finish_defense(earlier, "badnets", 0, "neural_cleanse_true_labels", _report(_rates(0.97, 0.01, 0.98)))
+    side = earlier / "badnets_s0" / "neural_cleanse_true_labels" / "benchmark.json"
+    side.write_text(json.dumps({"args": ["--seed_everything", "0", *TRUE_LABELS], "seconds": 30.0, "resumed": False}))
+    results = tmp_path / "results"
+    write_true_labels(parse_args(["--run-dir", str(earlier), "--results-dir", str(results), "--fresh"]))
+    _committed(monkeypatch, [])
+    rows = true_label_rows(parse_args(["--run-dir", str(tmp_path / "runs"), "--results-dir", str(results)]))
+    assert [(r["defense"], r["labels"], r["asr"], r["seconds"]) for r in rows] == [
+        ("neural_cleanse", "victim", 1.0, 12.0), ("neural_cleanse", "true", 0.01, 30.0),
+    ]  # fmt: skip
+
+
+def test_a_config_changed_after_the_results_file_was_committed_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(victims, "REPO", tmp_path)
+    monkeypatch.setattr(victims, "resolve_config", lambda config: tmp_path / config)
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True)
+
+    git("init", "-q")
+    record, config = tmp_path / "results.csv", tmp_path / "recipe.yaml"
+    record.write_text("attack\n")
+    config.write_text("lr: 1\n")
+    assert victims.configs_changed_since(record, ["recipe.yaml"]) is None  # in no commit yet
+    git("add", ".")
+    git("commit", "-q", "-m", "results and config")
+    assert victims.configs_changed_since(record, ["recipe.yaml"]) == []
+    config.write_text("lr: 2\n")
+    assert victims.configs_changed_since(record, ["recipe.yaml"]) == ["recipe.yaml"]  # not committed
+    git("commit", "-q", "-am", "new config")
+    assert victims.configs_changed_since(record, ["recipe.yaml"]) == ["recipe.yaml"]  # committed after the results
