@@ -32,8 +32,8 @@ one resumes from its last checkpoint, so a killed benchmark continues where it s
 same arguments. The matrix files always hold every cell finished in ``--run-dir`` (not only those of this
 invocation), so the benchmark can be run in parts; until every cell of the full matrix has finished they say
 **PARTIAL** and which cells are missing. Run folders are not kept in git, the results files are: a run whose folder is
-not in ``--run-dir`` is carried from the committed ``defenses_seeds.csv`` (``defenses_true_labels.csv``) when no
-config of the matrix changed since that file's commit, so the benchmark goes on in a later session on another machine
+not in ``--run-dir`` is carried from ``defenses_seeds.csv`` (``defenses_true_labels.csv``) as last committed when no
+config of the matrix changed since that commit, so the benchmark goes on in a later session on another machine
 (``--fresh``: carry nothing).
 
     python benchmarks/defenses.py                                  # everything (many hours on a CPU)
@@ -44,6 +44,7 @@ config of the matrix changed since that file's commit, so the benchmark goes on 
 
 import argparse
 import csv
+import io
 import json
 import math
 import shutil
@@ -70,7 +71,7 @@ from benchmarks.victims import (
     VICTIM_CONFIG,
     attack_config,
     clean_model,
-    configs_changed_since,
+    committed_record,
     defended_report,
     finished,
     finished_report,
@@ -323,21 +324,23 @@ def committed_rows(path: Path, key: tuple[str, ...], args: argparse.Namespace) -
 
     Run folders are not kept in git; the results files are. A run whose folder is not in ``--run-dir`` (an earlier
     session's, on another machine) is carried into the tables from its committed row, so the benchmark goes on over
-    sessions. Nothing is carried with ``--fresh``, from a file that is in no commit, or from a missing file.
+    sessions. Nothing is carried with ``--fresh``, with extra victim or defense arguments (the committed rows are the
+    benchmark's own settings), from a file in no commit, or from changes to the file not committed.
 
     Raises:
         ConfigError: A config of the matrix changed since ``path`` was committed: its rows are another config's.
     """
-    changed = None if args.fresh or not path.is_file() else configs_changed_since(path, MATRIX_CONFIGS)
-    if changed is None:
+    extra = args.victim_arg or args.defense_arg
+    committed = None if args.fresh or extra else committed_record(path, MATRIX_CONFIGS)
+    if committed is None:
         return {}
+    text, changed = committed
     if changed:
         raise ConfigError(
             f"{path} holds runs of earlier configs: {', '.join(changed)} changed since it was committed. Rerun them "
             "(the whole benchmark), or pass --fresh to build the tables from the runs in --run-dir alone."
         )
-    with path.open(newline="") as handle:
-        rows = [_parsed(row) for row in csv.DictReader(handle)]
+    rows = [_parsed(row) for row in csv.DictReader(io.StringIO(text))]
     return {tuple(row[column] for column in key): row for row in rows}
 
 

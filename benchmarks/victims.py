@@ -51,12 +51,15 @@ def configs_version(configs: list[str]) -> str:
     return (commit or "uncommitted") + ("+changes" if changed else "")
 
 
-def configs_changed_since(record: Path, configs: list[str]) -> list[str] | None:
-    """The files of ``configs`` changed since the last commit of ``record``: committed after it, or not committed.
+def committed_record(record: Path, configs: list[str]) -> tuple[str, list[str]] | None:
+    """The text of ``record`` as last committed, and the files of ``configs`` changed since that commit.
+
+    A config counts as changed when a later commit changed it or it has changes not committed.
 
     Returns:
-        Their paths in the repository (empty when none changed), or None when ``record`` is in no commit (a results
-        file outside the repository or never committed) or git cannot tell.
+        The committed text and the changed configs' paths in the repository (empty when none changed), or None
+        when ``record`` is in no commit (a results file outside the repository or never committed) or git cannot
+        tell.
     """
     files = [str(resolve_config(config)) for config in configs]
     git = partial(subprocess.run, cwd=REPO, capture_output=True, text=True, check=True)
@@ -64,11 +67,12 @@ def configs_changed_since(record: Path, configs: list[str]) -> list[str] | None:
         commit = git(["git", "log", "-1", "--format=%H", "--", str(record.resolve())]).stdout.strip()
         if not commit:
             return None
+        text = git(["git", "show", f"{commit}:./{record.resolve().relative_to(REPO)}"]).stdout
         later = git(["git", "log", "--format=", "--name-only", f"{commit}..HEAD", "--", *files]).stdout.split()
         uncommitted = [line[3:] for line in git(["git", "status", "--porcelain", "--", *files]).stdout.splitlines()]
-    except (OSError, subprocess.CalledProcessError):
+    except (OSError, ValueError, subprocess.CalledProcessError):
         return None
-    return sorted({*later, *uncommitted})
+    return text, sorted({*later, *uncommitted})
 
 
 def attack_config(attack: str) -> str:

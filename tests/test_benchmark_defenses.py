@@ -217,8 +217,9 @@ def test_no_finished_side_row_says_how_to_run_them(tmp_path: Path) -> None:
 
 
 def _committed(monkeypatch: pytest.MonkeyPatch, changed: list[str] | None) -> None:
-    """Results files read as committed, with ``changed`` the configs changed since (None: in no commit)."""
-    monkeypatch.setattr(defenses, "configs_changed_since", lambda record, configs: changed)
+    """Results files read as committed as they are, with ``changed`` the configs changed since (None: in no commit)."""
+    record = None if changed is None else lambda record, configs: (record.read_text(), changed)
+    monkeypatch.setattr(defenses, "committed_record", record or (lambda record, configs: None))
 
 
 def _earlier_session(tmp_path: Path) -> Path:
@@ -275,6 +276,7 @@ def test_nothing_is_carried_from_results_of_changed_configs_or_with_fresh(
     with pytest.raises(ConfigError, match="recipe.yaml changed since it was committed.*--fresh"):
         matrix_rows(parse_args(args))
     assert matrix_rows(parse_args([*args, "--fresh"]))[0] == []
+    assert matrix_rows(parse_args([*args, "--defense-arg=--trainer.max_epochs=1"]))[2] == 0  # not the settings
     _committed(monkeypatch, None)  # a results file in no commit is no record
     assert matrix_rows(parse_args(args))[2] == 0
 
@@ -296,7 +298,7 @@ def test_true_label_side_rows_of_an_earlier_session_are_carried(
     ]  # fmt: skip
 
 
-def test_a_config_changed_after_the_results_file_was_committed_is_named(
+def test_a_results_file_is_read_as_committed_with_the_configs_changed_since(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(victims, "REPO", tmp_path)
@@ -307,13 +309,14 @@ def test_a_config_changed_after_the_results_file_was_committed_is_named(
 
     git("init", "-q")
     record, config = tmp_path / "results.csv", tmp_path / "recipe.yaml"
-    record.write_text("attack\n")
+    record.write_text("attack\nbadnets\n")
     config.write_text("lr: 1\n")
-    assert victims.configs_changed_since(record, ["recipe.yaml"]) is None  # in no commit yet
+    assert victims.committed_record(record, ["recipe.yaml"]) is None  # in no commit yet
     git("add", ".")
     git("commit", "-q", "-m", "results and config")
-    assert victims.configs_changed_since(record, ["recipe.yaml"]) == []
+    record.write_text("attack\nnot committed\n")
+    assert victims.committed_record(record, ["recipe.yaml"]) == ("attack\nbadnets\n", [])
     config.write_text("lr: 2\n")
-    assert victims.configs_changed_since(record, ["recipe.yaml"]) == ["recipe.yaml"]  # not committed
-    git("commit", "-q", "-am", "new config")
-    assert victims.configs_changed_since(record, ["recipe.yaml"]) == ["recipe.yaml"]  # committed after the results
+    assert victims.committed_record(record, ["recipe.yaml"])[1] == ["recipe.yaml"]  # not committed
+    git("commit", "-q", "-m", "new config", "recipe.yaml")
+    assert victims.committed_record(record, ["recipe.yaml"])[1] == ["recipe.yaml"]  # committed after the results
